@@ -1,0 +1,135 @@
+"""A small ONNX graph builder that writes weights straight to an external-data file.
+
+Graphs are built from the checkpoint's arrays (as onnxruntime-genai's model builder does), so
+export needs no torch and a 2B model never has to sit in memory twice: each initializer is
+appended to ``<graph>.onnx.data`` as soon as it is made, and the ModelProto stays small.
+Node names are deterministic and say where they are: ``/model/layers.3/attn/q_proj/MatMul``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+MS = "com.microsoft"
+_ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the file instead of copying it
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight-only block quantization of MatMul weights (MatMulNBits)."""
+
+    bits: int  # 4 or 8
+    block_size: int = 32
+    accuracy_level: int = 4  # int8 activations: uses VNNI/AMX where the CPU has them
+
+
+class GraphBuilder:
+    def __init__(self, name: str, out_dir: Path, quant: QuantSpec | None = None):
+        self.name = name
+        self.quant = quant
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.data_name = f"{name}.onnx.data"
+        self.out_dir = out_dir
+        self._data = open(out_dir / self.data_name, "wb")
+        self._offset = 0
+        self._consts: dict[tuple, str] = {}
+
+    # ---- values -------------------------------------------------------------------------
+    def input(self, name: str, elem: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, value: str, name: str, elem: int, shape: list) -> str:
+        if value != name:
+            self.op("Identity", [value], f"/output/{name}", out_names=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        arr = np.require(arr, requirements="C")  # ascontiguousarray would make scalars 1-d
+        if arr.nbytes < 1024:
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            return name
+        pad = -self._offset % _ALIGN
+        self._data.write(b"\0" * pad)
+        self._offset += pad
+        self._data.write(arr.tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self._offset += arr.nbytes
+        self.initializers.append(t)
+        return name
+
+    def const(self, values: list | np.ndarray, dtype: type = np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"/const/{len(self._consts)}", arr)
+        return self._consts[key]
+
+    # ---- nodes --------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
+           out_names: list[str] | None = None, **attrs) -> str | list[str]:
+        outs = out_names or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """y = x @ w.T + b for a torch-layout weight (out, in); quantized when asked."""
+        if self.quant is None:
+            y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], f"{name}/MatMul")
+            if b is not None:
+                y = self.op("Add", [y, self.init(f"{name}.bias", b.astype(np.float32))], f"{name}/Add")
+            return y
+        from edgevl.export.quantize import quantize_blockwise
+
+        n, k = w.shape
+        packed, scales, zeros = quantize_blockwise(w, self.quant.bits, self.quant.block_size)
+        ins = [x, self.init(f"{name}.qweight", packed), self.init(f"{name}.scales", scales),
+               self.init(f"{name}.qzeros", zeros)]
+        if b is not None:
+            ins += ["", self.init(f"{name}.bias", b.astype(np.float32))]  # g_idx unused
+        return self.op("MatMulNBits", ins, f"{name}/MatMulNBits", domain=MS, K=k, N=n,
+                       bits=self.quant.bits, block_size=self.quant.block_size,
+                       accuracy_level=self.quant.accuracy_level)
+
+    def reshape(self, x: str, shape: list[int], name: str) -> str:
+        return self.op("Reshape", [x, self.const(shape)], name)
+
+    def rotate(self, x: str, cos: str, sin: str, name: str) -> str:
+        """x * cos + rotate_half(x) * sin, on the last axis.
+
+            x ──Split──► x1, x2 ──► Concat(-x2, x1) ──► * sin ─┐
+            x ─────────────────────────────────► * cos ───────── + ──► y
+        """
+        x1, x2 = self.op("Split", [x], f"{name}/Split", n_out=2, axis=-1, num_outputs=2)
+        rot = self.op("Concat", [self.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/Concat", axis=-1)
+        return self.op("Add", [self.op("Mul", [x, cos], f"{name}/MulCos"),
+                               self.op("Mul", [rot, sin], f"{name}/MulSin")], f"{name}/Add")
+
+    # ---- output -------------------------------------------------------------------------
+    def save(self, doc: str = "") -> Path:
+        self._data.close()
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS, 1)],
+                                  producer_name="edgevl", doc_string=doc)
+        model.ir_version = 10
+        path = self.out_dir / f"{self.name}.onnx"
+        onnx.save_model(model, str(path))
+        return path
+
+
+FLOAT, INT64, INT32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32

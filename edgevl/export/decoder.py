@@ -1,0 +1,120 @@
+"""The Qwen3-VL language model as one ONNX graph with a KV cache and DeepStack inputs.
+
+    input_ids ─► Gather(embed) ─► ScatterND(image_embeds at visual_idx) ─► layer 0 ─► +deepstack[0]
+      ─► layer 1 ─► +deepstack[1] ─► … ─► layer L-1 ─► last position ─► RMSNorm ─► lm_head ─► logits
+
+Each layer: RMSNorm → q/k/v → per-head RMSNorm on q, k → MRoPE (host-made cos/sin) →
+GroupQueryAttention over a KV buffer that is shared between past and present (the engine binds
+one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU.
+Only the last position's logits are computed: the prompt's lm_head cost is one row, not S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgevl.checkpoint import ModelConfig, Weights
+from edgevl.export.builder import FLOAT, INT32, INT64, MS, GraphBuilder
+
+
+def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, quantize_lm_head: bool = True) -> None:
+    t = cfg.text
+    h, hd, nq, nkv = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads
+    eps = t.rms_norm_eps
+    n_deep = len(cfg.vision.deepstack_visual_indexes)
+    lm = "model.language_model"
+
+    ids = b.input("input_ids", INT64, [1, "seq"])
+    cos = b.input("cos", FLOAT, ["seq", hd])
+    sin = b.input("sin", FLOAT, ["seq", hd])
+    seqlens_k = b.input("seqlens_k", INT32, [1])  # total length - 1
+    total_len = b.input("total_sequence_length", INT32, [])
+    visual_idx = b.input("visual_idx", INT64, ["num_visual", 2])  # (0, position) of image tokens
+    visual = b.input("image_embeds", FLOAT, ["num_visual", h])
+    deep = b.input("deepstack_embeds", FLOAT, [n_deep, "num_visual", h]) if n_deep else None
+
+    embed = w.get(f"{lm}.embed_tokens.weight")
+    embed_name = b.init(f"{lm}.embed_tokens.weight", embed)
+    x = b.op("Gather", [embed_name, ids], "/model/embed_tokens/Gather")
+    x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
+    cos4 = b.op("Unsqueeze", [cos, b.const([0, 2])], "/model/rotary/cos")  # (1, S, 1, hd)
+    sin4 = b.op("Unsqueeze", [sin, b.const([0, 2])], "/model/rotary/sin")
+
+    def norm_w(name: str) -> str:
+        return b.init(name, w.get(name))
+
+    hn = b.op("SimplifiedLayerNormalization", [x, norm_w(f"{lm}.layers.0.input_layernorm.weight")],
+              "/model/layers.0/input_layernorm", axis=-1, epsilon=eps)
+    for i in range(t.num_layers):
+        p, n = f"{lm}.layers.{i}", f"/model/layers.{i}"
+        q = b.linear(hn, w.get(f"{p}.self_attn.q_proj.weight"), None, f"{n}/attn/q_proj")
+        k = b.linear(hn, w.get(f"{p}.self_attn.k_proj.weight"), None, f"{n}/attn/k_proj")
+        v = b.linear(hn, w.get(f"{p}.self_attn.v_proj.weight"), None, f"{n}/attn/v_proj")
+        q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, cos4, sin4, f"{n}/attn/q")
+        k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, cos4, sin4, f"{n}/attn/k")
+        past_k = b.input(f"past_key_values.{i}.key", FLOAT, [1, nkv, "max_len", hd])
+        past_v = b.input(f"past_key_values.{i}.value", FLOAT, [1, nkv, "max_len", hd])
+        a, pk, pv = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
+                         f"{n}/attn/GroupQueryAttention", domain=MS,
+                         out_names=[f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value"],
+                         num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))
+        b.outputs.append(_vi(f"present.{i}.key", [1, nkv, "max_len", hd]))
+        b.outputs.append(_vi(f"present.{i}.value", [1, nkv, "max_len", hd]))
+        o = b.linear(a, w.get(f"{p}.self_attn.o_proj.weight"), None, f"{n}/attn/o_proj")
+        hn, _, _, x = b.op("SkipSimplifiedLayerNormalization",
+                           [x, o, norm_w(f"{p}.post_attention_layernorm.weight")],
+                           f"{n}/post_attention_layernorm", n_out=4, domain=MS, epsilon=eps)
+        gate = b.linear(hn, w.get(f"{p}.mlp.gate_proj.weight"), None, f"{n}/mlp/gate_proj")
+        up = b.linear(hn, w.get(f"{p}.mlp.up_proj.weight"), None, f"{n}/mlp/up_proj")
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{n}/mlp/Sigmoid")], f"{n}/mlp/SiLU")
+        d = b.linear(b.op("Mul", [act, up], f"{n}/mlp/Mul"), w.get(f"{p}.mlp.down_proj.weight"), None,
+                     f"{n}/mlp/down_proj")
+        if deep is not None and i < n_deep:
+            # DeepStack: the vision tower's intermediate features join the first layers' output
+            x = b.op("Add", [x, d], f"{n}/residual")
+            layer_feat = b.op("Gather", [deep, b.const(i)], f"{n}/deepstack/Gather", axis=0)
+            x = b.op("ScatterND", [x, visual_idx, layer_feat], f"{n}/deepstack/ScatterAdd", reduction="add")
+            if i + 1 < t.num_layers:
+                hn = b.op("SimplifiedLayerNormalization",
+                          [x, norm_w(f"{lm}.layers.{i + 1}.input_layernorm.weight")],
+                          f"/model/layers.{i + 1}/input_layernorm", axis=-1, epsilon=eps)
+            continue
+        if i + 1 < t.num_layers:
+            nxt = f"{lm}.layers.{i + 1}.input_layernorm.weight"
+            hn, _, _, x = b.op("SkipSimplifiedLayerNormalization", [x, d, norm_w(nxt)],
+                               f"/model/layers.{i + 1}/input_layernorm", n_out=4, domain=MS, epsilon=eps)
+        else:
+            x = b.op("Add", [x, d], f"{n}/residual")
+
+    last = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])],
+                "/model/last_position")
+    last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
+                axis=-1, epsilon=eps)
+    last = b.reshape(last, [1, h], "/lm_head/Flatten")
+    lm_head_name = "lm_head.weight"
+    if lm_head_name in w and not t.tie_word_embeddings:
+        head = w.get(lm_head_name)
+    else:
+        head = embed
+    if b.quant is not None and quantize_lm_head:
+        logits = b.linear(last, head, None, "/lm_head")
+    elif head is embed:
+        # tied weights: Gemm reads the embedding table transposed, so it is stored once
+        logits = b.op("Gemm", [last, embed_name], "/lm_head/Gemm", transB=1)
+    else:
+        logits = b.op("Gemm", [last, b.init(lm_head_name, head)], "/lm_head/Gemm", transB=1)
+    b.output(logits, "logits", FLOAT, [1, t.vocab_size])
+
+
+def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float, cos: str,
+                    sin: str, name: str) -> str:
+    x = b.reshape(x, [1, -1, heads, hd], f"{name}/Reshape")
+    x = b.op("SimplifiedLayerNormalization", [x, gamma], f"{name}_norm", axis=-1, epsilon=eps)
+    x = b.rotate(x, cos, sin, f"{name}/rope")
+    return b.reshape(x, [1, -1, heads * hd], f"{name}/Flatten")
+
+
+def _vi(name: str, shape: list):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, FLOAT, shape)

@@ -1,0 +1,105 @@
+"""The Qwen3-VL vision tower as one ONNX graph: patches of one image → embeddings + DeepStack.
+
+One image per run: attention is full within an image, so no cu_seqlens masking is needed, and
+each image's result can be cached on its own. Position tables (rotary cos/sin, bilinear taps
+into the learnt position grid) are computed on the host (preprocess/positions.py).
+"""
+
+from __future__ import annotations
+
+from edgevl.checkpoint import ModelConfig, Weights
+from edgevl.export.builder import FLOAT, INT64, MS, GraphBuilder
+
+
+def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
+    v = cfg.vision
+    vh, heads = v.hidden_size, v.num_heads
+    hd = vh // heads
+    merged = vh * v.spatial_merge_size**2
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    p = "model.visual"
+
+    pixels = b.input("pixel_values", FLOAT, ["num_patches", patch_dim])
+    pos_idx = b.input("pos_idx", INT64, ["num_patches", 4])
+    pos_w = b.input("pos_weights", FLOAT, ["num_patches", 4])
+    cos = b.input("cos", FLOAT, ["num_patches", hd])
+    sin = b.input("sin", FLOAT, ["num_patches", hd])
+
+    # Conv3d with kernel == stride is a matmul over the flattened patch
+    x = b.linear(pixels, w.get(f"{p}.patch_embed.proj.weight").reshape(vh, -1),
+                 w.get(f"{p}.patch_embed.proj.bias"), "/visual/patch_embed")
+    taps = b.op("Gather", [b.init(f"{p}.pos_embed.weight", w.get(f"{p}.pos_embed.weight")), pos_idx],
+                "/visual/pos_embed/Gather")
+    taps = b.op("Mul", [taps, b.op("Unsqueeze", [pos_w, b.const([-1])], "/visual/pos_embed/Unsqueeze")],
+                "/visual/pos_embed/Mul")
+    pos = b.op("ReduceSum", [taps, b.const([1])], "/visual/pos_embed/ReduceSum", keepdims=0)
+    x = b.op("Add", [x, pos], "/visual/pos_embed/Add")
+    cos3 = b.op("Unsqueeze", [cos, b.const([1])], "/visual/rotary/cos")  # (N, 1, hd)
+    sin3 = b.op("Unsqueeze", [sin, b.const([1])], "/visual/rotary/sin")
+
+    deepstack: list[str] = []
+    for i in range(v.depth):
+        bp, n = f"{p}.blocks.{i}", f"/visual/blocks.{i}"
+        h = b.op("LayerNormalization", [x, b.init(f"{bp}.norm1.weight", w.get(f"{bp}.norm1.weight")),
+                                        b.init(f"{bp}.norm1.bias", w.get(f"{bp}.norm1.bias"))],
+                 f"{n}/norm1", axis=-1, epsilon=1e-6)
+        qkv = b.linear(h, w.get(f"{bp}.attn.qkv.weight"), w.get(f"{bp}.attn.qkv.bias"), f"{n}/attn/qkv")
+        qkv = b.reshape(qkv, [0, 3, heads, hd], f"{n}/attn/qkv/Reshape")
+        q, k, val = b.op("Split", [qkv], f"{n}/attn/Split", n_out=3, axis=1, num_outputs=3)
+        q = b.rotate(b.reshape(q, [0, heads, hd], f"{n}/attn/q/Reshape"), cos3, sin3, f"{n}/attn/q_rot")
+        k = b.rotate(b.reshape(k, [0, heads, hd], f"{n}/attn/k/Reshape"), cos3, sin3, f"{n}/attn/k_rot")
+        q3, k3, v3 = (b.reshape(t, [1, -1, vh], f"{n}/attn/{nm}/Batch")
+                      for t, nm in ((q, "q"), (k, "k"), (val, "v")))
+        a = b.op("MultiHeadAttention", [q3, k3, v3], f"{n}/attn/MultiHeadAttention", domain=MS,
+                 num_heads=heads, scale=hd**-0.5)
+        a = b.linear(b.reshape(a, [-1, vh], f"{n}/attn/Unbatch"), w.get(f"{bp}.attn.proj.weight"),
+                     w.get(f"{bp}.attn.proj.bias"), f"{n}/attn/proj")
+        # residual add fused with the second norm
+        h, _, _, x = b.op("SkipLayerNormalization",
+                          [x, a, b.init(f"{bp}.norm2.weight", w.get(f"{bp}.norm2.weight")),
+                           b.init(f"{bp}.norm2.bias", w.get(f"{bp}.norm2.bias"))],
+                          f"{n}/norm2", n_out=4, domain=MS, epsilon=1e-6)
+        h = b.linear(h, w.get(f"{bp}.mlp.linear_fc1.weight"), w.get(f"{bp}.mlp.linear_fc1.bias"),
+                     f"{n}/mlp/fc1")
+        h = _act(b, h, v.hidden_act, f"{n}/mlp/act")
+        h = b.linear(h, w.get(f"{bp}.mlp.linear_fc2.weight"), w.get(f"{bp}.mlp.linear_fc2.bias"),
+                     f"{n}/mlp/fc2")
+        x = b.op("Add", [x, h], f"{n}/mlp/residual")
+        if i in v.deepstack_visual_indexes:
+            j = v.deepstack_visual_indexes.index(i)
+            deepstack.append(_merger(b, w, f"{p}.deepstack_merger_list.{j}", x, vh, merged,
+                                     postshuffle=True, name=f"/visual/deepstack.{j}"))
+
+    embeds = _merger(b, w, f"{p}.merger", x, vh, merged, postshuffle=False, name="/visual/merger")
+    b.output(embeds, "image_embeds", FLOAT, ["num_tokens", v.out_hidden_size])
+    if deepstack:
+        stacked = b.op("Concat", [b.op("Unsqueeze", [d, b.const([0])], f"/visual/deepstack.{j}/Unsqueeze")
+                                  for j, d in enumerate(deepstack)], "/visual/deepstack/Concat", axis=0)
+        b.output(stacked, "deepstack_embeds", FLOAT,
+                 [len(deepstack), "num_tokens", v.out_hidden_size])
+
+
+def _merger(b: GraphBuilder, w: Weights, p: str, x: str, vh: int, merged: int, postshuffle: bool,
+            name: str) -> str:
+    """LayerNorm, 2x2 shuffle into one token, MLP. DeepStack mergers normalise after the shuffle."""
+    gamma, beta = b.init(f"{p}.norm.weight", w.get(f"{p}.norm.weight")), b.init(
+        f"{p}.norm.bias", w.get(f"{p}.norm.bias"))
+    if postshuffle:
+        h = b.op("LayerNormalization", [b.reshape(x, [-1, merged], f"{name}/Shuffle"), gamma, beta],
+                 f"{name}/norm", axis=-1, epsilon=1e-6)
+    else:
+        h = b.reshape(b.op("LayerNormalization", [x, gamma, beta], f"{name}/norm", axis=-1, epsilon=1e-6),
+                      [-1, merged], f"{name}/Shuffle")
+    h = b.linear(h, w.get(f"{p}.linear_fc1.weight"), w.get(f"{p}.linear_fc1.bias"), f"{name}/fc1")
+    h = b.op("Gelu", [h], f"{name}/Gelu", domain=MS)  # nn.GELU(): the exact (erf) form
+    return b.linear(h, w.get(f"{p}.linear_fc2.weight"), w.get(f"{p}.linear_fc2.bias"), f"{name}/fc2")
+
+
+def _act(b: GraphBuilder, x: str, act: str, name: str) -> str:
+    if act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return b.op("FastGelu", [x], f"{name}/FastGelu", domain=MS)
+    if act == "gelu":
+        return b.op("Gelu", [x], f"{name}/Gelu", domain=MS)
+    if act == "silu":
+        return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}/Sigmoid")], f"{name}/Mul")
+    raise ValueError(f"unsupported vision activation {act!r}")

@@ -1,0 +1,104 @@
+"""Token choice and text assembly: sampling, stop strings, UTF-8-safe streaming detokenisation."""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edgevl.runtime.types import SamplingParams
+
+
+class Sampler:
+    """Greedy when temperature is 0; otherwise temperature, top-k, top-p, in that order."""
+
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        x = logits.astype(np.float32, copy=True)
+        if self.p.repetition_penalty != 1.0 and history:
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            vals = x[seen]
+            x[seen] = np.where(vals > 0, vals / self.p.repetition_penalty, vals * self.p.repetition_penalty)
+        if self.p.temperature <= 0.0:
+            return int(np.argmax(x))
+        x /= self.p.temperature
+        k = self.p.top_k if 0 < self.p.top_k < x.size else min(x.size, 1024)
+        # only the top candidates can survive top-p in practice; sorting 150k logits each step is waste
+        top = np.argpartition(-x, k - 1)[:k]
+        top = top[np.argsort(-x[top], kind="stable")]
+        probs = np.exp(x[top] - x[top[0]])
+        probs /= probs.sum()
+        if self.p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), self.p.top_p) + 1)
+            probs = probs[:keep] / probs[:keep].sum()
+            top = top[:keep]
+        return int(top[self.rng.choice(len(top), p=probs)])
+
+
+class StreamDecoder:
+    """Emits text as tokens arrive, holding back bytes of an unfinished UTF-8 character.
+
+    Decoding every token alone breaks multi-byte characters split over byte-level tokens
+    (common for CJK); decoding the whole sequence each step is quadratic. So we decode a short
+    window that ends at the new token and emit only what is newly complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_ids: set[int]):
+        self.tok = tokenizer
+        self.skip = skip_ids
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window used as left context
+        self.read_offset = 0  # everything before this has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in self.skip], skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return new
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (a truly broken byte sequence becomes U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
+
+class StopMatcher:
+    """Finds stop strings across piece boundaries; holds back text that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """→ (text safe to emit now, stopped)."""
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        keep = 0
+        for s in self.stops:  # longest suffix of text that is a prefix of a stop string
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if s.startswith(text[-n:]):
+                    keep = max(keep, n)
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

@@ -1,0 +1,147 @@
+"""The engine's small interface: what goes in, what comes out.
+
+Every front end (CLI, edge API, OpenAI API, benchmark) speaks only these types; none of them
+imports onnxruntime. Images arrive already decoded (``PIL.Image.Image``, RGB) because decoding
+and its limits belong to preprocessing, before the queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from PIL import Image
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class ImagePart:
+    image: Image.Image
+
+
+@dataclass
+class Message:
+    role: Role
+    content: list[TextPart | ImagePart]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # the benchmark fixes output length this way
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[Message]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_pixels: int | None = None  # per-request pixel budget; None = the engine's default
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0  # from generate() call to the first token
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_s: float = 0.0  # decode speed: tokens after the first / decode time
+    vision_cache_hits: int = 0
+    prefix_reused_tokens: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """A piece of text; ``text`` may be empty while a multi-byte character is incomplete."""
+
+    text: str
+    token_id: int
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    text: str = ""  # the whole answer, for non-streaming callers
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class EngineOptions:
+    """How the engine runs; the server's settings map onto these one to one."""
+
+    intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
+    inter_op_threads: int = 1
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    precision: Literal["fp32", "int8", "int4"] = "fp32"  # used when a checkpoint must be exported
+    max_context: int = 4096  # prompt + answer tokens of one conversation
+    max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
+    max_images: int = 8  # per request
+    vision_cache_entries: int = 16  # image embeddings kept for re-use (LRU)
+
+
+@dataclass
+class EngineInfo:
+    model_name: str
+    model_dir: str
+    backend: str  # "onnxruntime" or "transformers"
+    precision: str  # "fp32", "int8", "int4"
+    random_weights: bool  # True for checkpoints made by `edgevl make-model`
+    intra_op_threads: int
+    max_context: int
+    vision_cache_entries: int = 0
+
+
+class Engine(Protocol):
+    def generate(self, request: GenerationRequest) -> Iterator[Event]: ...
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def close(self) -> None: ...
+
+
+class EngineError(Exception):
+    """The engine failed on one request; the engine itself stays usable."""
+
+
+class InputError(ValueError):
+    """The request cannot be served as given (too long, too many images, ...): a 4xx."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
