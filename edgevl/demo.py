@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,9 +14,17 @@ DEMO_NAME = "Qwen3-VL-tiny-random"
 
 def demo_model_dir() -> Path:
     """The demo checkpoint folder (a Hugging Face layout); made in about two seconds if missing."""
-    folder = cache_root() / "models" / DEMO_NAME
+    # keyed by the maker's source: a changed maker never serves a stale demo
+    key = hashlib.blake2b(Path(__file__).with_name("make_model.py").read_bytes(), digest_size=6).hexdigest()
+    folder = cache_root() / "models" / key / DEMO_NAME
     if not (folder / "edgevl_random_weights.json").is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         make_model("tiny", tmp, seed=0)
-        tmp.replace(folder) if not folder.exists() else None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process made it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -411,9 +411,13 @@ def cache_root() -> Path:
 
 
 def exported_dir_for(checkpoint: Path, precision: str) -> Path:
-    """Where the export of a checkpoint is cached: keyed by its path, weights' size/mtime, precision."""
+    """Where the export of a checkpoint is cached: keyed by its path, its weights' size and mtime,
+    the precision and the exporter's own source (a changed graph builder never reuses old graphs)."""
     st = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(checkpoint.glob("*.safetensors"))]
-    key = hashlib.blake2b(f"{checkpoint.resolve()}{st}".encode(), digest_size=6).hexdigest()
+    h = hashlib.blake2b(f"{checkpoint.resolve()}{st}".encode(), digest_size=6)
+    for src in sorted((Path(__file__).parent.parent / "export").glob("*.py")):
+        h.update(src.read_bytes())
+    key = h.hexdigest()
     return cache_root() / "onnx" / f"{checkpoint.name}-{precision}-{key}"
 
 
