@@ -67,7 +67,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")

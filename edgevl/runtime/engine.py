@@ -129,6 +129,13 @@ class OrtEngine:
             vision_cache_entries=len(self._vision_cache),
         )
 
+    def sampling_defaults(self) -> dict:
+        """The checkpoint's recommended sampling (generation_config.json), for callers that set none."""
+        g = self.generation_defaults
+        if not g.get("do_sample", False):
+            return {"temperature": 0.0}
+        return {k: g[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in g}
+
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return int(self._prepare(request, with_positions=False).ids.size)
 

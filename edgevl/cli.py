@@ -1,0 +1,135 @@
+"""`edgevl make-model | export | predict | serve | bench | doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from edgevl.make_model import make_model
+
+    t0 = time.perf_counter()
+    out = make_model(args.size, args.out, seed=args.seed)
+    print(f"wrote a {args.size} Qwen3-VL checkpoint with random weights to {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edgevl.export import export_model
+
+    t0 = time.perf_counter()
+    out = export_model(args.checkpoint, args.out, args.precision, args.vision_precision)
+    print(f"exported {args.checkpoint} ({args.precision}) to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from edgevl.preprocess.image import decode_image
+    from edgevl.runtime.engine import load_engine
+    from edgevl.runtime.types import (
+        EngineOptions,
+        FinishEvent,
+        GenerationRequest,
+        ImagePart,
+        InputError,
+        Message,
+        SamplingParams,
+        TextPart,
+    )
+
+    model = args.model
+    if model is None:
+        from edgevl.demo import demo_model_dir
+
+        model = demo_model_dir()
+    options = EngineOptions(intra_op_threads=args.threads, precision=args.precision,
+                            max_pixels=args.max_pixels)
+    engine = load_engine(model, options)
+    info = engine.info()
+    if info.random_weights:
+        print(f"[edgevl] {info.model_name} has RANDOM WEIGHTS (a demo of the real architecture): "
+              "the answer is meaningless text.", file=sys.stderr)
+    parts: list = []
+    if args.image:
+        try:
+            parts.append(ImagePart(decode_image(Path(args.image).read_bytes())))
+        except (OSError, InputError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    parts.append(TextPart(args.prompt))
+    sampling = engine.sampling_defaults()  # the checkpoint's own, unless given here
+    for key in ("temperature", "top_p"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    params = SamplingParams(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)
+    for ev in engine.generate(GenerationRequest([Message("user", parts)], params)):
+        if isinstance(ev, FinishEvent):
+            t = ev.timings
+            print(f"\n[edgevl] {ev.finish_reason}: {ev.usage.prompt_tokens} prompt + "
+                  f"{ev.usage.completion_tokens} answer tokens; first token {t.ttft_ms:.0f} ms, "
+                  f"{t.tokens_per_s:.1f} tokens/s, total {t.total_ms:.0f} ms", file=sys.stderr)
+        else:
+            print(ev.text, end="", flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edgevl.server.cli import run_serve
+
+    return run_serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgevl", description="CPU-first Qwen3-VL inference on ONNX Runtime")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-model", help="write a Qwen3-VL checkpoint with random weights")
+    m.add_argument("--size", choices=["tiny", "2b"], default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("out", help="output folder")
+    m.set_defaults(func=_make_model)
+
+    e = sub.add_parser("export", help="export a Hugging Face Qwen3-VL checkpoint to ONNX")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    e.add_argument("--vision-precision", choices=["fp32", "int8", "int4"], default=None,
+                   help="precision of the vision tower (default: --precision)")
+    e.set_defaults(func=_export)
+
+    r = sub.add_parser("predict", help="answer one question about one image, streaming")
+    r.add_argument("prompt")
+    r.add_argument("--image", help="image file (PNG, JPEG, WebP, GIF, BMP)")
+    r.add_argument("--model", help="checkpoint or exported folder (default: the demo model)")
+    r.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    r.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
+    r.add_argument("--max-tokens", type=int, default=64)
+    r.add_argument("--max-pixels", type=int, default=1024 * 1024)
+    r.add_argument("--temperature", type=float, default=None,
+                   help="0 for greedy (default: the checkpoint's generation_config.json)")
+    r.add_argument("--top-p", type=float, default=None)
+    r.add_argument("--seed", type=int, default=None)
+    r.set_defaults(func=_predict)
+
+    try:
+        from edgevl.server.cli import add_serve_arguments
+    except ImportError:
+        add_serve_arguments = None
+    if add_serve_arguments is not None:
+        s = sub.add_parser("serve", help="serve the HTTP API and the web page")
+        add_serve_arguments(s)
+        s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The command line: the README's commands exist, and `predict` streams from the demo model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_predict_on_the_demo_model_streams_and_says_random_weights(tmp_path):
+    img = tmp_path / "x.png"
+    make_image(120, 80).save(img)
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--image", str(img), "--max-tokens",
+                          "12", "--seed", "3", "Describe this picture."], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM WEIGHTS" in out.stderr
+    assert re.search(r"12 answer tokens", out.stderr)
+    assert len(out.stdout.split()) >= 3
+
+
+def test_predict_refuses_a_non_image_cleanly(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"definitely not a png")
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--image", str(bad), "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot decode image" in out.stderr
+
+
+def test_make_model_and_export_commands(tmp_path):
+    ck, ox = tmp_path / "ck", tmp_path / "onnx"
+    for args in (["make-model", "--size", "tiny", str(ck)], ["export", str(ck), str(ox)]):
+        out = subprocess.run([sys.executable, "-m", "edgevl.cli", *args], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+    assert (ck / "model.safetensors").is_file() and (ck / "tokenizer.json").is_file()
+    assert (ox / "vision.onnx").is_file() and (ox / "decoder.onnx").is_file()
+    assert (ox / "edgevl_manifest.json").is_file()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme, flags=re.S)
+    test_cmd = next(c for c in commands if "pytest" in c)
+    assert test_cmd.strip().replace("pip install", "pip install -q").replace("pytest -q", "pytest -q") in ci
