@@ -250,7 +250,7 @@ class OrtEngine:
             for s in self._slots:
                 if s.busy:
                     continue
-                n = min(s.content.size, keys.size)
+                n = min(s.content.size, keys.size) if self.options.prefix_cache else 0
                 same = int(np.argmin(np.append(s.content[:n] == keys[:n], False)))
                 if same > best_len:
                     best, best_len = s, same
@@ -310,8 +310,13 @@ class OrtEngine:
         empty_idx = np.zeros((0, 2), np.int64)
         empty_emb = np.zeros((0, self.config.text.hidden_size), np.float32)
         empty_deep = np.zeros((vis_deep.shape[0], 0, self.config.text.hidden_size), np.float32)
+        constraint = request.constraint
         while len(generated) < max_new:
+            if constraint is not None:
+                constraint.mask(logits_buf[0])
             tok = sampler(logits_buf[0], history)
+            if constraint is not None:
+                constraint.advance(tok)
             generated.append(tok)
             history.append(tok)
             if t_first is None:
@@ -326,6 +331,9 @@ class OrtEngine:
                 yield TokenEvent(piece, tok)
             if stopped:
                 reason, by_stop_string = "stop", True
+                break
+            if constraint is not None and constraint.is_done():
+                reason = "stop"
                 break
             if len(generated) >= max_new:
                 break

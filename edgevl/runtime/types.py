@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import numpy as np
 from PIL import Image
 
 Role = Literal["system", "user", "assistant"]
@@ -46,12 +47,25 @@ class SamplingParams:
     ignore_eos: bool = False  # the benchmark fixes output length this way
 
 
+class Constraint(Protocol):
+    """Restricts which tokens may come next (structured output). The engine calls, per step:
+    `mask(logits)` before sampling (set forbidden logits to -inf in place), then `advance(token)`.
+    `is_done()` ends generation once the structure is complete."""
+
+    def mask(self, logits: np.ndarray) -> None: ...
+
+    def advance(self, token_id: int) -> None: ...
+
+    def is_done(self) -> bool: ...
+
+
 @dataclass
 class GenerationRequest:
     messages: list[Message]
     params: SamplingParams = field(default_factory=SamplingParams)
     max_pixels: int | None = None  # per-request pixel budget; None = the engine's default
     cancel: threading.Event = field(default_factory=threading.Event)
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -110,6 +124,7 @@ class EngineOptions:
     max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
     max_images: int = 8  # per request
     vision_cache_entries: int = 16  # image embeddings kept for re-use (LRU)
+    prefix_cache: bool = True  # re-use the KV cache of a previous turn that shares the prompt's start
 
 
 @dataclass
