@@ -16,16 +16,20 @@ MANIFEST = "edgevl_manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS: dict[str, QuantSpec | None] = {
     "fp32": None,
-    "int8": QuantSpec(bits=8, block_size=32),
-    "int4": QuantSpec(bits=4, block_size=128),  # block 128: 1.5x faster decode than 32 on this CPU class
+    # per-channel int8 + integer GEMM: 3x faster prompts than MatMulNBits-8 on VNNI CPUs (PERF_NOTES)
+    "int8": QuantSpec(method="dynamic", bits=8),
+    "int4": QuantSpec(method="nbits", bits=4, block_size=128),  # block 128: 1.5x faster decode than 32
+    "int8-nbits": QuantSpec(method="nbits", bits=8, block_size=32),
 }
+# the vision tower is compute-bound: integer GEMM helps it, 4-bit weights do not
+DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8"}
 _COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
            "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
            "edgevl_random_weights.json")
 
 
 def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32",
-                 vision_precision: str | None = None) -> Path:
+                 vision_precision: str | None = None, lm_head_precision: str | None = None) -> Path:
     """Write vision.onnx, decoder.onnx (+ .data), the tokenizer/processor files and a manifest.
 
     `vision_precision` defaults to `precision`; the vision tower is compute-bound and small, so
@@ -33,7 +37,9 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-    vision_precision = vision_precision or precision
+    vision_precision = vision_precision or DEFAULT_VISION_PRECISION[precision]
+    # the last layer decides every token: keep it int8 when the body is 4-bit
+    lm_head_precision = lm_head_precision or {"int4": "int8"}.get(precision, precision)
     ckpt = load_checkpoint(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +50,7 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         build_vision(vb, ckpt.config, weights)
         vb.save("Qwen3-VL vision tower, one image per run")
         db = GraphBuilder("decoder", out, PRECISIONS[precision])
-        build_decoder(db, ckpt.config, weights)
+        build_decoder(db, ckpt.config, weights, lm_head=PRECISIONS[lm_head_precision])
         db.save("Qwen3-VL language model with GroupQueryAttention KV cache and DeepStack")
     finally:
         weights.close()
@@ -57,6 +63,7 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         "source": str(ckpt.folder.resolve()),
         "precision": precision,
         "vision_precision": vision_precision,
+        "lm_head_precision": lm_head_precision,
         "random_weights": ckpt.random_weights,
         "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx"},
         "export_seconds": round(time.perf_counter() - t0, 2),

@@ -14,10 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from edgevl.checkpoint import ModelConfig, Weights
-from edgevl.export.builder import FLOAT, INT32, INT64, MS, GraphBuilder
+from edgevl.export.builder import FLOAT, INT32, INT64, MS, GraphBuilder, QuantSpec
+from edgevl.export.quantize import quantize_per_channel_int8
 
 
-def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, quantize_lm_head: bool = True) -> None:
+def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantSpec | None | str = "default"
+                  ) -> None:
+    """`lm_head`: the precision of the output projection (and, tied, of the embedding table)."""
     t = cfg.text
     h, hd, nq, nkv = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads
     eps = t.rms_norm_eps
@@ -34,8 +37,27 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, quantize_lm_hea
     deep = b.input("deepstack_embeds", FLOAT, [n_deep, "num_visual", h]) if n_deep else None
 
     embed = w.get(f"{lm}.embed_tokens.weight")
-    embed_name = b.init(f"{lm}.embed_tokens.weight", embed)
-    x = b.op("Gather", [embed_name, ids], "/model/embed_tokens/Gather")
+    head_spec = b.quant if lm_head == "default" else lm_head
+    tied = t.tie_word_embeddings or "lm_head.weight" not in w
+    shared_int8 = tied and head_spec is not None and head_spec.method == "dynamic"
+    if shared_int8:
+        # one int8 table serves both ends: lm_head's B (hidden, vocab) and, gathered by column, the embedding
+        q, scale = quantize_per_channel_int8(embed)
+        table, scales = b.init(f"{lm}.embed_tokens.qweight", q), b.init(f"{lm}.embed_tokens.scales", scale)
+        cols = b.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=1)  # (hidden, 1, S)
+        x = b.op("Transpose", [cols], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
+        x = b.op("Cast", [x], "/model/embed_tokens/Cast", to=FLOAT)
+        row_scale = b.op("Unsqueeze", [b.op("Gather", [scales, ids], "/model/embed_tokens/GatherScale"),
+                                       b.const([-1])], "/model/embed_tokens/UnsqueezeScale")
+        x = b.op("Mul", [x, row_scale], "/model/embed_tokens/Dequantize")
+    elif b.quant is not None:
+        # quantized models keep the table in fp16: half the memory, one Cast per prompt
+        table = b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16))
+        x = b.op("Cast", [b.op("Gather", [table, ids], "/model/embed_tokens/Gather")], "/model/embed_tokens/Cast",
+                 to=FLOAT)
+    else:
+        embed_name = b.init(f"{lm}.embed_tokens.weight", embed)
+        x = b.op("Gather", [embed_name, ids], "/model/embed_tokens/Gather")
     x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
     cos4 = b.op("Unsqueeze", [cos, b.const([0, 2])], "/model/rotary/cos")  # (1, S, 1, hd)
     sin4 = b.op("Unsqueeze", [sin, b.const([0, 2])], "/model/rotary/sin")
@@ -91,18 +113,15 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, quantize_lm_hea
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
     last = b.reshape(last, [1, h], "/lm_head/Flatten")
-    lm_head_name = "lm_head.weight"
-    if lm_head_name in w and not t.tie_word_embeddings:
-        head = w.get(lm_head_name)
-    else:
-        head = embed
-    if b.quant is not None and quantize_lm_head:
-        logits = b.linear(last, head, None, "/lm_head")
-    elif head is embed:
+    if shared_int8:
+        logits = b.op("DynamicQuantizeMatMul", [last, table, scales, b.const(np.zeros(t.vocab_size), np.int8)],
+                      "/lm_head/DynamicQuantizeMatMul", domain=MS)
+    elif head_spec is None and tied and b.quant is None:
         # tied weights: Gemm reads the embedding table transposed, so it is stored once
         logits = b.op("Gemm", [last, embed_name], "/lm_head/Gemm", transB=1)
     else:
-        logits = b.op("Gemm", [last, b.init(lm_head_name, head)], "/lm_head/Gemm", transB=1)
+        head = embed if tied else w.get("lm_head.weight")
+        logits = b.linear(last, head, None, "/lm_head", quant=head_spec)
     b.output(logits, "logits", FLOAT, [1, t.vocab_size])
 
 

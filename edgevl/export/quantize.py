@@ -26,3 +26,11 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     else:
         raise ValueError("bits must be 4 or 8")
     return packed, scales.reshape(-1), zeros.reshape(-1)
+
+
+def quantize_per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """torch-layout weight (N, K) → symmetric int8 B in MatMul layout (K, N) and per-column scales (N,)."""
+    w = w.astype(np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale.astype(np.float32)

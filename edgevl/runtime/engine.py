@@ -102,6 +102,8 @@ class OrtEngine:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.options.graph_optimization]
+        if not self.options.prepack_weights:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         providers = ["CPUExecutionProvider"]
         graphs = self.manifest["graphs"]
         self.vision = ort.InferenceSession(str(self.folder / graphs["vision"]), so, providers=providers)

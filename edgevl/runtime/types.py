@@ -124,6 +124,7 @@ class EngineOptions:
     max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
     max_images: int = 8  # per request
     vision_cache_entries: int = 16  # image embeddings kept for re-use (LRU)
+    prepack_weights: bool = True  # MLAS packs fp32 weights at load: faster prompts, one more copy in RAM
     prefix_cache: bool = True  # re-use the KV cache of a previous turn that shares the prompt's start
 
 

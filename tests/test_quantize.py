@@ -1,0 +1,52 @@
+"""int8 / int4 exports: the graphs use the integer kernels, and stay close to fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgevl.runtime.engine import exported_dir_for, load_engine
+from edgevl.runtime.types import EngineOptions, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from tests.conftest import make_image
+from tests.test_parity import _prefill_logits
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, tiny_checkpoint):
+    opts = EngineOptions(precision=request.param, prefix_cache=False)
+    return request.param, load_engine(tiny_checkpoint, opts, warmup=False)
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_graphs_use_integer_kernels(quantized, tiny_checkpoint):
+    precision, engine = quantized
+    folder = exported_dir_for(tiny_checkpoint, precision)
+    dec, vis = _ops(folder / "decoder.onnx"), _ops(folder / "vision.onnx")
+    assert "DynamicQuantizeMatMul" in vis and "MatMul" not in vis
+    if precision == "int8":
+        assert "DynamicQuantizeMatMul" in dec and "MatMulNBits" not in dec
+    else:
+        assert "MatMulNBits" in dec
+    assert "MatMul" not in dec and "Gemm" not in dec  # no fp32 weight matmul left
+    fp32_data = (exported_dir_for(tiny_checkpoint, "fp32") / "decoder.onnx.data").stat().st_size
+    assert (folder / "decoder.onnx.data").stat().st_size < fp32_data / 3
+
+
+def test_logits_stay_close_to_fp32(quantized, engine):
+    precision, qengine = quantized
+    msgs = [Message("user", [ImagePart(make_image(160, 120)), TextPart("Describe the picture.")])]
+    ref = _prefill_logits(engine, msgs)
+    got = _prefill_logits(qengine, msgs)
+    cos = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > (0.999 if precision == "int8" else 0.95), cos  # the tiny model: K=64 is under one int4 block
+
+
+def test_quantized_generation_runs(quantized):
+    _, qengine = quantized
+    req = GenerationRequest([Message("user", [TextPart("Hello")])], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    fin = list(qengine.generate(req))[-1]
+    assert fin.usage.completion_tokens == 8 and qengine.info().precision in ("int8", "int4")
