@@ -22,7 +22,7 @@ def _export(args: argparse.Namespace) -> int:
     from edgevl.export import export_model
 
     t0 = time.perf_counter()
-    out = export_model(args.checkpoint, args.out, args.precision, args.vision_precision)
+    out = export_model(args.checkpoint, args.out, args.precision, args.vision_precision, args.lm_head_precision)
     print(f"exported {args.checkpoint} ({args.precision}) to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
     e.add_argument("--vision-precision", choices=["fp32", "int8", "int4"], default=None,
-                   help="precision of the vision tower (default: --precision)")
+                   help="precision of the vision tower (default: fp32 for fp32, else int8)")
+    e.add_argument("--lm-head-precision", choices=["fp32", "int8", "int4"], default=None,
+                   help="precision of the last layer and the tied embedding (default: fp32 for fp32, else int8)")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("predict", help="answer one question about one image, streaming")
