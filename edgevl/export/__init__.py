@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.export.builder import GraphBuilder, QuantSpec
-from edgevl.export.decoder import build_decoder
+from edgevl.export.decoder import build_decoder, build_embedding, embedding_precision
 from edgevl.export.vision import build_vision
 
 MANIFEST = "edgevl_manifest.json"
@@ -52,6 +52,10 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         db = GraphBuilder("decoder", out, PRECISIONS[precision])
         build_decoder(db, ckpt.config, weights, lm_head=PRECISIONS[lm_head_precision])
         db.save("Qwen3-VL language model with GroupQueryAttention KV cache and DeepStack")
+        embed_precision = embedding_precision(ckpt.config, weights, PRECISIONS[lm_head_precision])
+        eb = GraphBuilder("embed", out)
+        build_embedding(eb, ckpt.config, weights, embed_precision)
+        eb.save(f"Qwen3-VL token embedding ({embed_precision})")
     finally:
         weights.close()
     for name in _COPIED:
@@ -65,7 +69,8 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         "vision_precision": vision_precision,
         "lm_head_precision": lm_head_precision,
         "random_weights": ckpt.random_weights,
-        "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx"},
+        "embedding_precision": embed_precision,
+        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

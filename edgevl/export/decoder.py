@@ -1,6 +1,7 @@
-"""The Qwen3-VL language model as one ONNX graph with a KV cache and DeepStack inputs.
+"""The Qwen3-VL language model: a token-embedding graph, and a decoder graph with a KV cache and
+DeepStack inputs.
 
-    input_ids ─► Gather(embed) ─► ScatterND(image_embeds at visual_idx) ─► layer 0 ─► +deepstack[0]
+    inputs_embeds ─► ScatterND(image_embeds at visual_idx) ─► layer 0 ─► +deepstack[0]
       ─► layer 1 ─► +deepstack[1] ─► … ─► layer L-1 ─► last position ─► RMSNorm ─► lm_head ─► logits
 
 Each layer: RMSNorm → q/k/v → per-head RMSNorm on q, k → MRoPE (host-made cos/sin) →
@@ -18,16 +19,49 @@ from edgevl.export.builder import FLOAT, INT32, INT64, MS, GraphBuilder, QuantSp
 from edgevl.export.quantize import quantize_per_channel_int8
 
 
+def embedding_precision(cfg: ModelConfig, w: Weights, head: QuantSpec | None) -> str:
+    """fp32 for fp32 models; int8 rows shared in value with a tied int8 lm_head; else fp16."""
+    tied = cfg.text.tie_word_embeddings or "lm_head.weight" not in w
+    if head is None:
+        return "fp32"
+    return "int8" if tied and head.method == "dynamic" else "fp16"
+
+
+def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: str) -> None:
+    """input_ids → inputs_embeds. Its own graph: a Gather never prepacks, so ONNX Runtime keeps the
+    table memory-mapped and only the rows a prompt touches become resident (1.2 GB saved in fp32)."""
+    lm = "model.language_model"
+    h = cfg.text.hidden_size
+    ids = b.input("input_ids", INT64, [1, "seq"])
+    embed = w.get(f"{lm}.embed_tokens.weight")
+    if precision == "int8":
+        q, scale = quantize_per_channel_int8(embed)  # the same values the tied int8 lm_head uses
+        rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.qweight", np.ascontiguousarray(q.T)), ids],
+                    "/model/embed_tokens/Gather")
+        row_scale = b.op("Gather", [b.init(f"{lm}.embed_tokens.scales", scale), ids],
+                         "/model/embed_tokens/GatherScale")
+        x = b.op("Mul", [b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT),
+                         b.op("Unsqueeze", [row_scale, b.const([-1])], "/model/embed_tokens/Unsqueeze")],
+                 "/model/embed_tokens/Dequantize")
+    elif precision == "fp16":
+        rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16)), ids],
+                    "/model/embed_tokens/Gather")
+        x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
+    else:
+        x = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight", embed), ids], "/model/embed_tokens/Gather")
+    b.output(x, "inputs_embeds", FLOAT, [1, "seq", h])
+
+
 def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantSpec | None | str = "default"
                   ) -> None:
-    """`lm_head`: the precision of the output projection (and, tied, of the embedding table)."""
+    """`lm_head`: the precision of the output projection."""
     t = cfg.text
     h, hd, nq, nkv = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads
     eps = t.rms_norm_eps
     n_deep = len(cfg.vision.deepstack_visual_indexes)
     lm = "model.language_model"
 
-    ids = b.input("input_ids", INT64, [1, "seq"])
+    x = b.input("inputs_embeds", FLOAT, [1, "seq", h])
     cos = b.input("cos", FLOAT, ["seq", hd])
     sin = b.input("sin", FLOAT, ["seq", hd])
     seqlens_k = b.input("seqlens_k", INT32, [1])  # total length - 1
@@ -39,25 +73,6 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     embed = w.get(f"{lm}.embed_tokens.weight")
     head_spec = b.quant if lm_head == "default" else lm_head
     tied = t.tie_word_embeddings or "lm_head.weight" not in w
-    shared_int8 = tied and head_spec is not None and head_spec.method == "dynamic"
-    if shared_int8:
-        # one int8 table serves both ends: lm_head's B (hidden, vocab) and, gathered by column, the embedding
-        q, scale = quantize_per_channel_int8(embed)
-        table, scales = b.init(f"{lm}.embed_tokens.qweight", q), b.init(f"{lm}.embed_tokens.scales", scale)
-        cols = b.op("Gather", [table, ids], "/model/embed_tokens/Gather", axis=1)  # (hidden, 1, S)
-        x = b.op("Transpose", [cols], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
-        x = b.op("Cast", [x], "/model/embed_tokens/Cast", to=FLOAT)
-        row_scale = b.op("Unsqueeze", [b.op("Gather", [scales, ids], "/model/embed_tokens/GatherScale"),
-                                       b.const([-1])], "/model/embed_tokens/UnsqueezeScale")
-        x = b.op("Mul", [x, row_scale], "/model/embed_tokens/Dequantize")
-    elif b.quant is not None:
-        # quantized models keep the table in fp16: half the memory, one Cast per prompt
-        table = b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16))
-        x = b.op("Cast", [b.op("Gather", [table, ids], "/model/embed_tokens/Gather")], "/model/embed_tokens/Cast",
-                 to=FLOAT)
-    else:
-        embed_name = b.init(f"{lm}.embed_tokens.weight", embed)
-        x = b.op("Gather", [embed_name, ids], "/model/embed_tokens/Gather")
     x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
     cos4 = b.op("Unsqueeze", [cos, b.const([0, 2])], "/model/rotary/cos")  # (1, S, 1, hd)
     sin4 = b.op("Unsqueeze", [sin, b.const([0, 2])], "/model/rotary/sin")
@@ -113,15 +128,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
     last = b.reshape(last, [1, h], "/lm_head/Flatten")
-    if shared_int8:
-        logits = b.op("DynamicQuantizeMatMul", [last, table, scales, b.const(np.zeros(t.vocab_size), np.int8)],
-                      "/lm_head/DynamicQuantizeMatMul", domain=MS)
-    elif head_spec is None and tied and b.quant is None:
-        # tied weights: Gemm reads the embedding table transposed, so it is stored once
-        logits = b.op("Gemm", [last, embed_name], "/lm_head/Gemm", transB=1)
-    else:
-        head = embed if tied else w.get("lm_head.weight")
-        logits = b.linear(last, head, None, "/lm_head", quant=head_spec)
+    logits = b.linear(last, embed if tied else w.get("lm_head.weight"), None, "/lm_head", quant=head_spec)
     b.output(logits, "logits", FLOAT, [1, t.vocab_size])
 
 

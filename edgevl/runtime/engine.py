@@ -108,6 +108,7 @@ class OrtEngine:
         graphs = self.manifest["graphs"]
         self.vision = ort.InferenceSession(str(self.folder / graphs["vision"]), so, providers=providers)
         self.decoder = ort.InferenceSession(str(self.folder / graphs["decoder"]), so, providers=providers)
+        self.embed = ort.InferenceSession(str(self.folder / graphs["embed"]), so, providers=providers)
         self._has_deepstack = any(i.name == "deepstack_embeds" for i in self.decoder.get_inputs())
 
         self._vision_cache: OrderedDict[str, ImageFeatures] = OrderedDict()
@@ -380,7 +381,8 @@ class OrtEngine:
     def _step(self, binding: ort.IOBinding, ids: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: int,
               vis_idx: np.ndarray, vis_emb: np.ndarray, vis_deep: np.ndarray) -> None:
         total = past + ids.size
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64)[None, :])
+        embeds = self.embed.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)[None, :]})[0]
+        binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("cos", np.ascontiguousarray(cos))
         binding.bind_cpu_input("sin", np.ascontiguousarray(sin))
         binding.bind_cpu_input("seqlens_k", np.asarray([total - 1], np.int32))
