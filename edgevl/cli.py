@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=_predict)
 
+    d = sub.add_parser("doctor", help="CPU features, memory, sensors, and the threads/precision to use")
+    d.set_defaults(func=lambda args: __import__("edgevl.ops.doctor", fromlist=["main"]).main())
+
     try:
         from edgevl.server.cli import add_serve_arguments
     except ImportError:

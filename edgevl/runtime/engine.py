@@ -453,6 +453,10 @@ def load_engine(model_path: str | Path, options: EngineOptions | None = None, wa
             export_model(path, tmp, options.precision)
             tmp.rename(target)
         path = target
+    if options.max_memory_mb:
+        from edgevl.ops.memory import check_fits
+
+        check_fits(path, options, options.max_memory_mb * 2**20)
     engine = OrtEngine(path, options)
     if warmup:
         engine.warmup()
