@@ -125,8 +125,8 @@ class EngineOptions:
     max_images: int = 8  # per request
     vision_cache_entries: int = 16  # image embeddings kept for re-use (LRU)
     prepack_weights: bool = True  # MLAS packs fp32 weights at load: faster prompts, one more copy in RAM
-    prefix_cache: bool = True
-    max_memory_mb: int = 0  # refuse to load a model whose predicted RSS is larger (0: no check)  # re-use the KV cache of a previous turn that shares the prompt's start
+    prefix_cache: bool = True  # re-use the KV cache of a previous turn that shares the prompt's start
+    max_memory_mb: int = 0  # refuse to load a model whose predicted RSS is larger (0: no check)
 
 
 @dataclass
