@@ -122,16 +122,22 @@ class GraphBuilder:
     def reshape(self, x: str, shape: list[int], name: str) -> str:
         return self.op("Reshape", [x, self.const(shape)], name)
 
-    def rotate(self, x: str, cos: str, sin: str, name: str) -> str:
-        """x * cos + rotate_half(x) * sin, on the last axis.
+    def rope_tables(self, cos: str, sin: str, head_dim: int, name: str) -> tuple[str, str, str]:
+        """Host tables (S, head_dim) of cat(f, f) → the half-width caches and position ids that
+        RotaryEmbedding wants: row i of the cache is token i's own angles (MRoPE or 2-D), so
+        position id i just picks it."""
+        half = [self.const([0]), self.const([head_dim // 2]), self.const([1])]
+        cos_c = self.op("Slice", [cos, *half], f"{name}/cos_cache")
+        sin_c = self.op("Slice", [sin, *half], f"{name}/sin_cache")
+        n = self.op("Gather", [self.op("Shape", [cos], f"{name}/Shape"), self.const(0)], f"{name}/SeqLen")
+        ids = self.op("Range", [self.const(0), n, self.const(1)], f"{name}/Range")
+        return self.op("Unsqueeze", [ids, self.const([0])], f"{name}/position_ids"), cos_c, sin_c
 
-            x ──Split──► x1, x2 ──► Concat(-x2, x1) ──► * sin ─┐
-            x ─────────────────────────────────► * cos ───────── + ──► y
-        """
-        x1, x2 = self.op("Split", [x], f"{name}/Split", n_out=2, axis=-1, num_outputs=2)
-        rot = self.op("Concat", [self.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/Concat", axis=-1)
-        return self.op("Add", [self.op("Mul", [x, cos], f"{name}/MulCos"),
-                               self.op("Mul", [rot, sin], f"{name}/MulSin")], f"{name}/Add")
+    def rope(self, x: str, tables: tuple[str, str, str], heads: int, name: str) -> str:
+        """Fused rotate-half RoPE on (1, S, heads * head_dim)."""
+        pos_ids, cos_c, sin_c = tables
+        return self.op("RotaryEmbedding", [x, pos_ids, cos_c, sin_c], f"{name}/RotaryEmbedding", domain=MS,
+                       num_heads=heads, interleaved=0)
 
     # ---- output -------------------------------------------------------------------------
     def save(self, doc: str = "") -> Path:

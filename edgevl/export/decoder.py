@@ -74,8 +74,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     head_spec = b.quant if lm_head == "default" else lm_head
     tied = t.tie_word_embeddings or "lm_head.weight" not in w
     x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
-    cos4 = b.op("Unsqueeze", [cos, b.const([0, 2])], "/model/rotary/cos")  # (1, S, 1, hd)
-    sin4 = b.op("Unsqueeze", [sin, b.const([0, 2])], "/model/rotary/sin")
+    rope = b.rope_tables(cos, sin, hd, "/model/rotary")
 
     def norm_w(name: str) -> str:
         return b.init(name, w.get(name))
@@ -87,8 +86,8 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         q = b.linear(hn, w.get(f"{p}.self_attn.q_proj.weight"), None, f"{n}/attn/q_proj")
         k = b.linear(hn, w.get(f"{p}.self_attn.k_proj.weight"), None, f"{n}/attn/k_proj")
         v = b.linear(hn, w.get(f"{p}.self_attn.v_proj.weight"), None, f"{n}/attn/v_proj")
-        q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, cos4, sin4, f"{n}/attn/q")
-        k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, cos4, sin4, f"{n}/attn/k")
+        q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, rope, f"{n}/attn/q")
+        k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
         past_k = b.input(f"past_key_values.{i}.key", FLOAT, [1, nkv, "max_len", hd])
         past_v = b.input(f"past_key_values.{i}.value", FLOAT, [1, nkv, "max_len", hd])
         a, pk, pv = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
@@ -132,12 +131,11 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     b.output(logits, "logits", FLOAT, [1, t.vocab_size])
 
 
-def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float, cos: str,
-                    sin: str, name: str) -> str:
+def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float,
+                    rope: tuple[str, str, str], name: str) -> str:
     x = b.reshape(x, [1, -1, heads, hd], f"{name}/Reshape")
     x = b.op("SimplifiedLayerNormalization", [x, gamma], f"{name}_norm", axis=-1, epsilon=eps)
-    x = b.rotate(x, cos, sin, f"{name}/rope")
-    return b.reshape(x, [1, -1, heads * hd], f"{name}/Flatten")
+    return b.rope(b.reshape(x, [1, -1, heads * hd], f"{name}/Flatten"), rope, heads, f"{name}/rope")
 
 
 def _vi(name: str, shape: list):

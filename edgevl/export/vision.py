@@ -34,8 +34,7 @@ def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
                 "/visual/pos_embed/Mul")
     pos = b.op("ReduceSum", [taps, b.const([1])], "/visual/pos_embed/ReduceSum", keepdims=0)
     x = b.op("Add", [x, pos], "/visual/pos_embed/Add")
-    cos3 = b.op("Unsqueeze", [cos, b.const([1])], "/visual/rotary/cos")  # (N, 1, hd)
-    sin3 = b.op("Unsqueeze", [sin, b.const([1])], "/visual/rotary/sin")
+    rope = b.rope_tables(cos, sin, hd, "/visual/rotary")
 
     deepstack: list[str] = []
     for i in range(v.depth):
@@ -46,10 +45,10 @@ def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
         qkv = b.linear(h, w.get(f"{bp}.attn.qkv.weight"), w.get(f"{bp}.attn.qkv.bias"), f"{n}/attn/qkv")
         qkv = b.reshape(qkv, [0, 3, heads, hd], f"{n}/attn/qkv/Reshape")
         q, k, val = b.op("Split", [qkv], f"{n}/attn/Split", n_out=3, axis=1, num_outputs=3)
-        q = b.rotate(b.reshape(q, [0, heads, hd], f"{n}/attn/q/Reshape"), cos3, sin3, f"{n}/attn/q_rot")
-        k = b.rotate(b.reshape(k, [0, heads, hd], f"{n}/attn/k/Reshape"), cos3, sin3, f"{n}/attn/k_rot")
         q3, k3, v3 = (b.reshape(t, [1, -1, vh], f"{n}/attn/{nm}/Batch")
                       for t, nm in ((q, "q"), (k, "k"), (val, "v")))
+        q3 = b.rope(q3, rope, heads, f"{n}/attn/q")
+        k3 = b.rope(k3, rope, heads, f"{n}/attn/k")
         a = b.op("MultiHeadAttention", [q3, k3, v3], f"{n}/attn/MultiHeadAttention", domain=MS,
                  num_heads=heads, scale=hd**-0.5)
         a = b.linear(b.reshape(a, [-1, vh], f"{n}/attn/Unbatch"), w.get(f"{bp}.attn.proj.weight"),
