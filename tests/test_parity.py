@@ -125,3 +125,15 @@ def test_32_greedy_tokens_identical(engine, reference, case, penalty):
     assert ours == theirs
     if penalty > 1:
         assert len(set(theirs)) > 16
+
+
+def test_reference_engine_streams_the_same_tokens(engine, reference):
+    """The benchmark's transformers backend (its own KV-cache loop) agrees with ONNX Runtime."""
+    msgs = _messages([(200, 120)])
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3)
+    ours = [e.token_id for e in engine.generate(GenerationRequest(msgs, params))
+            if isinstance(e, TokenEvent) and e.token_id >= 0]
+    events = list(reference.generate(GenerationRequest(msgs, params)))
+    theirs = [e.token_id for e in events if isinstance(e, TokenEvent)]
+    assert ours == theirs
+    assert events[-1].usage.completion_tokens == 12 and events[-1].timings.ttft_ms > 0

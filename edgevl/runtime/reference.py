@@ -130,11 +130,9 @@ class TransformersEngine:
         reason: FinishReason = "length"
         text: list[str] = []
         t_first = None
+        self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)
-            cache = out.past_key_values
-            ids = inputs["input_ids"]
-            mm = inputs["mm_token_type_ids"]
             while len(generated) < p.max_new_tokens:
                 tok = sampler(out.logits[0, -1].float().numpy(), history)
                 generated.append(tok)
@@ -156,14 +154,8 @@ class TransformersEngine:
                     break
                 if len(generated) >= p.max_new_tokens:
                     break
-                ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
-                mm = torch.cat([mm, torch.zeros((1, 1), dtype=mm.dtype)], dim=1)
-                step = self.model.prepare_inputs_for_generation(
-                    ids, past_key_values=cache, mm_token_type_ids=mm, use_cache=True,
-                    image_grid_thw=inputs.get("image_grid_thw"),
-                    cache_position=torch.tensor([ids.shape[1] - 1]))
-                out = self.model(**{k: v for k, v in step.items() if v is not None})
-                cache = out.past_key_values
+                # positions continue from the prompt's MRoPE offset, which the model kept
+                out = self.model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True)
         now = time.perf_counter()
         timings.total_ms = (now - t0) * 1000
         if t_first is not None and len(generated) > 1:
