@@ -185,3 +185,15 @@ def test_kv_buffers_are_reused_not_reallocated(engine):
     run(engine, msgs, max_new_tokens=4)
     assert {id(s.keys[0]) for s in engine._slots} & slot_ids
     assert np.all([s.capacity <= engine.options.max_context for s in engine._slots])
+
+
+def test_cache_stats_are_bounded_and_reported(tiny_onnx):
+    from edgevl.runtime.engine import OrtEngine
+    from edgevl.runtime.types import EngineOptions
+
+    e = OrtEngine(tiny_onnx, EngineOptions(vision_cache_entries=2))
+    for i in range(4):
+        run(e, user(make_image(64, 64, seed=100 + i), "hi"), max_new_tokens=1)
+    st = e.cache_stats()
+    assert st["vision_cache_entries"] == 2 and st["vision_cache_bytes"] > 0
+    assert st["kv_slots"] == 1 and st["kv_cache_bytes"] > 0 and st["kv_cached_tokens"] > 0

@@ -132,6 +132,18 @@ class OrtEngine:
             vision_cache_entries=len(self._vision_cache),
         )
 
+    def cache_stats(self) -> dict[str, int]:
+        """Sizes of the two caches (for /metrics): both are bounded, this shows by how much."""
+        with self._cache_lock:
+            vision_bytes = sum(f.embeds.nbytes + f.deepstack.nbytes for f in self._vision_cache.values())
+            n_vision = len(self._vision_cache)
+        with self._slots_lock:
+            kv_bytes = sum(sum(a.nbytes for a in s.keys + s.values) for s in self._slots)
+            cached_tokens = sum(int(s.content.size) for s in self._slots)
+            n_slots = len(self._slots)
+        return {"vision_cache_entries": n_vision, "vision_cache_bytes": vision_bytes, "kv_slots": n_slots,
+                "kv_cache_bytes": kv_bytes, "kv_cached_tokens": cached_tokens}
+
     def sampling_defaults(self) -> dict:
         """The checkpoint's recommended sampling (generation_config.json), for callers that set none."""
         g = self.generation_defaults
