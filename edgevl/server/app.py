@@ -1,0 +1,152 @@
+"""The app factory: settings in, a FastAPI app out; the lifespan loads, warms and closes the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from edgevl import __version__
+from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
+from edgevl.runtime.types import Engine
+from edgevl.server import edge_api, errors, openai_api
+from edgevl.server.errors import error_body
+from edgevl.server.metrics import Metrics
+from edgevl.server.protocol import LIMITS
+from edgevl.server.scheduler import Scheduler
+from edgevl.server.serving import Runner
+from edgevl.server.settings import Settings
+
+log = logging.getLogger("edgevl.server")
+WEB = Path(__file__).resolve().parent.parent / "web"
+_OPEN_PATHS = ("/api/health", "/", "/favicon.ico")
+
+
+def load_default_engine(settings: Settings) -> Engine:
+    from edgevl.runtime.engine import load_engine
+
+    model = settings.model
+    if model is None:
+        from edgevl.demo import demo_model_dir
+
+        model = str(demo_model_dir())
+    return load_engine(model, settings.engine_options())
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    keys = settings.all_api_keys()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st = app.state
+        eng = engine or await asyncio.to_thread(load_default_engine, settings)  # loads and warms
+        st.engine = eng
+        st.info = eng.info()
+        st.sampling_defaults = eng.sampling_defaults() if hasattr(eng, "sampling_defaults") else {}
+        st.governor = ThermalGovernor(ThermalPolicy(
+            soft_c=settings.thermal_soft_c, hard_c=settings.thermal_hard_c, hysteresis_c=settings.thermal_hysteresis_c,
+            poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_concurrency)
+        st.governor.start()
+        st.scheduler = Scheduler(eng, settings.max_concurrency, settings.queue_size, settings.request_timeout_s,
+                                 st.governor)
+        st.runner = Runner(st.scheduler, metrics)
+        _register_gauges(metrics, st)
+        st.ready = True
+        log.info("ready: %s (%s, %s%s) on %d thread(s)", st.info.model_name, st.info.backend, st.info.precision,
+                 ", RANDOM WEIGHTS" if st.info.random_weights else "", st.info.intra_op_threads)
+        try:
+            yield
+        finally:
+            st.ready, st.draining = False, True
+            st.scheduler.close()
+            st.governor.stop()
+            eng.close()
+
+    app = FastAPI(title="edgevl", version=__version__, lifespan=lifespan,
+                  description="CPU-first vision-language inference (Qwen3-VL on ONNX Runtime).")
+    app.state.settings = settings
+    app.state.started = time.monotonic()
+    app.state.ready = False
+    app.state.replica = os.environ.get("EDGEVL_REPLICA_NAME", socket.gethostname())
+    app.state.metrics = metrics
+    errors.install(app)
+    app.include_router(edge_api.router)
+    app.include_router(openai_api.router)
+    limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
+              "max_prompt_chars": settings.max_context * 8}
+    max_body = int(settings.max_body_mb * 1024 * 1024)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Request id, API key, body size, limits for validation, and the request counter."""
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        LIMITS.set(limits)
+        endpoint = request.url.path
+        if keys and not endpoint.startswith(_OPEN_PATHS) and not endpoint.startswith(("/web/", "/docs", "/openapi")):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get(
+                "x-api-key", "")
+            if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+                resp = JSONResponse(error_body("a valid API key is required (Authorization: Bearer KEY)",
+                                               "authentication_error", "invalid_api_key"), 401)
+                return _finish(resp, rid, endpoint, metrics, t0)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            resp = JSONResponse(error_body(f"the body is {int(length)} bytes; the limit is {max_body}",
+                                           "invalid_request_error", "payload_too_large"), 413)
+            return _finish(resp, rid, endpoint, metrics, t0)
+        resp = await call_next(request)
+        return _finish(resp, rid, endpoint, metrics, t0)
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = WEB / "index.html"
+        if page.is_file():
+            return FileResponse(page, headers={"Cache-Control": "no-cache"})
+        return JSONResponse({"name": "edgevl", "docs": "/docs"})
+
+    if WEB.is_dir():
+        app.mount("/web", StaticFiles(directory=WEB), name="web")
+    return app
+
+
+def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float) -> Response:
+    resp.headers["X-Request-Id"] = rid
+    known = endpoint if endpoint.startswith(("/api/", "/v1/", "/metrics")) else "other"
+    metrics.requests.labels(known, str(resp.status_code)).inc()
+    log.info("request", extra={"request_id": rid, "path": endpoint, "status": resp.status_code,
+                               "ms": round((time.perf_counter() - t0) * 1000, 1)})
+    return resp
+
+
+def _register_gauges(metrics: Metrics, st) -> None:
+    metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
+    metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes"):
+        metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
+    metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
+                  lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
+    metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",
+                  lambda: {"normal": 0, "throttled": 1, "halted": 2}.get(st.governor.level, -1))
+    metrics.gauge("edgevl_allowed_slots", "generations allowed at once now", lambda: st.governor.allowed_slots())

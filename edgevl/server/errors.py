@@ -1,0 +1,103 @@
+"""One error shape everywhere: {"error": {"message", "type", "param", "code"}}, one status table."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgevl.preprocess.image import ImageError
+from edgevl.runtime.types import EngineError, InputError
+
+
+class ApiError(Exception):
+    """Raised anywhere in the server; rendered by the handler below. Never matched on message text."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.code, self.param, self.headers = message, code, param, headers or {}
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "authentication_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class QueueFull(ApiError):
+    status, type = 429, "rate_limit_error"
+
+
+class Unavailable(ApiError):
+    status, type = 503, "service_unavailable"
+
+
+class Timeout(ApiError):
+    status, type = 504, "timeout"
+
+
+class ServerFault(ApiError):
+    status, type = 500, "server_error"
+
+
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """Typed exceptions from below the server → the API's error, by type only."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageError):
+        err = ApiError(str(exc), exc.code, exc.param or "image")
+        if exc.code == "image_too_large":
+            err.status = 413
+        return err
+    if isinstance(exc, InputError):
+        return ApiError(str(exc), exc.code, exc.param)
+    if isinstance(exc, EngineError):
+        return ServerFault(f"generation failed: {exc}", "engine_error")
+    return ServerFault("internal error", "internal_error")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input(_: Request, exc: InputError) -> JSONResponse:
+        e = as_api_error(exc)
+        return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {msg}", "invalid_request_error",
+                                           "invalid_json"), 400)
+        where = ".".join(loc)
+        return JSONResponse(error_body(f"{where}: {msg}" if where else msg, "invalid_request_error",
+                                       "invalid_parameter", where or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _other(_: Request, exc: Exception) -> JSONResponse:
+        e = as_api_error(exc)
+        return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status)

@@ -1,0 +1,36 @@
+"""Prometheus metrics: requests, latency, tokens, queue, caches and the thermal governor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("edgevl_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("edgevl_time_to_first_token_seconds", "time from request to first token",
+                              ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("edgevl_request_duration_seconds", "whole generation time", ["endpoint"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("edgevl_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("edgevl_generated_tokens", "tokens generated", registry=r)
+        self.finish = Counter("edgevl_finished", "generations by finish reason", ["reason"], registry=r)
+        self.vision_cache_hits = Counter("edgevl_vision_cache_hits", "images served from the embedding cache",
+                                         registry=r)
+        self.prefix_reused = Counter("edgevl_prefix_reused_tokens", "prompt tokens served from the KV cache",
+                                     registry=r)
+
+    def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A gauge read at scrape time (queue depth, cache sizes, temperature)."""
+        g = Gauge(name, doc, registry=self.registry)
+        g.set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,107 @@
+"""OpenAI-compatible /v1/chat/completions (JSON or server-sent events) and /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
+from edgevl.server.errors import ApiError, as_api_error, error_body
+from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
+from edgevl.server.serving import image_from_base64, timings_dict
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
+
+
+def _messages(msgs: list[ChatMessage], state) -> list[Message]:
+    out: list[Message] = []
+    n_images = 0
+    for i, m in enumerate(msgs):
+        role = "system" if m.role == "developer" else m.role
+        parts: list = []
+        if isinstance(m.content, str):
+            parts.append(TextPart(m.content))
+        for j, p in enumerate(m.content if isinstance(m.content, list) else []):
+            if p.type == "image_url":
+                if role != "user":
+                    raise ApiError("images are only accepted in user messages", "invalid_image_position",
+                                   f"messages.{i}.content.{j}")
+                url = p.image_url.url if not isinstance(p.image_url, str) else p.image_url
+                n_images += 1
+                if n_images > state.settings.max_images:
+                    raise ApiError(f"more than {state.settings.max_images} images", "too_many_images", "messages")
+                parts.append(ImagePart(image_from_base64(url, state.settings, f"messages.{i}.content.{j}")))
+            else:
+                parts.append(TextPart(p.text or ""))
+        out.append(Message(role, parts))
+    return out
+
+
+@router.get("/models")
+async def models(http: Request) -> dict:
+    info = http.app.state.info
+    return {"object": "list", "data": [{"id": info.model_name, "object": "model", "created": now(),
+                                        "owned_by": "edgevl"}]}
+
+
+@router.post("/chat/completions", responses={400: {}, 413: {}, 429: {}, 503: {}})
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    state = http.app.state
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise ApiError("response_format other than text is not supported yet", "unsupported_response_format",
+                       "response_format")
+    msgs = _messages(body.messages, state)
+    params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens, body.stop_list())
+    req = GenerationRequest(msgs, params, max_pixels=body.max_pixels)
+    model = state.info.model_name
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(state, req, http, model, include_usage)
+    out = await state.runner.collect("chat", req, http)
+    fin = out.finish
+    return {
+        "id": completion_id(), "object": "chat.completion", "created": now(), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "logprobs": None, "finish_reason": _FINISH[fin.finish_reason]}],
+        "usage": {"prompt_tokens": fin.usage.prompt_tokens, "completion_tokens": fin.usage.completion_tokens,
+                  "total_tokens": fin.usage.total_tokens},
+        "timings": timings_dict(fin, out.queue_ms),  # edgevl extension
+    }
+
+
+def _sse(state, req: GenerationRequest, http: Request, model: str, include_usage: bool) -> StreamingResponse:
+    job, t0 = state.runner.start(req)
+    cid, created = completion_id(), now()
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for ev in state.runner.events("chat", job, http):
+                if isinstance(ev, FinishEvent):
+                    queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - ev.timings.total_ms)
+                    yield chunk({}, _FINISH[ev.finish_reason], timings=timings_dict(ev, queue_ms))
+                    if include_usage:
+                        usage = {"prompt_tokens": ev.usage.prompt_tokens,
+                                 "completion_tokens": ev.usage.completion_tokens, "total_tokens": ev.usage.total_tokens}
+                        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": [], "usage": usage}
+                        yield f"data: {json.dumps(obj)}\n\n".encode()
+                elif ev.text:
+                    yield chunk({"content": ev.text})
+        except Exception as e:
+            err = as_api_error(e)
+            yield f"data: {json.dumps(error_body(err.message, err.type, err.code, err.param))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

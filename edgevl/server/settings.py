@@ -1,0 +1,89 @@
+"""Every server option, defined once: CLI flag, EDGEVL_* environment variable, help, default, bounds.
+
+The flags of `edgevl serve` are generated from this class and the README's table is checked
+against it by a test, so the three never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from edgevl.runtime.types import EngineOptions
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEVL_", extra="ignore")
+
+    # -- where and what
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server (see SECURITY.md)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    model: str | None = Field(None, description="Qwen3-VL checkpoint or exported folder (default: the demo model)")
+    precision: Literal["fp32", "int8", "int4"] = Field("fp32", description="weights used when exporting a checkpoint")
+    # -- CPU
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads per generation (0: one per core)")
+    inter_op_threads: int = Field(1, ge=1, le=64, description="inter-op threads (parallel execution mode only)")
+    execution_mode: Literal["sequential", "parallel"] = Field("sequential", description="ONNX Runtime graph execution")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level")
+    max_concurrency: int = Field(1, ge=1, le=64, description="generations running at once (the CPU is shared)")
+    queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
+    # -- limits
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="longest a request may take, queue included")
+    max_body_mb: float = Field(20.0, gt=0, le=1024, description="largest request body accepted (MB)")
+    max_input_pixels: int = Field(40_000_000, ge=1, description="largest image decoded at all (pixels)")
+    max_pixels: int = Field(1024 * 1024, ge=1024, description="pixel budget per image for the vision encoder")
+    max_images: int = Field(8, ge=1, le=64, description="images per request")
+    max_tokens: int = Field(4096, ge=1, le=1_000_000, description="most answer tokens a request may ask for")
+    default_max_tokens: int = Field(512, ge=1, description="answer tokens when a request names none")
+    max_context: int = Field(8192, ge=256, le=262144, description="prompt + answer tokens per conversation")
+    max_turns: int = Field(64, ge=1, le=10000, description="messages per conversation")
+    vision_cache: int = Field(16, ge=0, le=100000, description="image embeddings kept for repeated images")
+    prefix_cache: bool = Field(True, description="re-use the KV cache of a conversation's earlier turns")
+    max_memory_mb: int = Field(0, ge=0, description="refuse to start if the model would need more (0: no check)")
+    allow_remote_images: bool = Field(False, description="fetch http(s) image URLs in /v1 requests")
+    # -- access
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys (comma-separated); none: open")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS (comma-separated)")
+    # -- operations
+    grace_period_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, time in-flight requests get to finish")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON")
+    thermal_sensor: str | None = Field(None, description="temperature file (default: the hottest thermal zone)")
+    thermal_soft_c: float = Field(80.0, description="above it: one generation at a time")
+    thermal_hard_c: float = Field(90.0, description="above it: no new work (503) until cooled")
+    thermal_hysteresis_c: float = Field(5.0, ge=0, description="cool this far below the soft limit to recover")
+    thermal_poll_s: float = Field(2.0, gt=0, description="seconds between temperature reads")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # checked before the model loads, so a bad combination fails in a second, not a minute
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens must not exceed max_tokens")
+        if self.thermal_soft_c >= self.thermal_hard_c:
+            raise ValueError("thermal_soft_c must be below thermal_hard_c")
+        if self.max_tokens >= self.max_context:
+            self.max_tokens = self.max_context - 1
+        return self
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            intra_op_threads=self.threads, inter_op_threads=self.inter_op_threads,
+            execution_mode=self.execution_mode, graph_optimization=self.graph_optimization,
+            precision=self.precision, max_context=self.max_context, max_pixels=self.max_pixels,
+            max_images=self.max_images, vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
+            max_memory_mb=self.max_memory_mb)
+
+    def all_api_keys(self) -> list[str]:
+        keys = [k for k in self.api_keys if k]
+        if self.api_key_file:
+            with open(self.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        return keys
