@@ -15,13 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from edgevl.runtime.types import SamplingParams
 
-
 # The server's limits, set per request by the app (an ASGI middleware), read by the validators below.
-LIMITS: ContextVar[dict] = ContextVar("edgevl_limits", default={})
+LIMITS: ContextVar[dict | None] = ContextVar("edgevl_limits", default=None)
 
 
 def _limit(info: ValidationInfo, name: str, default: int) -> int:
-    ctx = info.context or LIMITS.get()
+    ctx = info.context or LIMITS.get() or {}
     return int(ctx.get(name, default))
 
 

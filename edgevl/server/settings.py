@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     max_memory_mb: int = Field(0, ge=0, description="refuse to start if the model would need more (0: no check)")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs in /v1 requests")
     # -- access
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys (comma-separated); none: open")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys (comma-separated); none: open")
     api_key_file: str | None = Field(None, description="file with one API key per line")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS (comma-separated)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS (comma-separated)")
     # -- operations
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, time in-flight requests get to finish")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON")
