@@ -145,6 +145,12 @@ def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
     for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
+    for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
+        metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
+                      lambda k=key: st.scheduler.counts[k])
+    for key in ("cancelled", "finished", "errors"):
+        metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
+                      lambda k=key: st.engine.stats.get(k, 0) if hasattr(st.engine, "stats") else 0)
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",

@@ -85,6 +85,31 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, engine)
     print(f"edgevl {info.model_name} ({info.precision}) serving on http://{settings.host}:{settings.port}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=settings.grace_period_s)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=settings.grace_period_s)
+    server = _Server(config)
+    server.run()
     return 0
+
+
+class _Server:
+    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process dies 'killed by signal';
+    a service manager should see a clean exit 0 after a drain, so we take the signals ourselves."""
+
+    def __init__(self, config) -> None:
+        import contextlib
+        import signal
+
+        import uvicorn
+
+        self.server = uvicorn.Server(config)
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        logging.getLogger("edgevl").info("signal %d: draining in-flight requests, then exiting", signum)
+        self.server.should_exit = True
+
+    def run(self) -> None:
+        self.server.run()
