@@ -30,7 +30,7 @@ from edgevl.server.settings import Settings
 
 log = logging.getLogger("edgevl.server")
 WEB = Path(__file__).resolve().parent.parent / "web"
-_OPEN_PATHS = ("/api/health", "/", "/favicon.ico")
+_OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/openapi.json"}  # exact paths; /web/ is static
 
 
 def load_default_engine(settings: Settings) -> Engine:
@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         t0 = time.perf_counter()
         LIMITS.set(limits)
         endpoint = request.url.path
-        if keys and not endpoint.startswith(_OPEN_PATHS) and not endpoint.startswith(("/web/", "/docs", "/openapi")):
+        if keys and endpoint not in _OPEN_PATHS and not endpoint.startswith("/web/"):
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get(
                 "x-api-key", "")
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
