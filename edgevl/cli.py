@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=_predict)
 
+    from edgevl.bench.cli import add_bench_arguments, run_bench
+
+    b = sub.add_parser("bench", help="benchmark backends side by side (TTFT, tokens/s, memory, CPU, energy)")
+    add_bench_arguments(b)
+    b.set_defaults(func=run_bench)
+
     d = sub.add_parser("doctor", help="CPU features, memory, sensors, and the threads/precision to use")
     d.set_defaults(func=lambda args: __import__("edgevl.ops.doctor", fromlist=["main"]).main())
 

@@ -132,6 +132,16 @@ class OrtEngine:
             vision_cache_entries=len(self._vision_cache),
         )
 
+    def json_constraint(self, schema: dict | None, budget: int = 0):
+        """A Constraint for a JSON schema (None: any JSON object); invalid schemas raise InputError.
+        `budget`: the request's max_new_tokens, so the answer is steered to close before it."""
+        if getattr(self, "_grammar", None) is None:
+            from edgevl.runtime.constrain import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.config.text.vocab_size,
+                                            sorted(self.eos_ids))
+        return self._grammar.json_schema(schema, budget)
+
     def cache_stats(self) -> dict[str, int]:
         """Sizes of the two caches (for /metrics): both are bounded, this shows by how much."""
         with self._cache_lock:

@@ -140,6 +140,7 @@ class TransformersEngine:
                 if t_first is None:
                     t_first = time.perf_counter()
                     timings.ttft_ms = (t_first - t0) * 1000
+                    timings.prefill_ms = timings.ttft_ms  # vision and prompt run as one forward here
                 if tok in self.eos_ids and not p.ignore_eos:
                     reason = "stop"
                     break

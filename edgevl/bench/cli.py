@@ -1,0 +1,226 @@
+"""`edgevl bench`: every backend side by side in one run, each in its own process; JSON, Markdown, PNG.
+
+    edgevl bench --model /models/qwen3vl-2b --backends transformers,edgevl-fp32,edgevl-int8,edgevl-int4 --runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "vision_ms", "prefill_ms", "prompt_tokens",
+           "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Qwen3-VL checkpoint folder (default: the demo model)")
+    p.add_argument("--backends", default="transformers,edgevl-fp32,edgevl-int8,edgevl-int4",
+                   help="comma-separated: transformers, edgevl-fp32, edgevl-int8, edgevl-int4")
+    p.add_argument("--tasks", default="caption,ocr,chart")
+    p.add_argument("--size", type=int, default=448, help="image side in pixels (the headline is 448)")
+    p.add_argument("--pixel-sweep", default=None, help="e.g. 224,448,672,896: latency curve instead of tasks")
+    p.add_argument("--runs", type=int, default=20, help="measured runs per task, after a warm-up")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per run (EOS ignored: fixed length)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
+    p.add_argument("--quick", action="store_true", help="2 runs, 8 tokens, 1 task: a smoke test")
+    p.add_argument("--out", default=None, help="output folder (default: artifacts/bench/<time>)")
+    p.add_argument("--llama-cpp", default=None, help="llama-mtmd-cli binary, to compare on the same machine")
+    p.add_argument("--gguf", action="append", default=[], help="NAME=MODEL.gguf (several allowed, with --mmproj)")
+    p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.model is None:
+        from edgevl.demo import demo_model_dir
+
+        args.model = str(demo_model_dir())
+    if args.quick:
+        args.runs, args.max_tokens, args.tasks = 2, 8, args.tasks.split(",")[0]
+    out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = args.pixel_sweep or str(args.size)
+    records: list[dict] = []
+    failures: dict[str, str] = {}
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        cmd = [sys.executable, "-m", "edgevl.bench.worker", "--backend", backend, "--model", args.model,
+               "--tasks", args.tasks, "--sizes", sizes, "--runs", str(args.runs), "--max-tokens",
+               str(args.max_tokens), "--threads", str(args.threads)]
+        if not args.pixel_sweep:
+            cmd.append("--repeat-image")
+        err = _run_worker(backend, cmd, records)
+        if err:
+            failures[backend] = err
+    if args.llama_cpp:
+        from edgevl.bench.llama import run_llama
+
+        for spec in args.gguf:
+            name, gguf = spec.split("=", 1)
+            records += run_llama(args.llama_cpp, name, gguf, args.mmproj, args.tasks.split(","), args.size,
+                                 args.runs, args.max_tokens, args.threads)
+    report = summarize(records, args, failures)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(markdown(report))
+    chart(report, out / "bench.png")
+    print(markdown(report))
+    print(f"\nwrote {out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    return 0 if not failures else 1
+
+
+def _run_worker(backend: str, cmd: list[str], records: list[dict]) -> str | None:
+    print(f"[bench] {backend}: loading", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    for line in proc.stdout:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records.append(rec)
+        if rec["event"] == "run":
+            print(f"[bench] {backend} {rec['task']}@{rec['size']} run {rec['run'] + 1}: ttft {rec['ttft_ms']:.0f} ms, "
+                  f"{rec['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        elif rec["event"] == "loaded":
+            print(f"[bench] {backend}: loaded in {rec['load_s']:.1f} s", file=sys.stderr, flush=True)
+    stderr = proc.stderr.read()
+    if proc.wait() != 0:
+        print(f"[bench] {backend} FAILED:\n{stderr[-2000:]}", file=sys.stderr)
+        return stderr[-2000:]
+    return None
+
+
+def _stats(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "median": statistics.median(vals), "n": len(vals)}
+
+
+def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("event") == "run":
+            groups.setdefault((r["backend"], r["task"], r["size"]), []).append(r)
+    rows = []
+    for (backend, task, size), runs in groups.items():
+        row = {"backend": backend, "task": task, "size": size, "runs": len(runs)}
+        for m in METRICS:
+            row[m] = _stats([r.get(m) for r in runs])
+        row["peak_rss_mb"] = {"mean": max(r["peak_rss_mb"] for r in runs), "std": 0.0,
+                              "median": max(r["peak_rss_mb"] for r in runs), "n": len(runs)}
+        rows.append(row)
+    repeats = [r for r in records if r.get("event") == "repeat"]
+    for r in repeats:
+        r["ratio"] = r["repeat_ttft_ms"] / r["first_ttft_ms"] if r["first_ttft_ms"] else None
+    ref = {(r["task"], r["size"]): r for r in rows if r["backend"] == "transformers"}
+    for r in rows:
+        base = ref.get((r["task"], r["size"]))
+        if base and r is not base:
+            r["vs_transformers"] = {
+                "ttft": _ratio(r["ttft_ms"]["median"], base["ttft_ms"]["median"]),
+                "decode": _ratio(r["decode_tokens_per_s"]["median"], base["decode_tokens_per_s"]["median"]),
+                "peak_rss": _ratio(r["peak_rss_mb"]["median"], base["peak_rss_mb"]["median"]),
+            }
+    return {
+        "command": "edgevl bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "edgevl bench",
+        "machine": machine(), "model": args.model, "runs": args.runs, "max_tokens": args.max_tokens,
+        "rows": rows, "repeat_image": repeats, "failures": failures,
+        "energy": "RAPL" if any(r.get("energy_j") is not None for r in records) else "n/a (no readable RAPL counters)",
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__}
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def _fmt(s: dict, digits: int = 0) -> str:
+    if s["median"] is None:
+        return "n/a"
+    return f"{s['median']:.{digits}f} ({s['mean']:.{digits}f} ± {s['std']:.{digits}f})"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| backend | task | image | TTFT ms | total ms | decode tok/s | vision ms | prefill ms | prompt tok | "
+        "out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(report["rows"], key=lambda r: (r["size"], r["task"], r["backend"])):
+        vs = r.get("vs_transformers", {})
+        lines.append(
+            f"| {r['backend']} | {r['task']} | {r['size']}² | {_fmt(r['ttft_ms'])} | {_fmt(r['total_ms'])} | "
+            f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['vision_ms'])} | {_fmt(r['prefill_ms'])} | "
+            f"{r['prompt_tokens']['median']:.0f} | {r['output_tokens']['median']:.0f} | "
+            f"{r['peak_rss_mb']['median']:.0f} | {r['cpu_util']['median'] * 100:.0f}% | "
+            f"{_fmt(r['energy_j'], 1)} | {vs.get('ttft', '')} | {vs.get('decode', '')} |")
+    lines.append("")
+    lines.append("Cells: median (mean ± std). TTFT/decode vs ref: ratio to the transformers eager fp32 "
+                 "reference in the same run (TTFT lower is better, decode higher is better).")
+    if report["repeat_image"]:
+        lines += ["", "| backend | task | first ask TTFT ms | same image again TTFT ms | ratio |", "|---|---|---|---|---|"]
+        for r in report["repeat_image"]:
+            lines.append(f"| {r['backend']} | {r['task']} | {r['first_ttft_ms']:.0f} | {r['repeat_ttft_ms']:.0f} | "
+                         f"{r['ratio']:.2f} |")
+    lines += ["", f"Energy: {report['energy']}. Machine: {json.dumps(report['machine'])}"]
+    if report["failures"]:
+        lines += ["", "Failed backends: " + ", ".join(report["failures"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    keys = sorted({(r["task"], r["size"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(1, len(backends))
+    for i, b in enumerate(backends):
+        for ax, metric, scale in ((axes[0], "ttft_ms", 1000), (axes[1], "decode_tokens_per_s", 1)):
+            vals = []
+            for k in keys:
+                row = next((r for r in rows if r["backend"] == b and (r["task"], r["size"]) == k), None)
+                vals.append(row[metric]["median"] / scale if row and row[metric]["median"] is not None else 0)
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=b)
+    for ax, title in ((axes[0], "time to first token (s, lower is better)"),
+                      (axes[1], "decode tokens/s (higher is better)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(keys))])
+        ax.set_xticklabels([f"{t}\n{s}²" for t, s in keys], fontsize=8)
+        ax.grid(axis="y", alpha=.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"edgevl bench — {report['machine'].get('cpu', '')}, {report['machine'].get('cores')} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

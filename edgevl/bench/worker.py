@@ -1,0 +1,122 @@
+"""One backend, in its own process (so its peak RSS is its own): load, warm up, run, print JSON lines.
+
+    python -m edgevl.bench.worker --backend edgevl-int8 --model DIR --tasks caption,ocr,chart --runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import sys
+import time
+
+from edgevl.bench.tasks import TASKS
+from edgevl.runtime.types import (
+    EngineOptions,
+    FinishEvent,
+    GenerationRequest,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+)
+
+
+def rapl_uj() -> int | None:
+    """Package energy counters (microjoules) where the machine exposes them to us."""
+    total, found = 0, False
+    for path in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj"):
+        if path.count(":") != 1:  # packages only, not their sub-domains
+            continue
+        try:
+            total += int(open(path).read())
+            found = True
+        except (OSError, ValueError):
+            continue
+    return total if found else None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def load(backend: str, model: str, threads: int, vision_cache: int):
+    opts = dict(intra_op_threads=threads, prefix_cache=False, vision_cache_entries=vision_cache)
+    if backend == "transformers":
+        from edgevl.runtime.reference import TransformersEngine
+
+        return TransformersEngine(model, EngineOptions(**opts))
+    from edgevl.runtime.engine import load_engine
+
+    precision = backend.removeprefix("edgevl-")
+    return load_engine(model, EngineOptions(precision=precision, **opts), warmup=True)
+
+
+def measure(engine, task: str, size: int, max_tokens: int, image=None) -> dict:
+    t = TASKS[task]
+    img = image if image is not None else t.draw(size)
+    req = GenerationRequest([Message("user", [ImagePart(img), TextPart(t.prompt)])],
+                            SamplingParams(max_new_tokens=max_tokens, ignore_eos=True, temperature=0.0))
+    e0, c0, w0 = rapl_uj(), time.process_time(), time.perf_counter()
+    fin = None
+    for ev in engine.generate(req):
+        if isinstance(ev, FinishEvent):
+            fin = ev
+    wall = time.perf_counter() - w0
+    e1 = rapl_uj()
+    tm = fin.timings
+    return {
+        "task": task, "size": size, "ttft_ms": tm.ttft_ms, "total_ms": tm.total_ms or wall * 1000,
+        "decode_tokens_per_s": tm.tokens_per_s, "vision_ms": tm.vision_ms, "prefill_ms": tm.prefill_ms,
+        "prompt_tokens": fin.usage.prompt_tokens, "output_tokens": fin.usage.completion_tokens,
+        "cpu_util": (time.process_time() - c0) / wall / (os.cpu_count() or 1),
+        "energy_j": (e1 - e0) / 1e6 if e0 is not None and e1 is not None and e1 >= e0 else None,
+        "peak_rss_mb": peak_rss_mb(), "vision_cache_hits": tm.vision_cache_hits,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tasks", default="caption,ocr,chart")
+    ap.add_argument("--sizes", default="448")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat-image", action="store_true", help="also ask twice about one image (cache on)")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    engine = load(args.backend, args.model, args.threads, vision_cache=0)
+    emit({"event": "loaded", "backend": args.backend, "load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    tasks = args.tasks.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        for _ in range(args.warmup):
+            measure(engine, tasks[0], size, min(4, args.max_tokens))
+        for task in tasks:
+            for i in range(args.runs):
+                emit({"event": "run", "backend": args.backend, "run": i, **measure(engine, task, size, args.max_tokens)})
+    if args.repeat_image and args.backend.startswith("edgevl"):
+        engine = load(args.backend, args.model, args.threads, vision_cache=4)
+        for task in tasks:
+            img = TASKS[task].draw(sizes[0])
+            first = measure(engine, task, sizes[0], args.max_tokens, img)
+            again = measure(engine, task, sizes[0], args.max_tokens, img.copy())
+            emit({"event": "repeat", "backend": args.backend, "task": task, "first_ttft_ms": first["ttft_ms"],
+                  "repeat_ttft_ms": again["ttft_ms"], "cache_hits": again["vision_cache_hits"]})
+    emit({"event": "done", "backend": args.backend, "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
