@@ -185,7 +185,8 @@ def markdown(report: dict) -> str:
     lines.append("Cells: median (mean ± std). TTFT/decode vs ref: ratio to the transformers eager fp32 "
                  "reference in the same run (TTFT lower is better, decode higher is better).")
     if report["repeat_image"]:
-        lines += ["", "| backend | task | first ask TTFT ms | same image again TTFT ms | ratio |", "|---|---|---|---|---|"]
+        lines += ["", "| backend | task | first ask TTFT ms | same image again TTFT ms | ratio |",
+                  "|---|---|---|---|---|"]
         for r in report["repeat_image"]:
             lines.append(f"| {r['backend']} | {r['task']} | {r['first_ttft_ms']:.0f} | {r['repeat_ttft_ms']:.0f} | "
                          f"{r['ratio']:.2f} |")
@@ -220,7 +221,8 @@ def chart(report: dict, path: Path) -> None:
         ax.set_xticklabels([f"{t}\n{s}²" for t, s in keys], fontsize=8)
         ax.grid(axis="y", alpha=.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"edgevl bench — {report['machine'].get('cpu', '')}, {report['machine'].get('cores')} cores", fontsize=10)
+    m = report["machine"]
+    fig.suptitle(f"edgevl bench — {m.get('cpu', '')}, {m.get('cores')} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             measure(engine, tasks[0], size, min(4, args.max_tokens))
         for task in tasks:
             for i in range(args.runs):
-                emit({"event": "run", "backend": args.backend, "run": i, **measure(engine, task, size, args.max_tokens)})
+                rec = measure(engine, task, size, args.max_tokens)
+                emit({"event": "run", "backend": args.backend, "run": i, **rec})
     if args.repeat_image and args.backend.startswith("edgevl"):
         engine = load(args.backend, args.model, args.threads, vision_cache=4)
         for task in tasks:
