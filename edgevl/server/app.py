@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.runtime.types import Engine
-from edgevl.server import edge_api, errors, openai_api
+from edgevl.server import detect_api, edge_api, errors, openai_api
 from edgevl.server.errors import error_body
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(edge_api.router)
+    app.include_router(detect_api.router)
     app.include_router(openai_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "max_prompt_chars": settings.max_context * 8}

@@ -13,7 +13,7 @@ from edgevl import __version__
 from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import OcrRequest, OcrResponse, PredictRequest, PredictResponse
-from edgevl.server.serving import image_from_base64, timings_dict, usage_dict
+from edgevl.server.serving import constraint_for, image_from_base64, timings_dict, usage_dict
 
 router = APIRouter(prefix="/api", tags=["edge"])
 
@@ -36,6 +36,8 @@ async def predict(body: PredictRequest, http: Request):
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)
+    if body.schema_ is not None:
+        req.constraint = await constraint_for(state, body.schema_, req.params.max_new_tokens)
     if body.stream:
         return _ndjson(state, "predict", req, http)
     out = await state.runner.collect("predict", req, http)

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
-from edgevl.server.serving import image_from_base64, timings_dict
+from edgevl.server.serving import constraint_for, image_from_base64, timings_dict
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
@@ -52,12 +52,22 @@ async def models(http: Request) -> dict:
 @router.post("/chat/completions", responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise ApiError("response_format other than text is not supported yet", "unsupported_response_format",
-                       "response_format")
     msgs = _messages(body.messages, state)
     params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens, body.stop_list())
     req = GenerationRequest(msgs, params, max_pixels=body.max_pixels)
+    fmt = body.response_format or {}
+    kind = fmt.get("type", "text")
+    if kind == "json_object":
+        req.constraint = await constraint_for(state, None, params.max_new_tokens)
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError("response_format.json_schema.schema must be a JSON schema object", "invalid_schema",
+                           "response_format")
+        req.constraint = await constraint_for(state, spec["schema"], params.max_new_tokens)
+    elif kind != "text":
+        raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                       "unsupported_response_format", "response_format")
     model = state.info.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

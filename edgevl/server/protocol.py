@@ -56,12 +56,14 @@ class Sampling(BaseModel):
 
 # ---- edge API ------------------------------------------------------------------------------
 class PredictRequest(Sampling):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     image: str | None = Field(None, description="base64 or data URL (PNG, JPEG, WebP, GIF, BMP)")
     images: list[str] | None = Field(None, description="several images, in order")
     prompt: str = Field(..., description="the question")
     system: str | None = Field(None, description="optional system prompt")
+    schema_: dict[str, Any] | None = Field(None, alias="schema",
+                                           description="JSON schema the answer must follow (constrained decoding)")
     stream: bool = Field(False, description="newline-delimited JSON, one object per piece")
 
     @field_validator("prompt")
@@ -79,6 +81,14 @@ class PredictRequest(Sampling):
 
 OCR_INSTRUCTION = ("Extract all the text in this image, keeping its reading order and line breaks. "
                    "Output only the text.")
+
+
+class DetectRequest(Sampling):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(..., description="base64 or data URL")
+    query: str = Field(..., min_length=1, max_length=200, description="what to find, e.g. 'every fire hydrant'")
+    stream: bool = False
 
 
 class OcrRequest(Sampling):

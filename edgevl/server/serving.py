@@ -26,6 +26,10 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
 def image_from_base64(value: str, settings: Settings, param: str = "image") -> Image.Image:
     """A base64 string or data URL → decoded RGB picture, or a 4xx ApiError saying why."""
+    return image_and_bytes(value, settings, param)[0]
+
+
+def image_and_bytes(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
     if not isinstance(value, str) or not value.strip():
         raise ApiError("the image is empty", "invalid_image", param)
     if value.startswith(("http://", "https://")):
@@ -38,7 +42,16 @@ def image_from_base64(value: str, settings: Settings, param: str = "image") -> I
     except (binascii.Error, ValueError) as e:
         raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
     img = decode_image(data, settings.max_input_pixels)  # ImageError → 4xx by type
-    return img
+    return img, data
+
+
+async def constraint_for(state, schema: dict | None, budget: int):
+    """A JSON-schema constraint from the engine (compiled off the event loop: the first costs ~1 s)."""
+    import asyncio
+
+    if not hasattr(state.engine, "json_constraint"):
+        raise ApiError("structured output is not supported by this backend", "unsupported", "schema")
+    return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 
 @dataclass

@@ -77,7 +77,24 @@ function loadFile(file) {
   reader.readAsDataURL(file);
 }
 
+function drawBoxes(boxes, size) {
+  const layer = $("boxes");
+  layer.innerHTML = "";
+  for (const b of boxes || []) {
+    const [x1, y1, x2, y2] = b.box_upright;  // the browser shows the EXIF-upright picture
+    const d = document.createElement("div");
+    d.className = "box";
+    Object.assign(d.style, { left: `${(x1 / size.width) * 100}%`, top: `${(y1 / size.height) * 100}%`,
+                             width: `${((x2 - x1) / size.width) * 100}%`, height: `${((y2 - y1) / size.height) * 100}%` });
+    const label = document.createElement("span");
+    label.textContent = b.label || "?";
+    d.append(label);
+    layer.append(d);
+  }
+}
+
 function setImage(img) {
+  drawBoxes([]);
   state.image = img;
   state.imageSent = false;
   const p = $("preview");
@@ -217,6 +234,15 @@ async function* parseNDJSON(r) {
   }
 }
 
+function responseFormat() {
+  if (!$("json-mode").checked) return undefined;
+  const text = $("json-schema").value.trim();
+  if (!text) return { type: "json_object" };
+  let schema;
+  try { schema = JSON.parse(text); } catch (e) { throw new Error(`The JSON schema does not parse: ${e.message}`); }
+  return { type: "json_schema", json_schema: { name: "answer", schema } };
+}
+
 function options() {
   const t = $("temperature").value;
   const o = { max_tokens: Number($("max-tokens").value) || 256, max_pixels: Number($("max-pixels").value) };
@@ -234,8 +260,10 @@ async function ask(question) {
   }
   content.push({ type: "text", text: question });
   const userMsg = { role: "user", content };
+  let response_format;
+  try { response_format = responseFormat(); } catch (e) { showError(e.message); return; }
   const body = { messages: [...state.history, userMsg], stream: true, stream_options: { include_usage: true },
-                 ...options(), __thumb: thumb };
+                 ...options(), response_format, __thumb: thumb };
   const answer = await run("/v1/chat/completions", body, question, parseSSE);
   if (answer) {
     state.history.push(userMsg, { role: "assistant", content: answer });
@@ -254,6 +282,36 @@ async function ocr() {
                                                  { type: "text", text: "Extract all the text in this image." }] },
                        { role: "assistant", content: answer });
     state.imageSent = true;
+  }
+}
+
+async function find() {
+  const query = $("question").value.trim();
+  if (!state.image) { showError("Choose a picture first: boxes are drawn on it."); return; }
+  if (!query) { showError("Type what to find in the question box (for example: every car), then press Find."); return; }
+  if (state.controller) return;
+  $("question").value = "";
+  const { max_pixels } = options();
+  const body = { image: state.image.dataUrl, query, stream: true, max_tokens: 256, max_pixels,
+                 __thumb: state.image.dataUrl };
+  let final = null;
+  // the last NDJSON object carries the boxes; keep it while streaming the raw answer
+  const wrapped = async function* (r) {
+    for await (const line of readLines(r, "\n")) {
+      const obj = JSON.parse(line);
+      if (obj.done) final = obj;
+      if (obj.error) { yield { error: obj.error }; return; }
+      yield { text: obj.token, timings: obj.timings, usage: obj.usage };
+    }
+  };
+  await run("/api/detect", body, `Find: ${query}`, wrapped);
+  if (final && final.boxes) {
+    drawBoxes(final.boxes, final.image);
+    const last = [...document.querySelectorAll(".msg.assistant")].pop();
+    const s = document.createElement("div");
+    s.className = "stats";
+    s.textContent = `${final.boxes.length} box(es) drawn on the picture` + (final.dropped ? `, ${final.dropped} malformed dropped` : "");
+    last?.append(s);
   }
 }
 
@@ -290,7 +348,8 @@ function init() {
     $("messages").innerHTML = '<p class="empty-chat">New conversation.</p>';
   });
   for (const b of document.querySelectorAll("[data-preset]")) {
-    b.addEventListener("click", () => (b.dataset.preset === "ocr" ? ocr() : ask(PRESETS[b.dataset.preset])));
+    const p = b.dataset.preset;
+    b.addEventListener("click", () => (p === "ocr" ? ocr() : p === "find" ? find() : ask(PRESETS[p])));
   }
   refreshHealth();
   setInterval(refreshHealth, 5000);

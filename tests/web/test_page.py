@@ -145,3 +145,34 @@ def test_phone_sized_screen(browser, server):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     pg.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
     ctx.close()
+
+
+def test_find_draws_boxes_over_the_picture(page, tmp_path):
+    _upload(page, tmp_path, w=400, h=300)
+    page.fill("#question", "every red car")
+    page.click("[data-preset=find]")
+    _wait_done(page, 1)
+    page.wait_for_function("document.querySelector('.msg.assistant:last-child') !== null")
+    note = _answers(page).last.inner_text()
+    assert "box(es) drawn" in note
+    n = int(note.split("box(es) drawn")[0].split()[-1])
+    assert page.locator("#boxes .box").count() == n
+
+
+def test_json_mode_answers_parse(page, tmp_path):
+    import json
+
+    _upload(page, tmp_path)
+    _opt(page, "max-tokens", "120")
+    page.check("#json-mode")
+    page.fill("#json-schema", '{"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, '
+                              '"required": ["colour"], "additionalProperties": false}')
+    page.fill("#question", "Which colour?")
+    page.click("#send")
+    _wait_done(page, 1)
+    assert json.loads(_answers(page).last.locator(".text").inner_text())["colour"] in ("red", "blue")
+    page.fill("#json-schema", "{not json")
+    page.fill("#question", "Again?")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "does not parse" in page.inner_text("#error")
