@@ -197,3 +197,10 @@ def test_cache_stats_are_bounded_and_reported(tiny_onnx):
     st = e.cache_stats()
     assert st["vision_cache_entries"] == 2 and st["vision_cache_bytes"] > 0
     assert st["kv_slots"] == 1 and st["kv_cache_bytes"] > 0 and st["kv_cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("temperature,penalty", [(1e-300, 1.0), (2.0, 1e-30), (1e-5, 2.0), (0.5, 1e-300)])
+def test_extreme_sampling_values_do_not_break_the_sampler(engine, temperature, penalty):
+    _, fin = run(engine, user("x"), max_new_tokens=4, temperature=temperature, repetition_penalty=penalty, seed=1,
+                 ignore_eos=True)
+    assert fin.usage.completion_tokens == 4

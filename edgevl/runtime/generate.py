@@ -21,9 +21,11 @@ class Sampler:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             vals = x[seen]
             x[seen] = np.where(vals > 0, vals / self.p.repetition_penalty, vals * self.p.repetition_penalty)
-        if self.p.temperature <= 0.0:
+        if self.p.temperature < 1e-4:  # below this, sampling is greedy in all but floating-point noise
             return int(np.argmax(x))
         x /= self.p.temperature
+        # extreme penalties or temperatures overflow: keep the order, drop NaN (masked tokens stay -inf)
+        x = np.nan_to_num(x, nan=-np.inf, posinf=np.finfo(np.float32).max / 2, neginf=-np.inf)
         k = self.p.top_k if 0 < self.p.top_k < x.size else min(x.size, 1024)
         # only the top candidates can survive top-p in practice; sorting 150k logits each step is waste
         top = np.argpartition(-x, k - 1)[:k]

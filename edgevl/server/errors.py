@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,6 +100,8 @@ def install(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _other(_: Request, exc: Exception) -> JSONResponse:
+    async def _other(request: Request, exc: Exception) -> JSONResponse:
         e = as_api_error(exc)
+        if e.status >= 500:
+            logging.getLogger("edgevl.server").error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status)
