@@ -158,8 +158,9 @@ def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float
     resp.headers["X-Request-Id"] = rid
     known = endpoint if endpoint.startswith(("/api/", "/v1/", "/metrics")) else "other"
     metrics.requests.labels(known, str(resp.status_code)).inc()
-    log.info("request", extra={"request_id": rid, "path": endpoint, "status": resp.status_code,
-                               "ms": round((time.perf_counter() - t0) * 1000, 1)})
+    ms = round((time.perf_counter() - t0) * 1000, 1)
+    log.info("%s %d %.1f ms [%s]", endpoint, resp.status_code, ms, rid,
+             extra={"request_id": rid, "path": endpoint, "status": resp.status_code, "ms": ms})
     return resp
 
 
