@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.started = time.monotonic()
     app.state.ready = False
-    app.state.replica = os.environ.get("EDGEVL_REPLICA_NAME", socket.gethostname())
+    app.state.replica = os.environ.get("EDGEVL_REPLICA_NAME", f"{socket.gethostname()}-{os.getpid()}")
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(edge_api.router)
@@ -125,14 +125,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
                 resp = JSONResponse(error_body("a valid API key is required (Authorization: Bearer KEY)",
                                                "authentication_error", "invalid_api_key"), 401)
-                return _finish(resp, rid, endpoint, metrics, t0)
+                return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body:
             resp = JSONResponse(error_body(f"the body is {int(length)} bytes; the limit is {max_body}",
                                            "invalid_request_error", "payload_too_large"), 413)
-            return _finish(resp, rid, endpoint, metrics, t0)
+            return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         resp = await call_next(request)
-        return _finish(resp, rid, endpoint, metrics, t0)
+        return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -154,8 +154,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float) -> Response:
+def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float, replica: str = "") -> Response:
     resp.headers["X-Request-Id"] = rid
+    if replica:
+        resp.headers["X-EdgeVL-Replica"] = replica
     known = endpoint if endpoint.startswith(("/api/", "/v1/", "/metrics")) else "other"
     metrics.requests.labels(known, str(resp.status_code)).inc()
     ms = round((time.perf_counter() - t0) * 1000, 1)

@@ -70,6 +70,10 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"edgevl serve: {_flag(loc) if loc else ''} {err['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    if settings.ray:
+        from edgevl.server.cluster import run_cluster
+
+        return run_cluster(settings)
     from edgevl.ops.memory import MemoryBudgetError
     from edgevl.server.app import create_app, load_default_engine
 

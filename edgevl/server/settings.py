@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     thermal_hysteresis_c: float = Field(5.0, ge=0, description="cool this far below the soft limit to recover")
     thermal_poll_s: float = Field(2.0, gt=0, description="seconds between temperature reads")
 
+    # -- cluster (Ray Serve; `pip install edgevl[cluster]`)
+    ray: bool = Field(False, description="serve as a Ray Serve deployment instead of one process")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: start a local one)")
+    ray_replicas: int = Field(1, ge=1, le=1024, description="replicas, each loading and warming the model once")
+    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (ray_actor_options)")
+    ray_min_replicas: int = Field(0, ge=0, description="autoscaling lower bound (0 with max 0: fixed replicas)")
+    ray_max_replicas: int = Field(0, ge=0, description="autoscaling upper bound (0: no autoscaling)")
+    ray_max_queued_requests: int = Field(64, ge=-1, description="requests Ray holds before refusing (-1: no bound)")
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
