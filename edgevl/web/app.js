@@ -31,6 +31,17 @@ function smartResize(h, w, maxPixels, factor = 32, minPixels = 65536) {
   return [hb, wb];
 }
 
+// ---- API key, when the server asks for one (kept in this browser only)
+function authHeaders() {
+  const key = localStorage.getItem("edgevl-api-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function askForKey() {
+  const key = window.prompt("This server needs an API key:");
+  if (key) localStorage.setItem("edgevl-api-key", key.trim());
+}
+
 // ---- health and model info
 async function refreshHealth() {
   const el = $("health");
@@ -146,6 +157,7 @@ function showStats(msgEl, timings, usage, note) {
 function friendlyError(status, err) {
   const msg = (err && err.message) || `request failed (${status})`;
   if (status === 429) return `The server is busy: ${msg}. Try again in a moment.`;
+  if (status === 401) return "This server needs an API key. Enter it when asked, then send again.";
   if (status === 413) return `The image or request is too large: ${msg}`;
   if (status === 503) return `The server cannot take work right now: ${msg}`;
   if (status === 504) return `The answer took too long: ${msg}`;
@@ -187,8 +199,9 @@ async function run(url, body, userText, parse) {
   setBusy(true);
   let answer = "", timings = null, usage = null, note = null;
   try {
-    const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+    const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
                                  body: JSON.stringify(body), signal: state.controller.signal });
+    if (r.status === 401) askForKey();
     if (!r.ok) {
       let err = null;
       try { err = (await r.json()).error; } catch { /* not JSON */ }
