@@ -117,6 +117,7 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
                               "median": max(r["peak_rss_mb"] for r in runs), "n": len(runs)}
         rows.append(row)
     repeats = [r for r in records if r.get("event") == "repeat"]
+    constraint = [r for r in records if r.get("event") == "constraint"]
     for r in repeats:
         r["ratio"] = r["repeat_ttft_ms"] / r["first_ttft_ms"] if r["first_ttft_ms"] else None
     ref = {(r["task"], r["size"]): r for r in rows if r["backend"] == "transformers"}
@@ -131,7 +132,7 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
     return {
         "command": "edgevl bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "edgevl bench",
         "machine": machine(), "model": args.model, "runs": args.runs, "max_tokens": args.max_tokens,
-        "rows": rows, "repeat_image": repeats, "failures": failures,
+        "rows": rows, "repeat_image": repeats, "constraint_overhead": constraint, "failures": failures,
         "energy": "RAPL" if any(r.get("energy_j") is not None for r in records) else "n/a (no readable RAPL counters)",
     }
 
@@ -190,6 +191,11 @@ def markdown(report: dict) -> str:
         for r in report["repeat_image"]:
             lines.append(f"| {r['backend']} | {r['task']} | {r['first_ttft_ms']:.0f} | {r['repeat_ttft_ms']:.0f} | "
                          f"{r['ratio']:.2f} |")
+    if report.get("constraint_overhead"):
+        lines += ["", "| backend | decode tok/s free | with a JSON-schema constraint | overhead |", "|---|---|---|---|"]
+        for r in report["constraint_overhead"]:
+            lines.append(f"| {r['backend']} | {r['free_tokens_per_s']:.1f} | {r['constrained_tokens_per_s']:.1f} | "
+                         f"{r['overhead'] * 100:.1f}% |")
     lines += ["", f"Energy: {report['energy']}. Machine: {json.dumps(report['machine'])}"]
     if report["failures"]:
         lines += ["", "Failed backends: " + ", ".join(report["failures"])]
