@@ -26,30 +26,7 @@ def _messages(sizes: list[tuple[int, int]]) -> list[Message]:
 
 
 def _prefill_logits(engine, messages: list[Message], drop_deepstack: bool = False) -> np.ndarray:
-    req = GenerationRequest(messages, SamplingParams(max_new_tokens=1))
-    prompt = engine._prepare(req)
-    feats = [engine._image_features(p, fp)[0] for p, fp in zip(prompt.patches, prompt.fingerprints)]
-    if drop_deepstack:
-        for f in feats:
-            f.deepstack = np.zeros_like(f.deepstack)
-    slot, _ = engine._acquire_slot(np.zeros(0, np.int64), prompt.ids.size + 1)
-    try:
-        binding = engine.decoder.io_binding()
-        for i in range(engine.config.text.num_layers):
-            for kind, bufs in (("key", slot.keys), ("value", slot.values)):
-                import onnxruntime as ort
-
-                ov = ort.OrtValue.ortvalue_from_numpy(bufs[i])
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", ov)
-        binding.bind_output("logits", "cpu")
-        idx, emb, deep = engine._visual_inputs(prompt, feats, 0)
-        engine._step(binding, prompt.ids, prompt.cos, prompt.sin, 0, idx, emb, deep)
-        return binding.copy_outputs_to_cpu()[-1][0]
-    finally:
-        slot.busy = False
-        slot.content = np.zeros(0, np.int64)
-        engine._vision_cache.clear()
+    return engine.prefill_logits(GenerationRequest(messages, SamplingParams(max_new_tokens=1)), drop_deepstack)
 
 
 @pytest.mark.parametrize("case", list(CASES))

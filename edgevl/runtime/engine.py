@@ -304,14 +304,7 @@ class OrtEngine:
         n_prompt = int(prompt.ids.size)
         timings.prefix_reused_tokens = reuse
         self._count("prefix_reused_tokens", reuse)
-        binding = self.decoder.io_binding()
-        for i in range(self.config.text.num_layers):
-            for kind, bufs in (("key", slot.keys), ("value", slot.values)):
-                ov = ort.OrtValue.ortvalue_from_numpy(bufs[i])
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", ov)
-        logits_buf = np.zeros((1, self.config.text.vocab_size), np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, logits_buf.shape, logits_buf.ctypes.data)
+        binding, logits_buf = self._bind(slot)
 
         t_prefill = time.perf_counter()
         vis_idx, vis_emb, vis_deep = self._visual_inputs(prompt, feats, reuse)
@@ -380,6 +373,37 @@ class OrtEngine:
         self._count("generated_tokens", len(generated))
         n_img = sum(e - s for s, e in prompt.spans)
         yield self._finish(reason, n_prompt, generated, timings, t_start, "".join(text_parts), t_first, n_img)
+
+    def _bind(self, slot: KVSlot) -> tuple[ort.IOBinding, np.ndarray]:
+        """One buffer per layer serves as past and present: GroupQueryAttention writes in place."""
+        binding = self.decoder.io_binding()
+        for i in range(self.config.text.num_layers):
+            for kind, bufs in (("key", slot.keys), ("value", slot.values)):
+                ov = ort.OrtValue.ortvalue_from_numpy(bufs[i])
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", ov)
+        logits = np.zeros((1, self.config.text.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        return binding, logits
+
+    def prefill_logits(self, request: GenerationRequest, drop_deepstack: bool = False) -> np.ndarray:
+        """The prompt's last-position logits, computed cold (no caches): what parity checks compare."""
+        prompt = self._prepare(request)
+        feats = []
+        for patches, fp in zip(prompt.patches, prompt.fingerprints):
+            f = self._image_features(patches, fp + "-uncached")[0]
+            feats.append(ImageFeatures(f.embeds, np.zeros_like(f.deepstack) if drop_deepstack else f.deepstack))
+        slot = KVSlot([], [], 0)
+        t = self.config.text
+        shape = (1, t.num_kv_heads, -(-(prompt.ids.size + 1) // _KV_BLOCK) * _KV_BLOCK, t.head_dim)
+        slot.keys = [np.zeros(shape, np.float32) for _ in range(t.num_layers)]
+        slot.values = [np.zeros(shape, np.float32) for _ in range(t.num_layers)]
+        binding, logits = self._bind(slot)
+        self._step(binding, prompt.ids, prompt.cos, prompt.sin, 0, *self._visual_inputs(prompt, feats, 0))
+        with self._cache_lock:
+            for fp in prompt.fingerprints:
+                self._vision_cache.pop(fp + "-uncached", None)
+        return logits[0].copy()
 
     def _visual_inputs(self, prompt: PreparedPrompt, feats: list[ImageFeatures], start: int
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ class Sampler:
         if self.p.repetition_penalty != 1.0 and history:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             vals = x[seen]
-            with np.errstate(over="ignore"):  # absurd penalties overflow to inf, handled below
+            with np.errstate(over="ignore", divide="ignore"):  # absurd penalties give inf, handled below
                 x[seen] = np.where(vals > 0, vals / self.p.repetition_penalty, vals * self.p.repetition_penalty)
         if self.p.temperature < 1e-4:  # below this, sampling is greedy in all but floating-point noise
             return int(np.argmax(x))
