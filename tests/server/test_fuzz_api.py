@@ -40,7 +40,7 @@ def test_every_operation_survives_generated_requests(fuzz_server):
         @given(case=op.as_strategy())
         @settings(max_examples=int(__import__("os").environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
                   suppress_health_check=list(HealthCheck), database=None)
-        def check(case) -> None:
+        def check(case, seen: dict = seen) -> None:
             r = case.call(base_url=fuzz_server.url, timeout=60)
             seen[r.status_code] = seen.get(r.status_code, 0) + 1
             assert r.status_code < 500, (case.path, r.status_code, r.text[:300])
