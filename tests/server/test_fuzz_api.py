@@ -6,6 +6,8 @@ depend on its pytest plugin (which trails pytest releases).
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,21 +37,23 @@ def test_every_operation_survives_generated_requests(fuzz_server):
     assert {op.path for op in ops} >= {"/api/predict", "/api/ocr", "/api/detect", "/api/health",
                                        "/v1/chat/completions", "/v1/models"}
     for op in ops:
-        seen = SEEN.setdefault(f"{op.method.upper()} {op.path}", {})
-
-        @given(case=op.as_strategy())
-        @settings(max_examples=int(__import__("os").environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
-                  suppress_health_check=list(HealthCheck), database=None)
-        def check(case, seen: dict = seen) -> None:
-            r = case.call(base_url=fuzz_server.url, timeout=60)
-            seen[r.status_code] = seen.get(r.status_code, 0) + 1
-            assert r.status_code < 500, (case.path, r.status_code, r.text[:300])
-            if r.status_code >= 400:
-                err = r.json()["error"]
-                assert set(err) == {"message", "type", "param", "code"} and err["message"]
-
-        check()
+        _check(op, SEEN.setdefault(f"{op.method.upper()} {op.path}", {}), fuzz_server.url)()
     print("fuzz statuses:", SEEN)
+
+
+def _check(op, seen: dict[int, int], url: str):
+    @given(case=op.as_strategy())
+    @settings(max_examples=int(os.environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(case) -> None:
+        r = case.call(base_url=url, timeout=60)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (case.path, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+    return check
 
 
 def test_server_survived_the_fuzzing(fuzz_server):
