@@ -157,6 +157,8 @@ def test_find_draws_boxes_over_the_picture(page, tmp_path):
     assert "box(es) drawn" in note
     n = int(note.split("box(es) drawn")[0].split()[-1])
     assert page.locator("#boxes .box").count() == n
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-find.png"))
 
 
 def test_json_mode_answers_parse(page, tmp_path):
@@ -176,3 +178,16 @@ def test_json_mode_answers_parse(page, tmp_path):
     page.click("#send")
     page.wait_for_selector("#error:not([hidden])")
     assert "does not parse" in page.inner_text("#error")
+
+
+def test_boxes_are_drawn_where_the_pixels_say(page, tmp_path):
+    _upload(page, tmp_path, w=400, h=300)
+    page.evaluate("drawBoxes([{box_upright: [40, 30, 200, 150], label: 'car'}], {width: 400, height: 300})")
+    img = page.locator("#preview").bounding_box()
+    box = page.locator("#boxes .box").bounding_box()
+    assert abs((box["x"] - img["x"]) / img["width"] - 0.10) < 0.01
+    assert abs((box["y"] - img["y"]) / img["height"] - 0.10) < 0.01
+    assert abs(box["width"] / img["width"] - 0.40) < 0.02 and abs(box["height"] / img["height"] - 0.40) < 0.02
+    assert page.inner_text("#boxes .box span") == "car"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-boxes.png"))
