@@ -23,7 +23,7 @@ def tiny_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path) -> Path:
     from edgevl.runtime.engine import exported_dir_for, load_engine
-    from edgevl.runtime.types import EngineOptions
+    from edgevl.types import EngineOptions
 
     load_engine(tiny_checkpoint, EngineOptions(), warmup=False)  # exports once, cached
     return exported_dir_for(tiny_checkpoint, "fp32")

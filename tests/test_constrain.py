@@ -8,7 +8,7 @@ import time
 import jsonschema
 import pytest
 
-from edgevl.runtime.types import (
+from edgevl.types import (
     FinishEvent,
     GenerationRequest,
     ImagePart,

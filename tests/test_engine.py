@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgevl.runtime.generate import StopMatcher, StreamDecoder
-from edgevl.runtime.types import (
+from edgevl.types import (
     FinishEvent,
     GenerationRequest,
     ImagePart,
@@ -163,7 +163,7 @@ def test_engine_runs_without_torch(tiny_onnx):
 import sys
 sys.modules['torch'] = None  # any import of torch now fails
 from edgevl.runtime.engine import OrtEngine
-from edgevl.runtime.types import *
+from edgevl.types import *
 from PIL import Image
 e = OrtEngine({str(tiny_onnx)!r})
 req = GenerationRequest([Message('user', [ImagePart(Image.new('RGB', (80, 60), 'red')), TextPart('hi')])],
@@ -189,7 +189,7 @@ def test_kv_buffers_are_reused_not_reallocated(engine):
 
 def test_cache_stats_are_bounded_and_reported(tiny_onnx):
     from edgevl.runtime.engine import OrtEngine
-    from edgevl.runtime.types import EngineOptions
+    from edgevl.types import EngineOptions
 
     e = OrtEngine(tiny_onnx, EngineOptions(vision_cache_entries=2))
     for i in range(4):

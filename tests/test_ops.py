@@ -9,7 +9,7 @@ import pytest
 
 from edgevl.ops.memory import MemoryBudgetError, estimate_bytes
 from edgevl.runtime.engine import load_engine
-from edgevl.runtime.types import EngineOptions
+from edgevl.types import EngineOptions
 
 
 def test_memory_check_refuses_a_model_that_would_not_fit(tiny_checkpoint, tiny_onnx):

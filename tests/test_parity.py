@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgevl.preprocess import positions as P
-from edgevl.runtime.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent
+from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent
 from tests.conftest import make_image
 
 torch = pytest.importorskip("torch")

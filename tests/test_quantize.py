@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from edgevl.runtime.engine import exported_dir_for, load_engine
-from edgevl.runtime.types import EngineOptions, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from edgevl.types import EngineOptions, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
 from tests.test_parity import _prefill_logits
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from edgevl.runtime.engine import load_engine
-from edgevl.runtime.types import (
+from edgevl.types import (
     EngineOptions,
     GenerationRequest,
     ImagePart,

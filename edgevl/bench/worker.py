@@ -14,7 +14,7 @@ import sys
 import time
 
 from edgevl.bench.tasks import TASKS
-from edgevl.runtime.types import (
+from edgevl.types import (
     EngineOptions,
     FinishEvent,
     GenerationRequest,

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from edgevl.checkpoint import ModelConfig
-from edgevl.runtime.types import EngineOptions
+from edgevl.types import EngineOptions
 
 RUNTIME_OVERHEAD = 400 * 2**20  # interpreter, onnxruntime, tokenizer, arenas
 

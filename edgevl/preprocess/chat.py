@@ -15,7 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from edgevl.checkpoint import read_chat_template
-from edgevl.runtime.types import ImagePart, Message, TextPart
+from edgevl.types import ImagePart, Message, TextPart
 
 
 @dataclass

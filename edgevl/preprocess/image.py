@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edgevl.runtime.types import InputError
+from edgevl.types import InputError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_INPUT_PIXELS = 40_000_000  # what we agree to decode at all (the resize comes after)

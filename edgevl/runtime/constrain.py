@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevl.runtime.types import EngineError, InputError
+from edgevl.types import EngineError, InputError
 
 
 class GrammarCompiler:

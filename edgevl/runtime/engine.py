@@ -31,7 +31,7 @@ from edgevl.preprocess import positions as pos
 from edgevl.preprocess.chat import ChatFormatter, images_in
 from edgevl.preprocess.image import ImagePatches, ImageProcessorConfig, patchify
 from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
-from edgevl.runtime.types import (
+from edgevl.types import (
     EngineError,
     EngineInfo,
     EngineOptions,
@@ -165,7 +165,7 @@ class OrtEngine:
         return int(self._prepare(request, with_positions=False).ids.size)
 
     def warmup(self) -> None:
-        from edgevl.runtime.types import ImagePart, Message, SamplingParams, TextPart
+        from edgevl.types import ImagePart, Message, SamplingParams, TextPart
 
         img = Image.new("RGB", (64, 64), (120, 160, 200))
         req = GenerationRequest([Message("user", [ImagePart(img), TextPart("warm up")])],

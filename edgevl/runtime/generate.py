@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgevl.runtime.types import SamplingParams
+from edgevl.types import SamplingParams
 
 
 class Sampler:

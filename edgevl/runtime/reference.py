@@ -18,7 +18,7 @@ import numpy as np
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
 from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
-from edgevl.runtime.types import (
+from edgevl.types import (
     EngineInfo,
     EngineOptions,
     Event,
@@ -92,6 +92,8 @@ class TransformersEngine:
 
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.stats: dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0}
+        self._grammar = None
 
     def info(self) -> EngineInfo:
         import torch
@@ -104,6 +106,27 @@ class TransformersEngine:
 
     def close(self) -> None:
         pass
+
+    def warmup(self) -> None:
+        pass  # eager PyTorch has nothing to compile or page in ahead of the first request
+
+    def sampling_defaults(self) -> dict:
+        g = self.ckpt.generation
+        if not g.get("do_sample", False):
+            return {"temperature": 0.0}
+        return {k: g[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in g}
+
+    def cache_stats(self) -> dict[str, int]:
+        return {"vision_cache_entries": 0, "vision_cache_bytes": 0, "kv_slots": 0, "kv_cache_bytes": 0,
+                "kv_cached_tokens": 0}
+
+    def json_constraint(self, schema: dict | None, budget: int = 0):
+        if self._grammar is None:
+            from edgevl.runtime.constrain import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.ckpt.config.text.vocab_size,
+                                            sorted(self.eos_ids))
+        return self._grammar.json_schema(schema, budget)
 
     def prefill_logits(self, messages: list[Message]) -> np.ndarray:
         """Last-position logits of the prompt: what parity tests compare against."""

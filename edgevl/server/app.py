@@ -19,7 +19,6 @@ from fastapi.staticfiles import StaticFiles
 
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
-from edgevl.runtime.types import Engine
 from edgevl.server import detect_api, edge_api, errors, openai_api
 from edgevl.server.errors import error_body
 from edgevl.server.metrics import Metrics
@@ -27,6 +26,7 @@ from edgevl.server.protocol import LIMITS
 from edgevl.server.scheduler import Scheduler
 from edgevl.server.serving import Runner
 from edgevl.server.settings import Settings
+from edgevl.types import Engine
 
 log = logging.getLogger("edgevl.server")
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -55,7 +55,7 @@ class FaultInjector:
         return getattr(self.engine, name)
 
     def generate(self, request):
-        from edgevl.runtime.types import EngineError, TextPart
+        from edgevl.types import EngineError, TextPart
 
         text = " ".join(p.text for m in request.messages for p in m.content if isinstance(p, TextPart))
         for i, ev in enumerate(self.engine.generate(request)):
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             eng = FaultInjector(eng, os.environ["EDGEVL_FAULT_INJECT"])
         st.engine = eng
         st.info = eng.info()
-        st.sampling_defaults = eng.sampling_defaults() if hasattr(eng, "sampling_defaults") else {}
+        st.sampling_defaults = eng.sampling_defaults()
         st.governor = ThermalGovernor(ThermalPolicy(
             soft_c=settings.thermal_soft_c, hard_c=settings.thermal_hard_c, hysteresis_c=settings.thermal_hysteresis_c,
             poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_concurrency)
@@ -176,7 +176,7 @@ def _register_gauges(metrics: Metrics, st) -> None:
                       lambda k=key: st.scheduler.counts[k])
     for key in ("cancelled", "finished", "errors"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
-                      lambda k=key: st.engine.stats.get(k, 0) if hasattr(st.engine, "stats") else 0)
+                      lambda k=key: st.engine.stats.get(k, 0))
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",

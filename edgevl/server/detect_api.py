@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from edgevl.grounding import BOXES_SCHEMA, detect_prompt, exif_orientation, parse_boxes, to_pixels
-from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 from edgevl.server.errors import as_api_error, error_body
 from edgevl.server.protocol import DetectRequest
 from edgevl.server.serving import constraint_for, image_and_bytes, timings_dict, usage_dict
+from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/api", tags=["edge"])
 

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from edgevl import __version__
-from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import OcrRequest, OcrResponse, PredictRequest, PredictResponse
 from edgevl.server.serving import constraint_for, image_from_base64, timings_dict, usage_dict
+from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/api", tags=["edge"])
 

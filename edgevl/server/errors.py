@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.preprocess.image import ImageError
-from edgevl.runtime.types import EngineError, InputError
+from edgevl.types import EngineError, InputError
 
 
 class ApiError(Exception):

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from edgevl.runtime.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
 from edgevl.server.serving import constraint_for, image_from_base64, timings_dict
+from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from edgevl.runtime.types import SamplingParams
+from edgevl.types import SamplingParams
 
 # The server's limits, set per request by the app (an ASGI middleware), read by the validators below.
 LIMITS: ContextVar[dict | None] = ContextVar("edgevl_limits", default=None)

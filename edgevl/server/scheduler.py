@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from edgevl.ops.thermal import ThermalGovernor
-from edgevl.runtime.types import Engine, Event, GenerationRequest
 from edgevl.server.errors import QueueFull, Timeout, Unavailable
+from edgevl.types import Engine, Event, GenerationRequest
 
 _DONE = object()
 

@@ -15,11 +15,11 @@ from fastapi import Request
 from PIL import Image
 
 from edgevl.preprocess.image import decode_image
-from edgevl.runtime.types import FinishEvent, GenerationRequest, TokenEvent
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
+from edgevl.types import FinishEvent, GenerationRequest, TokenEvent
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
@@ -49,8 +49,6 @@ async def constraint_for(state, schema: dict | None, budget: int):
     """A JSON-schema constraint from the engine (compiled off the event loop: the first costs ~1 s)."""
     import asyncio
 
-    if not hasattr(state.engine, "json_constraint"):
-        raise ApiError("structured output is not supported by this backend", "unsupported", "schema")
     return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 

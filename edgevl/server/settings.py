@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from edgevl.runtime.types import EngineOptions
+from edgevl.types import EngineOptions
 
 
 class Settings(BaseSettings):

@@ -55,7 +55,7 @@ def test_sse_wire_format_ends_with_done(server):
 def test_prompt_tokens_match_the_transformers_processor(client, tiny_checkpoint):
     pytest.importorskip("transformers")
     from edgevl.runtime.reference import ReferenceProcessor
-    from edgevl.runtime.types import ImagePart, Message, TextPart
+    from edgevl.types import ImagePart, Message, TextPart
 
     r = client.chat.completions.create(model="m", messages=_messages(2), max_tokens=1)
     ref = ReferenceProcessor(tiny_checkpoint, max_pixels=1024 * 1024)
