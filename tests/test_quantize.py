@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgevl.runtime.engine import exported_dir_for, load_engine
+from edgevl.runtime.loader import exported_dir_for, load_engine
 from edgevl.types import EngineOptions, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
 from tests.test_parity import _prefill_logits

@@ -60,7 +60,7 @@ def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache
     from pathlib import Path
 
     from edgevl.export import is_exported
-    from edgevl.runtime.engine import exported_dir_for, load_engine
+    from edgevl.runtime.loader import exported_dir_for, load_engine
 
     precision = backend.removeprefix("edgevl-")
     target = exported_dir_for(Path(model), precision)
