@@ -28,8 +28,9 @@ from PIL import Image
 from edgevl.checkpoint import ModelConfig
 from edgevl.export import MANIFEST, export_model, is_exported
 from edgevl.preprocess import positions as pos
-from edgevl.preprocess.chat import ChatFormatter, images_in
+from edgevl.preprocess.chat import ChatFormatter, visuals_in
 from edgevl.preprocess.image import ImagePatches, ImageProcessorConfig, patchify
+from edgevl.preprocess.video_patches import VideoPatches, patchify_video, video_processor_config
 from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
 from edgevl.types import (
     EngineError,
@@ -39,10 +40,12 @@ from edgevl.types import (
     FinishEvent,
     FinishReason,
     GenerationRequest,
+    ImagePart,
     InputError,
     Timings,
     TokenEvent,
     Usage,
+    VideoPart,
 )
 
 _KV_BLOCK = 256  # KV buffers grow in these steps, so a slot is rarely reallocated
@@ -70,9 +73,14 @@ class PreparedPrompt:
     cos: np.ndarray
     sin: np.ndarray
     next_position: int
-    patches: list[ImagePatches]
-    spans: list[tuple[int, int]]
-    fingerprints: list[str]
+    patches: list[ImagePatches | VideoPatches]  # one per image or clip, in message order
+    spans: list[tuple[int, int]]  # one per image or frame group, in prompt order
+    fingerprints: list[str]  # one per image or clip
+    span_items: list[int] = field(default_factory=list)  # the item (index in `patches`) of each span
+
+    def visual_tokens(self, video: bool) -> int:
+        return sum(e - s for (s, e), k in zip(self.spans, self.span_items)
+                   if isinstance(self.patches[k], VideoPatches) == video)
 
 
 class OrtEngine:
@@ -81,11 +89,12 @@ class OrtEngine:
         self.options = options or EngineOptions()
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
         self.config = ModelConfig.from_dict(json.loads((self.folder / "config.json").read_text()))
-        self.ipc = ImageProcessorConfig.from_dict(
-            json.loads((self.folder / "preprocessor_config.json").read_text()))
+        image_pre = json.loads((self.folder / "preprocessor_config.json").read_text())
+        self.ipc = ImageProcessorConfig.from_dict(image_pre)
+        self.vpc = video_processor_config(self.folder, image_pre)
         gen = self.folder / "generation_config.json"
         self.generation_defaults = json.loads(gen.read_text()) if gen.is_file() else {}
-        self.chat = ChatFormatter(self.folder, self.config.image_token_id)
+        self.chat = ChatFormatter(self.folder, self.config.image_token_id, self.config.raw.get("video_token_id"))
         eos = self.generation_defaults.get("eos_token_id", self.config.raw.get("text_config", {}).get(
             "eos_token_id"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -202,6 +211,7 @@ class OrtEngine:
             f, hit = self._image_features(patches, fp)
             timings.vision_cache_hits += int(hit)
             feats.append(f)
+        feats = _per_span(prompt, feats)
         timings.vision_ms = _ms(t_vision)
 
         slot, reuse = self._acquire_slot(prompt.keys, n_prompt + max_new)
@@ -213,28 +223,32 @@ class OrtEngine:
 
     # ---- preparation -----------------------------------------------------------------
     def _prepare(self, request: GenerationRequest, with_positions: bool = True) -> PreparedPrompt:
-        images = images_in(request.messages)
-        if len(images) > self.options.max_images:
-            raise InputError(f"{len(images)} images in one request; the limit is {self.options.max_images}",
+        visuals = visuals_in(request.messages)
+        n_images = sum(isinstance(p, ImagePart) for p in visuals)
+        if n_images > self.options.max_images:
+            raise InputError(f"{n_images} images in one request; the limit is {self.options.max_images}",
                              code="too_many_images", param="images")
         budget = min(request.max_pixels or self.options.max_pixels, self.options.max_pixels)
-        patches = [patchify(p.image, self.ipc, budget) for p in images]
+        patches = [patchify_video(p, self.vpc, self.options.max_video_pixels) if isinstance(p, VideoPart)
+                   else patchify(p.image, self.ipc, budget) for p in visuals]
         try:
-            chat = self.chat.encode(request.messages, [p.n_tokens for p in patches])
+            chat = self.chat.encode(request.messages, patches)
         except ValueError as e:
             raise InputError(str(e)) from e
-        fps = [_fingerprint(p.image, pt) for p, pt in zip(images, patches)]
+        fps = [_fingerprint(p, pt) for p, pt in zip(visuals, patches)]
         keys = chat.ids.copy()
-        for (s, e), fp in zip(chat.image_spans, fps):
-            keys[s:e] = -1 - (int(fp[:15], 16))  # negative: never equal to a real token id
+        for (s, e), k in zip(chat.image_spans, chat.span_items):
+            keys[s:e] = -1 - (int(fps[k][:15], 16))  # negative: never equal to a real token id
         if not with_positions:
-            return PreparedPrompt(chat.ids, keys, np.empty(0), np.empty(0), 0, patches, chat.image_spans, fps)
+            return PreparedPrompt(chat.ids, keys, np.empty(0), np.empty(0), 0, patches, chat.image_spans, fps,
+                                  chat.span_items)
         t = self.config.text
-        positions, next_pos = pos.mrope_positions(chat.ids.size, chat.image_spans,
-                                                  [p.grid_thw for p in patches],
+        # a clip's frame groups are placed like images, one grid each (transformers' get_rope_index)
+        grids = [patches[k].groups()[0].grid_thw for k in chat.span_items]
+        positions, next_pos = pos.mrope_positions(chat.ids.size, chat.image_spans, grids,
                                                   self.config.vision.spatial_merge_size)
         cos, sin = pos.text_cos_sin(positions, self._inv_freq, t.mrope_section, t.mrope_interleaved)
-        return PreparedPrompt(chat.ids, keys, cos, sin, next_pos, patches, chat.image_spans, fps)
+        return PreparedPrompt(chat.ids, keys, cos, sin, next_pos, patches, chat.image_spans, fps, chat.span_items)
 
     @property
     def _inv_freq(self) -> np.ndarray:
@@ -242,7 +256,7 @@ class OrtEngine:
             self._inv_freq_cache = pos.text_inv_freq(self.config.text.head_dim, self.config.text.rope_theta)
         return self._inv_freq_cache
 
-    def _image_features(self, patches: ImagePatches, fp: str) -> tuple[ImageFeatures, bool]:
+    def _image_features(self, patches: ImagePatches | VideoPatches, fp: str) -> tuple[ImageFeatures, bool]:
         with self._cache_lock:
             if fp in self._vision_cache:
                 self._vision_cache.move_to_end(fp)
@@ -250,15 +264,17 @@ class OrtEngine:
                 return self._vision_cache[fp], True
         self._count("vision_cache_misses")
         v = self.config.vision
-        cos, sin = pos.vision_cos_sin(patches.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
-                                      v.spatial_merge_size)
-        idx, wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings,
-                                                v.spatial_merge_size)
-        outs = self.vision.run(None, {"pixel_values": patches.pixel_values, "pos_idx": idx,
-                                      "pos_weights": wts, "cos": cos, "sin": sin})
-        embeds = outs[0]
-        deep = outs[1] if len(outs) > 1 else np.zeros((0, *embeds.shape), np.float32)
-        f = ImageFeatures(embeds, deep)
+        runs = []
+        for group in patches.groups():  # a clip: one run per frame group, as its attention is per group
+            cos, sin = pos.vision_cos_sin(group.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                          v.spatial_merge_size)
+            idx, wts = pos.vision_pos_interpolation(group.grid_thw, v.num_position_embeddings,
+                                                    v.spatial_merge_size)
+            outs = self.vision.run(None, {"pixel_values": group.pixel_values, "pos_idx": idx,
+                                          "pos_weights": wts, "cos": cos, "sin": sin})
+            deep = outs[1] if len(outs) > 1 else np.zeros((0, *outs[0].shape), np.float32)
+            runs.append((outs[0], deep))
+        f = ImageFeatures(np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs], axis=1))
         if self.options.vision_cache_entries > 0:
             with self._cache_lock:
                 self._vision_cache[fp] = f
@@ -371,8 +387,8 @@ class OrtEngine:
                 text_parts.append(tail)
                 yield TokenEvent(tail, -1)
         self._count("generated_tokens", len(generated))
-        n_img = sum(e - s for s, e in prompt.spans)
-        yield self._finish(reason, n_prompt, generated, timings, t_start, "".join(text_parts), t_first, n_img)
+        yield self._finish(reason, n_prompt, generated, timings, t_start, "".join(text_parts), t_first,
+                           prompt.visual_tokens(video=False), prompt.visual_tokens(video=True))
 
     def _bind(self, slot: KVSlot) -> tuple[ort.IOBinding, np.ndarray]:
         """One buffer per layer serves as past and present: GroupQueryAttention writes in place."""
@@ -393,6 +409,7 @@ class OrtEngine:
         for patches, fp in zip(prompt.patches, prompt.fingerprints):
             f = self._image_features(patches, fp + "-uncached")[0]
             feats.append(ImageFeatures(f.embeds, np.zeros_like(f.deepstack) if drop_deepstack else f.deepstack))
+        feats = _per_span(prompt, feats)
         slot = KVSlot([], [], 0)
         t = self.config.text
         shape = (1, t.num_kv_heads, -(-(prompt.ids.size + 1) // _KV_BLOCK) * _KV_BLOCK, t.head_dim)
@@ -444,8 +461,8 @@ class OrtEngine:
             raise EngineError(f"decoder failed: {e}") from e
 
     def _finish(self, reason: FinishReason, n_prompt: int, generated: list[int], timings: Timings,
-                t_start: float, text: str, t_first: float | None = None, n_image_tokens: int = 0
-                ) -> FinishEvent:
+                t_start: float, text: str, t_first: float | None = None, n_image_tokens: int = 0,
+                n_video_tokens: int = 0) -> FinishEvent:
         now = time.perf_counter()
         timings.total_ms = (now - t_start) * 1000
         if t_first is not None:
@@ -453,18 +470,34 @@ class OrtEngine:
             if len(generated) > 1 and timings.decode_ms > 0:
                 timings.tokens_per_s = (len(generated) - 1) / (timings.decode_ms / 1000)
         self._count("cancelled" if reason == "cancelled" else "finished")
-        return FinishEvent(reason, Usage(n_prompt, len(generated), n_image_tokens), timings, text)
+        return FinishEvent(reason, Usage(n_prompt, len(generated), n_image_tokens, n_video_tokens), timings, text)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
 
 
-def _fingerprint(img: Image.Image, patches: ImagePatches) -> str:
+def _fingerprint(part: ImagePart | VideoPart, patches: ImagePatches | VideoPatches) -> str:
+    """The vision cache key: a whole clip is one entry, so a second question skips the encoder."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{img.size}{img.mode}{patches.resized_hw}".encode())
-    h.update(img.tobytes())
+    if isinstance(part, VideoPart):
+        h.update(f"video{part.frames.shape}{patches.resized_hw}".encode())
+        h.update(np.ascontiguousarray(part.frames).data)
+    else:
+        h.update(f"{part.image.size}{part.image.mode}{patches.resized_hw}".encode())
+        h.update(part.image.tobytes())
     return h.hexdigest()
+
+
+def _per_span(prompt: PreparedPrompt, item_feats: list[ImageFeatures]) -> list[ImageFeatures]:
+    """Item features → one view per span: a clip's rows are split among its frame groups."""
+    used = [0] * len(item_feats)
+    out = []
+    for (s, e), k in zip(prompt.spans, prompt.span_items):
+        f, o = item_feats[k], used[k]
+        out.append(ImageFeatures(f.embeds[o:o + e - s], f.deepstack[:, o:o + e - s]))
+        used[k] += e - s
+    return out
 
 
 def _ms(t0: float) -> float:
