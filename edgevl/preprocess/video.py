@@ -108,15 +108,18 @@ def _decode_av(data: bytes, cfg: VideoConfig, limits: VideoLimits, fps: float | 
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         width, height = stream.codec_context.width, stream.codec_context.height
-        _check(2, rate or 1.0, width, height, limits)  # before touching any packet
+        _check(2, rate, width, height, limits)  # before touching any packet
         # count frames by demuxing (no decoding): the header's count may be missing or lie
         declared = int(stream.frames or 0)
+        _check(max(declared, 2), rate, width, height, limits)
         counted = 0
         for packet in container.demux(stream):
             if packet.size:
                 counted += 1
-                if counted > MAX_SOURCE_FRAMES or (rate and counted / rate > limits.max_seconds):
-                    break
+                if counted > MAX_SOURCE_FRAMES:
+                    raise VideoError(f"the clip has over {MAX_SOURCE_FRAMES} frames", code="video_too_long")
+                if counted / rate > limits.max_seconds:
+                    _check(counted, rate, width, height, limits)
         if declared and counted < declared:
             raise VideoError(f"the video is truncated: {counted} of its {declared} frames are present",
                              code="truncated_video")
