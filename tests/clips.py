@@ -22,7 +22,8 @@ def frame(i: int, w: int, h: int) -> np.ndarray:
 
 
 def encode(codec: str, fmt: str, n: int = 20, fps: int = 10, w: int = 96, h: int = 64,
-           pix_fmt: str = "yuv420p", audio: bool = False, video: bool = True) -> bytes:
+           pix_fmt: str = "yuv420p", audio: bool = False, video: bool = True, solid: bool = False) -> bytes:
+    """`solid`: black frames, which compress to almost nothing (a decompression bomb's trick)."""
     import av
 
     buf = io.BytesIO()
@@ -34,7 +35,8 @@ def encode(codec: str, fmt: str, n: int = 20, fps: int = 10, w: int = 96, h: int
             a = out.add_stream("aac" if fmt in ("mp4", "mov") else "libopus", rate=48000)
         if video:
             for i in range(n):
-                for p in st.encode(av.VideoFrame.from_ndarray(frame(i, w, h), format="rgb24")):
+                pixels = np.zeros((h, w, 3), np.uint8) if solid else frame(i, w, h)
+                for p in st.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                     out.mux(p)
             for p in st.encode():
                 out.mux(p)

@@ -73,6 +73,7 @@ BAD = {
     "corrupt": (lambda: b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8, "invalid_video"),
     "truncated": (_truncated, "invalid_video"),
     "audio only": (lambda: clips.encode("", "mp4", video=False, audio=True), "no_video_track"),
+    "zero frames": (lambda: clips.encode("libvpx", "webm", n=0, audio=True), "too_few_frames"),
     "one frame": (lambda: clips.mp4(n=1), "too_few_frames"),
     "absurd fps": (lambda: clips.mp4(n=30, fps=1000), "invalid_video"),
     "too long": (lambda: clips.mp4(n=70, fps=1, w=32, h=32), "video_too_long"),
@@ -89,8 +90,8 @@ def test_bad_clips_are_refused_with_a_reason(case):
 
 def test_huge_frames_are_refused_before_decoding():
     """A decompression bomb: a few KB declaring frames far over the pixel limit."""
-    data = clips.mp4(n=2, w=2048, h=2048)
-    assert len(data) < 200_000
+    data = clips.encode("libx264", "mp4", n=2, w=3000, h=3000, solid=True)
+    assert len(data) < 20_000
     with pytest.raises(VideoError) as e:
         decode_video(data, CFG, VideoLimits(max_input_pixels=1_000_000))
     assert e.value.code == "video_too_large"

@@ -73,9 +73,14 @@ def decode_video(data: bytes, cfg: VideoConfig, limits: VideoLimits, fps: float 
     """Decode and sample a clip; every problem with the bytes is a VideoError (4xx)."""
     if not data:
         raise VideoError("the video is empty")
-    if data[:6] in (b"GIF87a", b"GIF89a") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        return _decode_animation(data, cfg, limits, fps, max_frames)
-    return _decode_av(data, cfg, limits, fps, max_frames)
+    try:
+        if data[:6] in (b"GIF87a", b"GIF89a") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            return _decode_animation(data, cfg, limits, fps, max_frames)
+        return _decode_av(data, cfg, limits, fps, max_frames)
+    except VideoError:
+        raise
+    except Exception as e:  # a decoder's own surprise on hostile bytes is still the bytes' fault
+        raise VideoError(f"cannot decode the video ({type(e).__name__})") from e
 
 
 def _check(n_frames: int, rate: float, width: int, height: int, limits: VideoLimits) -> None:
