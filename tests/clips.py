@@ -5,20 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from edgevl.bench.clip import clip_frame
 
 
 def frame(i: int, w: int, h: int) -> np.ndarray:
-    """Frame `i`: a square crossing the picture and a disc changing colour, on a gradient."""
-    y, x = np.mgrid[0:h, 0:w]
-    img = Image.fromarray(np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
-                                    np.full_like(x, (i * 17) % 256)], -1).astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    s = max(4, min(w, h) // 4)
-    left = (i * 7) % max(1, w - s)
-    d.rectangle([left, h // 3, left + s, h // 3 + s], fill=(255, 40, 40))
-    d.ellipse([w // 2, h // 2, w // 2 + s, h // 2 + s], fill=((i * 40) % 256, 200, 255 - (i * 40) % 256))
-    return np.asarray(img)
+    return clip_frame(i, w, h)
 
 
 def encode(codec: str, fmt: str, n: int = 20, fps: int = 10, w: int = 96, h: int = 64,
