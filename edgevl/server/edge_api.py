@@ -108,7 +108,9 @@ async def health(http: Request) -> JSONResponse:
             "random_weights": info.random_weights, "threads": info.intra_op_threads,
             "max_concurrency": s.max_concurrency, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
             "in_flight": sched.running, "max_context": info.max_context, "max_pixels": s.max_pixels,
-            "max_tokens": s.max_tokens, "max_images": s.max_images, "caches": state.engine.cache_stats(),
+            "max_tokens": s.max_tokens, "max_images": s.max_images, "max_videos": s.max_videos,
+            "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
+            "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),
             "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},
             "replica": state.replica,
         })
