@@ -8,6 +8,8 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgevl.preprocess.resample import resize_bicubic_aa
 from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
@@ -106,3 +108,20 @@ def test_frame_lists_need_two_frames_of_one_size():
         with pytest.raises(VideoError) as e:
             video_from_frames(frames, 2.0, LIMITS)
         assert e.value.code == code
+
+
+_CLIP = clips.mp4(n=12, w=64, h=48)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.binary(min_size=1, max_size=64))
+def test_corrupted_clips_decode_or_raise_video_error(pos, junk):
+    """Bytes flipped anywhere in a real clip: frames, or a VideoError (never another exception)."""
+    data = bytearray(_CLIP)
+    pos = pos % len(data)
+    data[pos:pos + len(junk)] = junk
+    try:
+        v = decode_video(bytes(data), CFG, LIMITS)
+    except VideoError:
+        return
+    assert v.frames.dtype == np.uint8 and len(v.times) == v.frames.shape[0] >= 2
