@@ -35,6 +35,12 @@ def test_mp4_frames_and_sampling_match_transformers_pyav_loader(tmp_path):
     assert len(ours.times) == 7  # int(47 / 12 * 2)
 
 
+def test_the_frame_limit_caps_sampling():
+    clip = clips.mp4(n=60, fps=10)  # 6 s: 12 frames at 2 fps
+    assert len(decode_video(clip, CFG, VideoLimits(max_frames=8)).times) == 8
+    assert len(decode_video(clip, CFG, VideoLimits(max_frames=8), max_frames=100).times) == 8
+
+
 @pytest.mark.parametrize("fps,max_frames,expected", [(2, None, 7), (4, None, 15), (0.5, None, 4), (2, 5, 5)])
 def test_request_fps_and_max_frames(fps, max_frames, expected):
     ours = decode_video(clips.mp4(n=47, fps=12), CFG, LIMITS, fps=fps, max_frames=max_frames)

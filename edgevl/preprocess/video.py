@@ -62,7 +62,7 @@ class VideoLimits:
 def sample_indices(total: int, video_fps: float, cfg: VideoConfig, fps: float | None = None,
                    max_frames: int | None = None) -> np.ndarray:
     """Which frames of a `total`-frame clip are read (transformers' sample_frames)."""
-    top = min(cfg.max_frames, max_frames) if max_frames else cfg.max_frames
+    top = min(cfg.max_frames, max_frames) if max_frames else cfg.max_frames  # max_frames: the caller's cap
     n = int(total / video_fps * (fps or cfg.fps))
     n = min(max(n, cfg.min_frames), top, total)
     return np.linspace(0, total - 1, n).round().astype(int)
@@ -70,7 +70,9 @@ def sample_indices(total: int, video_fps: float, cfg: VideoConfig, fps: float | 
 
 def decode_video(data: bytes, cfg: VideoConfig, limits: VideoLimits, fps: float | None = None,
                  max_frames: int | None = None) -> VideoPart:
-    """Decode and sample a clip; every problem with the bytes is a VideoError (4xx)."""
+    """Decode and sample a clip; every problem with the bytes is a VideoError (4xx).
+    `fps`, `max_frames`: the request's (default: the checkpoint's fps, `limits.max_frames`)."""
+    max_frames = min(max_frames or limits.max_frames, limits.max_frames)
     if not data:
         raise VideoError("the video is empty")
     try:

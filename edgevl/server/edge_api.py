@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from edgevl import __version__
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import OcrRequest, OcrResponse, PredictRequest, PredictResponse
-from edgevl.server.serving import constraint_for, image_from_base64, timings_dict, usage_dict, video_from_base64
+from edgevl.server.serving import (
+    check_max_frames,
+    constraint_for,
+    image_from_base64,
+    timings_dict,
+    usage_dict,
+    video_from_base64,
+)
 from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/api", tags=["edge"])
@@ -39,6 +46,7 @@ async def predict(body: PredictRequest, http: Request):
     parts: list = [ImagePart(image_from_base64(v, state.settings, "image" if i == 0 and body.image else "images"))
                    for i, v in enumerate(sources)]
     if body.video is not None:
+        check_max_frames(body.max_frames, state.settings, "max_frames")
         parts.append(await video_from_base64(body.video, state, "video", body.fps, body.max_frames))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]

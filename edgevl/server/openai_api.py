@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
 from edgevl.server.serving import (
+    check_max_frames,
     constraint_for,
     image_from_base64,
     timings_dict,
@@ -49,6 +50,7 @@ async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
                     parts.append(await video_from_base64(p.video_url, state, where))
                 else:
                     v = p.video_url
+                    check_max_frames(v.max_frames, state.settings, f"{where}.video_url.max_frames")
                     parts.append(await video_from_base64(v.url, state, where, v.fps, v.max_frames))
             elif p.type == "image_url":
                 if role != "user":

@@ -57,18 +57,21 @@ def video_limits(settings: Settings) -> VideoLimits:
 
 async def video_from_base64(value: str, state, param: str, fps: float | None = None,
                             max_frames: int | None = None) -> VideoPart:
-    """A clip → sampled frames, decoded off the event loop (a clip takes tens of milliseconds or more)."""
-    s = state.settings
-    if max_frames is not None and max_frames > s.max_video_frames:
-        raise ApiError(f"max_frames must be at most {s.max_video_frames} (the server's max_video_frames)",
-                       "invalid_parameter", param)
+    """A clip → sampled frames, decoded off the event loop (a clip takes tens of milliseconds or more).
+    `max_frames` was checked against the server's limit by the caller, who knows its field's name."""
     data = _payload(value, "video", param)
     cfg: VideoConfig = state.video_config
     try:
-        return await asyncio.to_thread(decode_video, data, cfg, video_limits(s), fps, max_frames or s.max_video_frames)
+        return await asyncio.to_thread(decode_video, data, cfg, video_limits(state.settings), fps, max_frames)
     except VideoError as e:  # 4xx by type; the param says which part of the request
         e.param = e.param or param
         raise
+
+
+def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> None:
+    if max_frames is not None and max_frames > settings.max_video_frames:
+        raise ApiError(f"max_frames must be at most {settings.max_video_frames} (the server's max_video_frames)",
+                       "invalid_parameter", param)
 
 
 def video_from_frames_base64(values: list[str], state, param: str, fps: float | None) -> VideoPart:

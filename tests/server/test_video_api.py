@@ -139,4 +139,10 @@ def test_fields_that_need_a_video_are_refused_without_one(vserver):
         r = c.post("/api/predict", json={"prompt": "x", "fps": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "fps"
         r = c.post("/api/predict", json={"prompt": "x", "video": MP4, "max_frames": 1000})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "video"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_frames"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": MP4, "max_frames": 1000}}]}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.0.video_url.max_frames"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": MP4}, "fps": 3}]}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.0.fps"
