@@ -34,13 +34,16 @@ class ChatFormatter:
         self.template = env.from_string(read_chat_template(folder))
         self.image_token_id = image_token_id
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages=[_as_hf(m) for m in messages],
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        return self.template.render(messages=[_as_hf(m) for m in messages], tools=tools or None,
                                     add_generation_prompt=add_generation_prompt)
 
-    def encode(self, messages: list[Message], image_tokens: list[int]) -> ChatTokens:
-        """`image_tokens[i]`: how many tokens the i-th image (in message order) becomes."""
-        ids = self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+    def encode(self, messages: list[Message], image_tokens: list[int], tools: list[dict] | None = None
+               ) -> ChatTokens:
+        """`image_tokens[i]`: how many tokens the i-th image (in message order) becomes; `tools`: the
+        OpenAI-style function specs the template lists for the model."""
+        ids = self.tokenizer.encode(self.render(messages, tools=tools), add_special_tokens=False).ids
         out: list[int] = []
         spans: list[tuple[int, int]] = []
         k = 0
@@ -68,7 +71,11 @@ def _as_hf(m: Message) -> dict:
             parts.append({"type": "image"})
         elif isinstance(p, TextPart):
             parts.append({"type": "text", "text": p.text})
-    return {"role": m.role, "content": parts}
+    out: dict = {"role": m.role, "content": parts}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    return out
 
 
 def _tojson(x: object, indent: int | None = None) -> str:

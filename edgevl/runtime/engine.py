@@ -30,7 +30,7 @@ from edgevl.export import MANIFEST, export_model, is_exported
 from edgevl.preprocess import positions as pos
 from edgevl.preprocess.chat import ChatFormatter, images_in
 from edgevl.preprocess.image import ImagePatches, ImageProcessorConfig, patchify
-from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
+from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder, token_bytes, token_logprobs
 from edgevl.types import (
     EngineError,
     EngineInfo,
@@ -135,12 +135,26 @@ class OrtEngine:
     def json_constraint(self, schema: dict | None, budget: int = 0):
         """A Constraint for a JSON schema (None: any JSON object); invalid schemas raise InputError.
         `budget`: the request's max_new_tokens, so the answer is steered to close before it."""
+        return self._grammars().json_schema(schema, budget)
+
+    def grammar_constraint(self, lark: str, budget: int = 0):
+        """A Constraint for a Lark grammar in llguidance's dialect (tool calls use it)."""
+        return self._grammars().lark(lark, budget)
+
+    def _grammars(self):
         if getattr(self, "_grammar", None) is None:
             from edgevl.runtime.constrain import GrammarCompiler
 
             self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.config.text.vocab_size,
                                             sorted(self.eos_ids))
-        return self._grammar.json_schema(schema, budget)
+        return self._grammar
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.chat.tokenizer, token_id)
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of a token the tokenizer keeps whole (e.g. `<tool_call>`), or None."""
+        return self.chat.token_id(text)
 
     def cache_stats(self) -> dict[str, int]:
         """Sizes of the two caches (for /metrics): both are bounded, this shows by how much."""
@@ -218,9 +232,9 @@ class OrtEngine:
             raise InputError(f"{len(images)} images in one request; the limit is {self.options.max_images}",
                              code="too_many_images", param="images")
         budget = min(request.max_pixels or self.options.max_pixels, self.options.max_pixels)
-        patches = [patchify(p.image, self.ipc, budget) for p in images]
+        patches = [patchify(p.image, self.ipc, min(p.max_pixels or budget, budget)) for p in images]
         try:
-            chat = self.chat.encode(request.messages, [p.n_tokens for p in patches])
+            chat = self.chat.encode(request.messages, [p.n_tokens for p in patches], request.tools)
         except ValueError as e:
             raise InputError(str(e)) from e
         fps = [_fingerprint(p.image, pt) for p, pt in zip(images, patches)]
@@ -333,6 +347,8 @@ class OrtEngine:
             if constraint is not None:
                 constraint.mask(logits_buf[0])
             tok = sampler(logits_buf[0], history)
+            # after the grammar's mask (forbidden tokens are not alternatives), before penalties/temperature
+            lp = token_logprobs(logits_buf[0], tok, params.logprobs) if params.logprobs is not None else (None, None)
             if constraint is not None:
                 constraint.advance(tok)
             generated.append(tok)
@@ -346,7 +362,7 @@ class OrtEngine:
             piece, stopped = stops.feed(detok.push(tok))
             if piece or not stopped:
                 text_parts.append(piece)
-                yield TokenEvent(piece, tok)
+                yield TokenEvent(piece, tok, *lp)
             if stopped:
                 reason, by_stop_string = "stop", True
                 break

@@ -1,4 +1,4 @@
-"""What both APIs share: images from base64, running a job, metrics at the end, disconnects."""
+"""What both APIs share: images in, constraints, running a job, and the end of a run as all report it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -17,46 +18,64 @@ from PIL import Image
 from edgevl.preprocess.image import decode_image
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
+from edgevl.server.protocol import Timings, Usage
+from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
+from edgevl.server.tools import TAIL_TOKENS, call_grammar
 from edgevl.types import FinishEvent, GenerationRequest, TokenEvent
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
 
-def image_from_base64(value: str, settings: Settings, param: str = "image") -> Image.Image:
-    """A base64 string or data URL → decoded RGB picture, or a 4xx ApiError saying why."""
-    return image_and_bytes(value, settings, param)[0]
-
-
-def image_and_bytes(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
+async def load_image(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
+    """A base64 string, data URL or (with --allow-remote-images) http(s) URL → decoded RGB picture
+    and its bytes, or a 4xx ApiError saying why."""
     if not isinstance(value, str) or not value.strip():
         raise ApiError("the image is empty", "invalid_image", param)
     if value.startswith(("http://", "https://")):
-        raise ApiError("image URLs are not fetched by this server; send the image as base64 or a data URL",
-                       "remote_image_refused", param)
-    m = _DATA_URL.match(value)
-    payload = value[m.end():] if m else value
-    try:
-        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
-    img = decode_image(data, settings.max_input_pixels)  # ImageError → 4xx by type
-    return img, data
+        if not settings.allow_remote_images:
+            raise ApiError("image URLs are not fetched by this server (start it with --allow-remote-images); "
+                           "send the image as base64 or a data URL", "remote_image_refused", param)
+        data = await fetch_image(value, settings, param)
+    else:
+        m = _DATA_URL.match(value)
+        payload = value[m.end():] if m else value
+        try:
+            data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
+    return decode_image(data, settings.max_input_pixels), data  # ImageError → 4xx by type
 
 
 async def constraint_for(state, schema: dict | None, budget: int):
     """A JSON-schema constraint from the engine (compiled off the event loop: the first costs ~1 s)."""
-    import asyncio
-
     return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 
+async def tool_constraint(state, tools: list[dict], mode: str, parallel: bool, budget: int):
+    """For tool_choice required (any tool) or a named function: the answer is tool calls, nothing else."""
+    markers = []
+    for text in ("<tool_call>", "</tool_call>"):
+        tid = state.engine.special_token_id(text)
+        markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
+    grammar = call_grammar(tools, None if mode == "required" else mode, parallel, *markers)
+    return await asyncio.to_thread(state.engine.grammar_constraint, grammar, max(1, budget - TAIL_TOKENS))
+
+
 @dataclass
-class Outcome:
-    text: str
+class Done:
+    """How a run ended, with the figures every API reports (queue time computed here, once)."""
+
     finish: FinishEvent
-    queue_ms: float
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class Run:
+    job: Job
+    t0: float
 
 
 class Runner:
@@ -66,8 +85,9 @@ class Runner:
         self.scheduler = scheduler
         self.metrics = metrics
 
-    def start(self, req: GenerationRequest) -> tuple[Job, float]:
-        return self.scheduler.submit(req), time.perf_counter()
+    def start(self, req: GenerationRequest) -> Run:
+        """Queues the request: 429/503 are raised here, before any response starts."""
+        return Run(self.scheduler.submit(req), time.perf_counter())
 
     def record(self, endpoint: str, fin: FinishEvent) -> None:
         m = self.metrics
@@ -80,31 +100,22 @@ class Runner:
             m.ttft.labels(endpoint).observe(fin.timings.ttft_ms / 1000)
         m.latency.labels(endpoint).observe(fin.timings.total_ms / 1000)
 
-    async def events(self, endpoint: str, job: Job, http: Request) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """The job's events; the job is abandoned if the client disconnects or the stream is closed."""
-        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, job))
+    async def events(self, endpoint: str, run: Run, http: Request) -> AsyncIterator[TokenEvent | Done]:
+        """The job's events, the last one a Done; the job is abandoned if the client disconnects or
+        the stream is closed."""
+        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, run.job))
         try:
-            async for ev in job.stream():
+            async for ev in run.job.stream():
                 if isinstance(ev, FinishEvent):
                     self.record(endpoint, ev)
+                    queue_ms = max(0.0, (time.perf_counter() - run.t0) * 1000 - ev.timings.total_ms)
+                    yield Done(ev, usage_of(ev), timings_of(ev, queue_ms))
+                    return
                 yield ev
+            raise ApiError("the request was cancelled", "cancelled")
         finally:
             watcher.cancel()
-            self.scheduler.abandon(job)
-
-    async def collect(self, endpoint: str, req: GenerationRequest, http: Request) -> Outcome:
-        job, t0 = self.start(req)
-        parts: list[str] = []
-        fin: FinishEvent | None = None
-        async for ev in self.events(endpoint, job, http):
-            if isinstance(ev, FinishEvent):
-                fin = ev
-            else:
-                parts.append(ev.text)
-        if fin is None:
-            raise ApiError("the request was cancelled", "cancelled")
-        queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - fin.timings.total_ms)
-        return Outcome("".join(parts), fin, queue_ms)
+            self.scheduler.abandon(run.job)
 
 
 async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> None:
@@ -116,15 +127,15 @@ async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> No
             await asyncio.sleep(0.1)
 
 
-def usage_dict(fin: FinishEvent) -> dict:
+def usage_of(fin: FinishEvent) -> Usage:
     u = fin.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens}
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                 total_tokens=u.total_tokens, image_tokens=u.image_tokens)
 
 
-def timings_dict(fin: FinishEvent, queue_ms: float = 0.0) -> dict:
+def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
     t = fin.timings
-    return {"ttft_ms": round(t.ttft_ms, 2), "total_ms": round(t.total_ms, 2), "tokens_per_s": round(t.tokens_per_s, 2),
-            "preprocess_ms": round(t.preprocess_ms, 2), "vision_ms": round(t.vision_ms, 2),
-            "prefill_ms": round(t.prefill_ms, 2), "queue_ms": round(queue_ms, 2),
-            "vision_cache_hits": t.vision_cache_hits, "prefix_reused_tokens": t.prefix_reused_tokens}
+    return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
+                   preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
+                   prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms, 2),
+                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens)
