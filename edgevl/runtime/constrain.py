@@ -31,6 +31,7 @@ class GrammarCompiler:
 
         self._ll = llguidance
         self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json.read_text(), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_ids))
         # tokens made only of JSON's closing punctuation: what the budget guard steers towards
@@ -177,7 +178,12 @@ class JsonConstraint:
             raise InputError(TOO_COMPLEX, code="invalid_schema", param="schema")
         allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: logits.size].astype(bool)
         # every open bracket (and an open string) costs at least one more token: keep that many in hand
-        if self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget:
+        near = self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget
+        if near and self.matcher.is_accepting() and allowed[self.c.eos_ids].any():
+            ends = np.zeros_like(allowed)  # complete already (one tool call of several): end here
+            ends[self.c.eos_ids] = True
+            allowed &= ends
+        elif near:
             score = np.where(allowed, self.c.in_score if self.in_string else self.c.out_score, 0)
             if score.max() > 0:  # the allowed token that closes the most, whatever the model prefers
                 allowed = score == score.max()

@@ -43,7 +43,10 @@ def call_schema(tools: list[dict], only: str | None = None) -> dict:
 def call_grammar(tools: list[dict], only: str | None, parallel: bool, open_tok: str, close_tok: str) -> str:
     """A Lark grammar (llguidance's dialect) for one call, or several when parallel calls are allowed.
     `open_tok`/`close_tok`: how the grammar names the markers (a special token, or a quoted string)."""
-    schema = json.dumps(call_schema(tools, only), ensure_ascii=False)
+    # without this, llguidance lets JSON whitespace run free, and a random model fills its budget with it
+    schema = json.dumps({**call_schema(tools, only), "x-guidance": {
+        "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}},
+                        ensure_ascii=False)
     calls = 'call ("\\n" call)*' if parallel and only is None else "call"
     return f'start: {calls}\ncall: {open_tok} "\\n" args "\\n" {close_tok}\nargs: %json {schema}\n'
 
