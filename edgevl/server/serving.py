@@ -33,7 +33,11 @@ async def load_image(value: str, settings: Settings, param: str = "image") -> tu
     and its bytes, or a 4xx ApiError saying why."""
     if not isinstance(value, str) or not value.strip():
         raise ApiError("the image is empty", "invalid_image", param)
-    if value.startswith(("http://", "https://")):
+    scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", value, re.I)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise ApiError(f"{scheme.group(1)}:// image URLs are not supported; send base64, a data URL or http(s)",
+                       "remote_image_refused", param)
+    if scheme:
         if not settings.allow_remote_images:
             raise ApiError("image URLs are not fetched by this server (start it with --allow-remote-images); "
                            "send the image as base64 or a data URL", "remote_image_refused", param)
