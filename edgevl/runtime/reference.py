@@ -17,7 +17,7 @@ import numpy as np
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
-from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
+from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder, token_bytes, token_logprobs
 from edgevl.types import (
     EngineInfo,
     EngineOptions,
@@ -121,12 +121,24 @@ class TransformersEngine:
                 "kv_cached_tokens": 0}
 
     def json_constraint(self, schema: dict | None, budget: int = 0):
+        return self._grammars().json_schema(schema, budget)
+
+    def grammar_constraint(self, lark: str, budget: int = 0):
+        return self._grammars().lark(lark, budget)
+
+    def _grammars(self):
         if self._grammar is None:
             from edgevl.runtime.constrain import GrammarCompiler
 
             self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.ckpt.config.text.vocab_size,
                                             sorted(self.eos_ids))
-        return self._grammar.json_schema(schema, budget)
+        return self._grammar
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.tokenizer, token_id)
+
+    def special_token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
 
     def prefill_logits(self, messages: list[Message]) -> np.ndarray:
         """Last-position logits of the prompt: what parity tests compare against."""
@@ -157,7 +169,9 @@ class TransformersEngine:
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)
             while len(generated) < p.max_new_tokens:
-                tok = sampler(out.logits[0, -1].float().numpy(), history)
+                logits = out.logits[0, -1].float().numpy()
+                tok = sampler(logits, history)
+                lp = token_logprobs(logits, tok, p.logprobs) if p.logprobs is not None else (None, None)
                 generated.append(tok)
                 history.append(tok)
                 if t_first is None:
@@ -169,7 +183,7 @@ class TransformersEngine:
                     break
                 piece, stopped = stops.feed(detok.push(tok))
                 text.append(piece)
-                yield TokenEvent(piece, tok)
+                yield TokenEvent(piece, tok, *lp)
                 if stopped:
                     reason = "stop"
                     break

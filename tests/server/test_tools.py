@@ -107,12 +107,7 @@ def test_tool_choice_none_and_bad_tools_are_refused_or_honoured(client):
 def test_predict_takes_tools_too(server, stream):
     body = {"prompt": "Zoom in twice.", "tools": TOOLS, "tool_choice": "required", "max_tokens": 100, "seed": 4,
             "temperature": 1.0, "stream": stream}
-    with server.client() as c:
-        if stream:
-            with c.stream("POST", "/api/predict", json=body) as r:
-                out = [json.loads(x) for x in r.iter_lines() if x][-1]
-        else:
-            out = c.post("/api/predict", json=body).json()
+    out = server.edge("/api/predict", body)
     assert out["finish_reason"] == "tool_calls" and out["tool_calls"]
     for call in out["tool_calls"]:
         jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
