@@ -96,7 +96,8 @@ async def predict(body: PredictRequest, http: Request):
                                                req.params.max_new_tokens)
     elif body.schema_ is not None:
         req.constraint = await constraint_for(state, body.schema_, req.params.max_new_tokens)
-    splitter = ToolCallSplitter({t["function"]["name"] for t in req.tools}) if mode != "none" else None
+    splitter = (ToolCallSplitter({t["function"]["name"] for t in req.tools}, 1 if body.parallel_tool_calls is False
+                                 else 64) if mode != "none" else None)
 
     def calls(text: str, done: Done) -> dict:
         if splitter is None:

@@ -103,15 +103,15 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     run = state.runner.start(req)
     names = {t["function"]["name"] for t in req.tools or []} if mode != "none" else set()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunks = _chunks(state, state.runner.events("chat", run, http), names, body.logprobs or False,
+    splitter = ToolCallSplitter(names, 1 if body.parallel_tool_calls is False else 64) if names else None
+    chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,
                      include_usage or not body.stream)
     return sse(chunks) if body.stream else await _fold(chunks)
 
 
-async def _chunks(state, events: AsyncIterator, tool_names: set[str], logprobs: bool,
+async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | None, logprobs: bool,
                   include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     cid, created, model = completion_id(), now(), state.info.model_name
-    splitter = ToolCallSplitter(tool_names) if tool_names else None
     n_calls = 0
     held: list[TokenLogprob] = []
 

@@ -77,6 +77,7 @@ class ToolCallSplitter:
     call of a known tool is given back as text, as the model wrote it."""
 
     names: set[str]
+    max_calls: int = 64  # parallel_tool_calls false: 1, and a second block stays text
     pending: str = ""
     in_call: bool = False
     calls: list[ParsedCall] = field(default_factory=list)
@@ -93,7 +94,7 @@ class ToolCallSplitter:
                 block, self.pending = self.pending[:end], self.pending[end + len(CLOSE):]
                 self.in_call = False
                 call = parse_call(block.strip())
-                if call is not None and call.name in self.names:
+                if call is not None and call.name in self.names and len(self.calls) < self.max_calls:
                     done.append(call)
                     self.calls.append(call)
                     self.pending = self.pending.removeprefix("\n")

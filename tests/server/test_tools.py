@@ -126,3 +126,7 @@ def test_the_splitter_separates_text_from_calls_across_pieces():
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("zoom", {"factor": 2})]
     assert shown.startswith("Sure.\n") and "other" in shown and shown.endswith(" done <tool")
     assert "factor" not in shown
+    one = ToolCallSplitter({"zoom"}, max_calls=1)
+    block = "<tool_call>\n{\"name\": \"zoom\", \"arguments\": {}}\n</tool_call>"
+    text, calls = one.feed(block + block)
+    assert len(calls) == 1 and text == block  # parallel_tool_calls false: the second stays text
