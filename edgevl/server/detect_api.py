@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from edgevl.grounding import BOXES_SCHEMA, detect_prompt, exif_orientation, parse_boxes, to_pixels
 from edgevl.server.edge_api import answer, lines
-from edgevl.server.protocol import DetectRequest
+from edgevl.server.protocol import DetectRequest, DetectResponse
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done, constraint_for, load_image
 from edgevl.server.wire import ndjson
@@ -24,7 +24,7 @@ def _result(text: str, size: tuple[int, int], orientation: int) -> dict:
             "text": text}
 
 
-@router.post("/detect", responses={400: {}, 413: {}, 429: {}, 503: {}})
+@router.post("/detect", response_model=DetectResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def detect(body: DetectRequest, http: Request):
     """Find every instance of `query`: boxes as [x1, y1, x2, y2] in pixels of the stored image
     (`box`) and of the upright, EXIF-rotated picture as a browser shows it (`box_upright`)."""

@@ -211,6 +211,30 @@ class PredictResponse(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class Box(BaseModel):
+    label: str
+    box: list[float] = Field(..., description="[x1, y1, x2, y2] in pixels of the image as sent")
+    box_upright: list[float] = Field(..., description="the same in the EXIF-rotated picture a browser shows")
+    relative: list[float] = Field(..., description="the model's own 0-1000 coordinates")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    exif_orientation: int
+
+
+class DetectResponse(BaseModel):
+    boxes: list[Box]
+    dropped: int = Field(..., description="objects the model wrote that did not make a valid box")
+    image: ImageInfo
+    text: str
+    finish_reason: str
+    model: str
+    usage: Usage
+    timings: Timings
+
+
 class TokenLine(BaseModel):
     """One NDJSON line of a streamed edge answer."""
 
