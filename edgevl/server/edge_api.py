@@ -22,7 +22,7 @@ from edgevl.server.protocol import (
     call_id,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, tool_constraint
+from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
 from edgevl.server.tools import ToolCallSplitter
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
@@ -87,17 +87,11 @@ async def predict(body: PredictRequest, http: Request):
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)
-    mode = body.tool_mode()
-    req.tools = body.tool_dicts()
-    if mode not in ("none", "auto"):
-        if body.schema_ is not None:
-            raise ApiError("schema cannot be combined with a forced tool call", "invalid_request", "schema")
-        req.constraint = await tool_constraint(state, req.tools, mode, body.parallel_tool_calls is not False,
-                                               req.params.max_new_tokens)
-    elif body.schema_ is not None:
+    if body.forces_tool_call() and body.schema_ is not None:
+        raise ApiError("schema cannot be combined with a forced tool call", "invalid_request", "schema")
+    splitter = await prepare_tools(state, req, body)
+    if body.schema_ is not None:
         req.constraint = await constraint_for(state, body.schema_, req.params.max_new_tokens)
-    splitter = (ToolCallSplitter({t["function"]["name"] for t in req.tools}, 1 if body.parallel_tool_calls is False
-                                 else 64) if mode != "none" else None)
 
     def calls(text: str, done: Done) -> dict:
         if splitter is None:

@@ -34,7 +34,7 @@ from edgevl.server.protocol import (
     now,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, tool_constraint
+from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
 from edgevl.server.tools import ToolCallSplitter
 from edgevl.server.wire import sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
@@ -79,17 +79,13 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
     params = body.openai_sampling(state.sampling_defaults, state.settings.default_max_tokens)
     req = GenerationRequest(await _messages(body.messages, state), params, max_pixels=body.max_pixels)
-    mode = body.tool_mode()
-    req.tools = body.tool_dicts()  # listed for the model even with tool_choice none, as OpenAI does
     fmt = body.response_format or {}
     kind = fmt.get("type", "text")
-    if mode not in ("none", "auto") and kind != "text":
+    if body.forces_tool_call() and kind != "text":
         raise ApiError("response_format cannot be combined with a forced tool call", "invalid_request",
                        "response_format")
-    if mode not in ("none", "auto"):
-        req.constraint = await tool_constraint(state, req.tools, mode, body.parallel_tool_calls is not False,
-                                               params.max_new_tokens)
-    elif kind == "json_object":
+    splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
+    if kind == "json_object":
         req.constraint = await constraint_for(state, None, params.max_new_tokens)
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
@@ -101,9 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "unsupported_response_format", "response_format")
     run = state.runner.start(req)
-    names = {t["function"]["name"] for t in req.tools or []} if mode != "none" else set()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    splitter = ToolCallSplitter(names, 1 if body.parallel_tool_calls is False else 64) if names else None
     chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,
                      include_usage or not body.stream)
     return sse(chunks) if body.stream else await _fold(chunks)

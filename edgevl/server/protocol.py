@@ -116,6 +116,9 @@ class Tooling(BaseModel):
             return self.tool_choice.function.name
         return self.tool_choice or "auto"
 
+    def forces_tool_call(self) -> bool:
+        return self.tool_mode() not in ("none", "auto")
+
     def tool_dicts(self) -> list[dict] | None:
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 

@@ -18,11 +18,11 @@ from PIL import Image
 from edgevl.preprocess.image import decode_image
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
-from edgevl.server.protocol import Timings, Usage
+from edgevl.server.protocol import Timings, Tooling, Usage
 from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
-from edgevl.server.tools import TAIL_TOKENS, call_grammar
+from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar
 from edgevl.types import FinishEvent, GenerationRequest, TokenEvent
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
@@ -57,14 +57,23 @@ async def constraint_for(state, schema: dict | None, budget: int):
     return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 
-async def tool_constraint(state, tools: list[dict], mode: str, parallel: bool, budget: int):
-    """For tool_choice required (any tool) or a named function: the answer is tool calls, nothing else."""
-    markers = []
-    for text in ("<tool_call>", "</tool_call>"):
-        tid = state.engine.special_token_id(text)
-        markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
-    grammar = call_grammar(tools, None if mode == "required" else mode, parallel, *markers)
-    return await asyncio.to_thread(state.engine.grammar_constraint, grammar, max(1, budget - TAIL_TOKENS))
+async def prepare_tools(state, req: GenerationRequest, body: Tooling) -> ToolCallSplitter | None:
+    """Lists the tools for the model (even with tool_choice none, as OpenAI does); a forced call
+    (required, or a named function) constrains decoding to tool calls and nothing else.
+    → what finds the calls in the answer (None when none are wanted)."""
+    mode, parallel = body.tool_mode(), body.parallel_tool_calls is not False
+    req.tools = body.tool_dicts()
+    if mode == "none":
+        return None
+    if body.forces_tool_call():
+        markers = []
+        for text in ("<tool_call>", "</tool_call>"):
+            tid = state.engine.special_token_id(text)
+            markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
+        grammar = call_grammar(req.tools, None if mode == "required" else mode, parallel, *markers)
+        budget = max(1, req.params.max_new_tokens - TAIL_TOKENS)
+        req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
+    return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1)
 
 
 @dataclass
