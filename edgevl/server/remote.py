@@ -24,6 +24,16 @@ TIMEOUT_S = 10.0
 
 
 async def fetch_image(url: str, settings: Settings, param: str) -> bytes:
+    """The image's bytes; every way this can fail is a 4xx ApiError. TIMEOUT_S bounds the whole
+    fetch, redirects included (httpx's own timeout is per read, which a slow trickle never hits)."""
+    try:
+        return await asyncio.wait_for(_fetch(url, settings, param), TIMEOUT_S)
+    except asyncio.TimeoutError as e:
+        raise ApiError(f"the image URL did not answer within {TIMEOUT_S:.0f} s", "remote_image_unavailable",
+                       param) from e
+
+
+async def _fetch(url: str, settings: Settings, param: str) -> bytes:
     allowed = {h.lower() for h in settings.allow_remote_hosts}
     limit = int(settings.max_body_mb * 1024 * 1024)
     async with httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
