@@ -54,15 +54,14 @@ class Sampler:
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """log p(token) and the k likeliest (token, log p), from the logits as the model gave them
     (after the grammar's mask, before penalties and temperature: OpenAI's `logprobs`)."""
-    x = logits.astype(np.float64)
-    top = float(np.max(x))
-    lse = top + float(np.log(np.sum(np.exp(x - top))))
+    top = float(np.max(logits))
+    lse = top + float(np.log(np.sum(np.exp(logits - top), dtype=np.float64)))
     best: list[tuple[int, float]] = []
     if k > 0:
-        idx = np.argpartition(-x, min(k, x.size) - 1)[:k]
-        idx = idx[np.argsort(-x[idx], kind="stable")]
-        best = [(int(i), float(x[i] - lse)) for i in idx if np.isfinite(x[i])]
-    return float(x[token] - lse), best
+        idx = np.argpartition(logits, logits.size - min(k, logits.size))[-k:]
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        best = [(int(i), float(logits[i]) - lse) for i in idx if np.isfinite(logits[i])]
+    return float(logits[token]) - lse, best
 
 
 def _byte_decoder() -> dict[str, int]:
