@@ -129,3 +129,4 @@ def test_errors_are_4xx_and_keep_the_connection(server):
             assert ok.status_code == 200
         path, body = BAD_REQUESTS[0]
         assert c.post(path, json=body).json()["error"]["code"] == "invalid_schema"
+    assert "Exception in ASGI application" not in server.log()
