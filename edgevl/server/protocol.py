@@ -360,15 +360,15 @@ class ChatCompletionRequest(Sampling, Tooling):
     user: str | None = Field(None, max_length=256, description="accepted; nothing is stored or monitored")
     safety_identifier: str | None = Field(None, max_length=256, description="accepted; nothing is monitored")
     prompt_cache_key: str | None = Field(None, max_length=256, description="accepted; prefix caching is automatic")
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    functions: Any = None
-    function_call: Any = None
-    logit_bias: Any = None
-    metadata: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
+    audio: Any = Field(None, description="refused: " + REFUSED["audio"])
+    prediction: Any = Field(None, description="refused: " + REFUSED["prediction"])
+    web_search_options: Any = Field(None, description="refused: " + REFUSED["web_search_options"])
+    functions: Any = Field(None, description="refused: " + REFUSED["functions"])
+    function_call: Any = Field(None, description="refused: " + REFUSED["function_call"])
+    logit_bias: Any = Field(None, description="refused: " + REFUSED["logit_bias"])
+    metadata: Any = Field(None, description="refused: " + REFUSED["metadata"])
+    reasoning_effort: Any = Field(None, description="refused: " + REFUSED["reasoning_effort"])
+    verbosity: Any = Field(None, description="refused: " + REFUSED["verbosity"])
 
     @field_validator(*REFUSED)
     @classmethod
