@@ -10,13 +10,17 @@ outlines-core compiles a full index ahead of time, which costs seconds per new s
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgevl.types import EngineError, InputError
+from edgevl.types import InputError
+
+log = logging.getLogger("edgevl.constrain")
+TOO_COMPLEX = "the schema is too complex for constrained decoding; simplify it"
 
 
 class GrammarCompiler:
@@ -28,6 +32,7 @@ class GrammarCompiler:
 
         self._ll = llguidance
         self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json.read_text(), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_ids))
         # tokens made only of JSON's closing punctuation: what the budget guard steers towards
@@ -55,18 +60,88 @@ class GrammarCompiler:
             schema = any_json_object(4)
         if not isinstance(schema, dict):
             raise InputError("the schema must be a JSON object", code="invalid_schema", param="schema")
+        if not has_finite_instance(schema):
+            raise InputError("the schema has no finite instance: a required property refers back to itself",
+                             code="invalid_schema", param="schema")
         try:
             grammar = self._ll.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise InputError(f"invalid JSON schema: {e}", code="invalid_schema", param="schema") from e
+        return JsonConstraint(self._matcher(grammar, "schema"), self, budget)
+
+    def lark(self, grammar: str, budget: int = 0, param: str = "tools") -> JsonConstraint:
+        """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a JSON schema)."""
+        try:
+            compiled = self._ll.LLMatcher.grammar_from_lark(grammar)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"invalid grammar: {e}", code="invalid_schema", param=param) from e
+        return JsonConstraint(self._matcher(compiled, param), self, budget)
+
+    def _matcher(self, grammar: str, param: str):
         err = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if err and not err.startswith("WARNING"):
-            raise InputError(f"invalid JSON schema: {err}", code="invalid_schema", param="schema")
+            # llguidance's first line says what is wrong; the rest is its parser state, not the client's business
+            raise InputError(f"invalid JSON schema: {err.splitlines()[0][:300]}", code="invalid_schema", param=param)
         matcher = self._ll.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise InputError(f"invalid JSON schema: {matcher.get_error()}", code="invalid_schema", param="schema")
-        return JsonConstraint(matcher, self, budget)
+        words = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)  # limits blow here, not mid-answer
+        if matcher.is_error() or not words.any():
+            log.info("grammar refused before generation: %s", matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param=param)
+        return matcher
+
+
+def has_finite_instance(schema: dict) -> bool:
+    """False when every instance would be infinite: a required property (or non-empty array) whose
+    schema leads back to itself through `$ref`s with no way out, e.g. {"properties": {"a": {"$ref": "#"}},
+    "required": ["a"]}. Constrained decoding would open brackets until the budget ran out."""
+
+    def resolve(ref: str) -> object:
+        node: object = schema
+        if not ref.startswith("#"):
+            return True  # remote references are the grammar compiler's to refuse
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return True
+        return node
+
+    def finite(node: object, refs: frozenset[str], depth: int) -> bool:
+        if not isinstance(node, dict) or depth > 64:
+            return node is not False
+        if isinstance(node.get("$ref"), str):
+            ref = node["$ref"]
+            if ref in refs:
+                return False
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return finite(resolve(ref), refs | {ref}, depth + 1) and finite(rest, refs, depth + 1)
+        if "anyOf" in node or "oneOf" in node:
+            options = node.get("anyOf") or node.get("oneOf") or []
+            rest = {k: v for k, v in node.items() if k not in ("anyOf", "oneOf")}
+            if not any(finite(o, refs, depth + 1) for o in options if isinstance(options, list)):
+                return False
+            return finite(rest, refs, depth + 1)
+        if isinstance(node.get("allOf"), list) and not all(finite(o, refs, depth + 1) for o in node["allOf"]):
+            return False
+        types = node.get("type")
+        types = [types] if isinstance(types, str) else types if isinstance(types, list) else None
+        if types is not None and any(t not in ("object", "array") for t in types):
+            return True
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        if not all(finite(props.get(r, True), refs, depth + 1) for r in required if isinstance(r, str)):
+            return False
+        min_items = node.get("minItems", 0)
+        if isinstance(min_items, int) and min_items > 0 and "items" in node:
+            return finite(node["items"], refs, depth + 1)
+        return True
+
+    return finite(schema, frozenset(), 0)
 
 
 def any_json_object(depth: int) -> dict:
@@ -99,9 +174,17 @@ class JsonConstraint:
 
     def mask(self, logits: np.ndarray) -> None:
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        if self.matcher.is_error():
+            log.info("grammar failed during generation: %s", self.matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param="schema")
         allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: logits.size].astype(bool)
         # every open bracket (and an open string) costs at least one more token: keep that many in hand
-        if self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget:
+        near = self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget
+        if near and self.matcher.is_accepting() and allowed[self.c.eos_ids].any():
+            ends = np.zeros_like(allowed)  # complete already (one tool call of several): end here
+            ends[self.c.eos_ids] = True
+            allowed &= ends
+        elif near:
             score = np.where(allowed, self.c.in_score if self.in_string else self.c.out_score, 0)
             if score.max() > 0:  # the allowed token that closes the most, whatever the model prefers
                 allowed = score == score.max()
@@ -125,7 +208,8 @@ class JsonConstraint:
             elif ch in "]}":
                 self.depth -= 1
         if not self.matcher.consume_token(token_id):
-            raise EngineError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
+            log.info("grammar failed during generation: %s", self.matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param="schema")
 
     def is_done(self) -> bool:
         return self.matcher.is_stopped()
