@@ -23,12 +23,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[2]
 BASES = [b for b in (os.environ.get("EDGEVL_DOCKER_BASE"), "edgevl-base:bookworm", "python:3.11-slim") if b]
-LIMITS = ["--memory", "8g", "--cpus", "2"]
+SERVICE = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["edgevl"]
+LIMITS = ["--memory", SERVICE["mem_limit"], "--cpus", str(SERVICE["cpus"])]
+ENV = [arg for k, v in SERVICE["environment"].items() for arg in ("-e", f"{k}={v}")]  # as compose runs it
+STOP_S = int(SERVICE["stop_grace_period"].removesuffix("s"))
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
@@ -97,7 +101,7 @@ def run(image: str) -> Iterator:
     started: list[str] = []
 
     def start(*args: str) -> Container:
-        cid = docker("run", "-d", *LIMITS, "-p", "127.0.0.1::8000", *args, image).stdout.strip()
+        cid = docker("run", "-d", *LIMITS, *ENV, "-p", "127.0.0.1::8000", *args, image).stdout.strip()
         started.append(cid)
         port = docker("port", cid, "8000/tcp").stdout.split()[0].rsplit(":", 1)[1]
         c = Container(cid, f"http://127.0.0.1:{port}")
@@ -174,7 +178,7 @@ def test_a_mounted_checkpoint_is_exported_once_into_the_cache_volume(run, volume
 def test_docker_stop_lets_an_in_flight_stream_finish_and_exits_0(run):
     from openai import OpenAI
 
-    c = run("-e", "EDGEVL_GRACE_PERIOD_S=55")  # under `docker stop -t 60` below
+    c = run()
     client = OpenAI(base_url=c.url + "/v1", api_key="unused", timeout=120)
     n = 1500  # seconds of decoding on the tiny model; greedy, so no early end-of-text
     stream = client.chat.completions.create(
@@ -185,7 +189,7 @@ def test_docker_stop_lets_an_in_flight_stream_finish_and_exits_0(run):
     stopped: dict = {}
 
     def stop() -> None:
-        stopped["out"] = docker("stop", "-t", "60", c.id, timeout=120, check=False)
+        stopped["out"] = docker("stop", "-t", str(STOP_S), c.id, timeout=STOP_S + 60, check=False)
 
     stopper = threading.Thread(target=stop)
     stopper.start()
@@ -195,7 +199,7 @@ def test_docker_stop_lets_an_in_flight_stream_finish_and_exits_0(run):
         assert time.monotonic() < deadline, c.logs()[-3000:]
         time.sleep(0.1)
     rest = list(chunks)
-    stopper.join(120)
+    stopper.join(STOP_S + 60)
 
     finish = [ch.choices[0].finish_reason for ch in [first, *rest] if ch.choices and ch.choices[0].finish_reason]
     usage = [ch.usage for ch in rest if ch.usage]
