@@ -1,5 +1,6 @@
 """The README stays true to the code: its endpoint table lists the app's routes, its settings
-table every setting, and CI runs its test command (the curl examples run in tests/server/test_docs.py)."""
+table every setting, CI runs its test command, and every file the docs cite exists (the curl
+examples run in tests/server/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from edgevl.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / ".ci" / "run",
+        *sorted((ROOT / "deploy").iterdir())]
+CITED = re.compile(r"(?<![\w./~-])((?:[\w.-]+/)*[\w-]+\.(?:py|md|yaml|sh|json|png|service|toml))\b")
 # Swagger UI's OAuth helper page, part of /docs; edgevl has no OAuth login
 NOT_IN_TABLE = {("GET", "/docs/oauth2-redirect")}
 
@@ -49,3 +53,18 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.+?)\n```", README, flags=re.S)
     test_cmd = next(c for c in commands if "pytest" in c)
     assert test_cmd.strip().replace("pip install", "pip install -q") in ci
+
+
+def test_every_file_the_docs_cite_exists():
+    """Paths (from the repository, the citing file or edgevl/) and Markdown files by name."""
+    names = {p.name for p in ROOT.rglob("*.md")}
+    missing = []
+    for doc in DOCS:
+        for cited in set(CITED.findall(doc.read_text())):
+            if "/" in cited:
+                found = any((base / cited).exists() for base in (ROOT, doc.parent, ROOT / "edgevl"))
+            else:
+                found = not cited.endswith(".md") or cited in names
+            if not found:
+                missing.append(f"{doc.relative_to(ROOT)}: {cited}")
+    assert missing == []
