@@ -30,7 +30,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from edgevl.preprocess.image import decode_image
-    from edgevl.runtime.engine import load_engine
+    from edgevl.runtime.loader import load_engine
     from edgevl.types import (
         EngineOptions,
         FinishEvent,

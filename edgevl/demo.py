@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from edgevl.make_model import make_model
-from edgevl.runtime.engine import cache_root
+from edgevl.runtime.loader import cache_root
 
 DEMO_NAME = "Qwen3-VL-tiny-random"
 

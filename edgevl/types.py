@@ -84,6 +84,7 @@ class Usage:
 @dataclass
 class Timings:
     preprocess_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting in the engine for a batch place and KV memory
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0  # from generate() call to the first token
@@ -129,6 +130,9 @@ class EngineOptions:
     prepack_weights: bool = True  # MLAS packs fp32 weights at load: faster prompts, one more copy in RAM
     prefix_cache: bool = True  # re-use the KV cache of a previous turn that shares the prompt's start
     max_memory_mb: int = 0  # refuse to load a model whose predicted RSS is larger (0: no check)
+    max_batch: int = 4  # sequences decoding together in one decoder run
+    kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
+    prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
 
 
 @dataclass
@@ -157,6 +161,8 @@ class Engine(Protocol):
     def sampling_defaults(self) -> dict: ...
 
     def cache_stats(self) -> dict[str, int]: ...
+
+    def batch_histograms(self) -> dict[str, dict[int, int]]: ...
 
     def info(self) -> EngineInfo: ...
 

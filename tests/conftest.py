@@ -22,7 +22,7 @@ def tiny_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path) -> Path:
-    from edgevl.runtime.engine import exported_dir_for, load_engine
+    from edgevl.runtime.loader import exported_dir_for, load_engine
     from edgevl.types import EngineOptions
 
     load_engine(tiny_checkpoint, EngineOptions(), warmup=False)  # exports once, cached

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 
 from edgevl.runtime.generate import StopMatcher, StreamDecoder
@@ -40,13 +39,13 @@ def test_stream_pieces_join_to_the_answer_and_counts_add_up(engine):
     assert "".join(t.text for t in toks) == fin.text
     from edgevl.preprocess.image import target_size
 
-    h, w = target_size(64, 96, engine.ipc, engine.options.max_pixels)
+    h, w = target_size(64, 96, engine.prompts.ipc, engine.options.max_pixels)
     assert fin.usage.image_tokens == (h // 32) * (w // 32)
     assert fin.timings.ttft_ms > 0 and fin.timings.total_ms >= fin.timings.ttft_ms
 
 
 def test_streaming_detokeniser_never_splits_a_character(engine):
-    tok = engine.chat.tokenizer
+    tok = engine.prompts.chat.tokenizer
     text = "边缘设备上的视觉语言模型 — naïve café ✓ 🚀 end"
     ids = tok.encode(text, add_special_tokens=False).ids
     assert len(ids) > len(text) / 2  # byte-level pieces: multi-byte characters span several tokens
@@ -98,14 +97,17 @@ def test_cancellation_stops_within_one_token(engine):
         else:
             fin = ev
     assert fin.finish_reason == "cancelled"
-    assert fin.usage.completion_tokens == 5
+    assert fin.usage.completion_tokens in (5, 6)  # the batch loop may be one step ahead of its reader
 
 
 def test_repeated_image_hits_the_vision_cache(engine):
     img = make_image(128, 96, seed=11)
     _, first = run(engine, user(img, "What is it?"), max_new_tokens=2)
-    _, again = run(engine, user(img.copy(), "And now?"), max_new_tokens=2)
+    # a system prompt first, so the KV prefix cannot cover the image: the encoder's cache must
+    _, again = run(engine, [Message("system", [TextPart("Be brief.")]), *user(img.copy(), "And now?")],
+                   max_new_tokens=2)
     assert first.timings.vision_cache_hits == 0 and again.timings.vision_cache_hits == 1
+    assert again.timings.vision_ms == 0 and first.timings.vision_ms > 0
 
 
 def test_multi_turn_reuses_the_prefix_and_matches_a_cold_run(engine, tiny_onnx):
@@ -178,13 +180,14 @@ print('ok')
     assert out.stdout.strip() == "ok"
 
 
-def test_kv_buffers_are_reused_not_reallocated(engine):
+def test_kv_pool_is_one_buffer_per_layer_and_kept(engine):
     msgs = user("Short question.")
     run(engine, msgs, max_new_tokens=4)
-    slot_ids = {id(s.keys[0]) for s in engine._slots}
-    run(engine, msgs, max_new_tokens=4)
-    assert {id(s.keys[0]) for s in engine._slots} & slot_ids
-    assert np.all([s.capacity <= engine.options.max_context for s in engine._slots])
+    keys = engine.pool.keys[0]
+    _, again = run(engine, msgs, max_new_tokens=4)
+    assert engine.pool.keys[0] is keys and keys.shape[0] == 2 * engine.options.max_batch
+    assert keys.shape[2] >= engine.options.max_context
+    assert again.timings.prefix_reused_tokens > 0
 
 
 def test_cache_stats_are_bounded_and_reported(tiny_onnx):
@@ -196,7 +199,9 @@ def test_cache_stats_are_bounded_and_reported(tiny_onnx):
         run(e, user(make_image(64, 64, seed=100 + i), "hi"), max_new_tokens=1)
     st = e.cache_stats()
     assert st["vision_cache_entries"] == 2 and st["vision_cache_bytes"] > 0
-    assert st["kv_slots"] == 1 and st["kv_cache_bytes"] > 0 and st["kv_cached_tokens"] > 0
+    assert st["kv_rows"] == 2 * e.options.max_batch and st["kv_used_bytes"] > 0 and st["kv_cached_tokens"] > 0
+    assert st["kv_used_bytes"] + st["kv_free_bytes"] == st["kv_budget_bytes"]
+    e.close()
 
 
 @pytest.mark.parametrize("temperature,penalty", [(1e-300, 1.0), (2.0, 1e-30), (1e-5, 2.0), (0.5, 1e-300)])

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgevl.ops.memory import MemoryBudgetError, estimate_bytes
-from edgevl.runtime.engine import load_engine
+from edgevl.runtime.loader import load_engine
 from edgevl.types import EngineOptions
 
 

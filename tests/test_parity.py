@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from edgevl.preprocess import positions as P
+from edgevl.runtime.constrain import Recorder
+from edgevl.runtime.engine import OrtEngine
+from edgevl.runtime.vision_cache import ImageFeatures
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent
 from tests.conftest import make_image
 
@@ -26,13 +31,27 @@ def _messages(sizes: list[tuple[int, int]]) -> list[Message]:
 
 
 def _prefill_logits(engine, messages: list[Message], drop_deepstack: bool = False) -> np.ndarray:
-    return engine.prefill_logits(GenerationRequest(messages, SamplingParams(max_new_tokens=1)), drop_deepstack)
+    """The prompt's last-position logits, through the serving path of a cold engine (no KV or vision
+    cache); with `drop_deepstack`, the images' DeepStack features are zeroed in its vision cache first."""
+    cold = OrtEngine(engine.folder, replace(engine.options, prefix_cache=False))
+    try:
+        rec = Recorder()
+        req = GenerationRequest(messages, SamplingParams(max_new_tokens=1), constraint=rec)
+        if drop_deepstack:
+            p = cold.prompts.build(req)
+            for patches, fp in zip(p.patches, p.fingerprints):
+                f = cold.model.encode_image(patches)
+                cold.vision_cache.put(fp, ImageFeatures(f.embeds, np.zeros_like(f.deepstack)))
+        list(cold.generate(req))
+        return rec.logits[0]
+    finally:
+        cold.close()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_input_ids_match_transformers_processor(engine, reference, case):
     msgs = _messages(CASES[case])
-    ours = engine._prepare(GenerationRequest(msgs))
+    ours = engine.prompts.build(GenerationRequest(msgs))
     ref = reference.processor(msgs)
     np.testing.assert_array_equal(ours.ids, ref["input_ids"][0].numpy())
     if CASES[case]:
@@ -44,7 +63,7 @@ def test_input_ids_match_transformers_processor(engine, reference, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_mrope_positions_match_get_rope_index(engine, reference, case):
     msgs = _messages(CASES[case])
-    ours = engine._prepare(GenerationRequest(msgs))
+    ours = engine.prompts.build(GenerationRequest(msgs))
     ref = reference.processor(msgs)
     theirs, _ = reference.model.model.get_rope_index(
         ref["input_ids"], mm_token_type_ids=ref["mm_token_type_ids"], image_grid_thw=ref.get("image_grid_thw"))
@@ -55,9 +74,8 @@ def test_mrope_positions_match_get_rope_index(engine, reference, case):
 
 def test_vision_graph_matches_reference(engine, reference):
     img = make_image(200, 136, seed=3)
-    ours = engine._prepare(GenerationRequest([Message("user", [ImagePart(img), TextPart("x")])]))
-    feats, _ = engine._image_features(ours.patches[0], "parity-vision")
-    engine._vision_cache.clear()
+    ours = engine.prompts.build(GenerationRequest([Message("user", [ImagePart(img), TextPart("x")])]))
+    feats = engine.model.encode_image(ours.patches[0])
     ref = reference.processor([Message("user", [ImagePart(img), TextPart("x")])])
     with torch.no_grad():
         out = reference.model.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"])

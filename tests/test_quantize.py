@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgevl.runtime.engine import exported_dir_for, load_engine
+from edgevl.runtime.loader import exported_dir_for, load_engine
 from edgevl.types import EngineOptions, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
 from tests.test_parity import _prefill_logits
@@ -23,7 +23,7 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
-def test_graphs_use_integer_kernels(quantized, tiny_checkpoint):
+def test_graphs_use_integer_kernels(quantized, tiny_checkpoint, tiny_onnx):  # tiny_onnx: the fp32 export to compare
     precision, engine = quantized
     folder = exported_dir_for(tiny_checkpoint, precision)
     dec, vis = _ops(folder / "decoder.onnx"), _ops(folder / "vision.onnx")

@@ -34,6 +34,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-cpp", default=None, help="llama-mtmd-cli binary, to compare on the same machine")
     p.add_argument("--gguf", action="append", default=[], help="NAME=MODEL.gguf (several allowed, with --mmproj)")
     p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
+    from edgevl.bench.load import add_load_arguments
+
+    add_load_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -41,6 +44,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from edgevl.demo import demo_model_dir
 
         args.model = str(demo_model_dir())
+    if args.load:
+        from edgevl.bench.load import run_load
+
+        return run_load(args)
     if args.quick:
         args.runs, args.max_tokens, args.tasks = 2, 8, args.tasks.split(",")[0]
     out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edgevl.runtime.engine import load_engine
+from edgevl.runtime.constrain import Recorder
+from edgevl.runtime.loader import load_engine
 from edgevl.types import (
     EngineOptions,
     GenerationRequest,
@@ -27,28 +27,6 @@ from edgevl.types import (
     TextPart,
     TokenEvent,
 )
-
-
-@dataclass
-class Recorder:
-    """Records the logits of every step; forces `tokens` when given (teacher forcing)."""
-
-    tokens: list[int] | None = None
-    logits: list[np.ndarray] = field(default_factory=list)
-    i: int = 0
-
-    def mask(self, logits: np.ndarray) -> None:
-        self.logits.append(logits.copy())
-        if self.tokens is not None:
-            keep = logits[self.tokens[self.i]]
-            logits[:] = -np.inf
-            logits[self.tokens[self.i]] = keep
-
-    def advance(self, token_id: int) -> None:
-        self.i += 1
-
-    def is_done(self) -> bool:
-        return self.tokens is not None and self.i >= len(self.tokens)
 
 
 def test_image(size: int = 448) -> Image.Image:

@@ -60,7 +60,7 @@ def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache
     from pathlib import Path
 
     from edgevl.export import is_exported
-    from edgevl.runtime.engine import exported_dir_for, load_engine
+    from edgevl.runtime.loader import exported_dir_for, load_engine
 
     precision = backend.removeprefix("edgevl-")
     target = exported_dir_for(Path(model), precision)
@@ -101,6 +101,7 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
         "cpu_util": (time.process_time() - c0) / wall / (os.cpu_count() or 1),
         "energy_j": (e1 - e0) / 1e6 if e0 is not None and e1 is not None and e1 >= e0 else None,
         "peak_rss_mb": peak_rss_mb(), "vision_cache_hits": tm.vision_cache_hits,
+        "prefix_reused_tokens": tm.prefix_reused_tokens,
     }
 
 
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             first = measure(engine, task, sizes[0], args.max_tokens, img)
             again = measure(engine, task, sizes[0], args.max_tokens, img.copy(), prompt="And what stands out most?")
             emit({"event": "repeat", "backend": args.backend, "task": task, "first_ttft_ms": first["ttft_ms"],
-                  "repeat_ttft_ms": again["ttft_ms"], "cache_hits": again["vision_cache_hits"]})
+                  "repeat_ttft_ms": again["ttft_ms"], "cache_hits": again["vision_cache_hits"],
+                  "prefix_reused_tokens": again["prefix_reused_tokens"]})
         # structured output: decode speed with and without a JSON-schema constraint
         schema = {"type": "object", "properties": {"trend": {"enum": ["rising", "falling", "flat"]},
                                                    "peak_month": {"type": "integer", "minimum": 1, "maximum": 12},

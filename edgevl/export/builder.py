@@ -122,16 +122,22 @@ class GraphBuilder:
     def reshape(self, x: str, shape: list[int], name: str) -> str:
         return self.op("Reshape", [x, self.const(shape)], name)
 
-    def rope_tables(self, cos: str, sin: str, head_dim: int, name: str) -> tuple[str, str, str]:
-        """Host tables (S, head_dim) of cat(f, f) → the half-width caches and position ids that
+    def rope_tables(self, cos: str, sin: str, head_dim: int, name: str, batch_shape_of: str | None = None
+                    ) -> tuple[str, str, str]:
+        """Host tables (N, head_dim) of cat(f, f) → the half-width caches and position ids that
         RotaryEmbedding wants: row i of the cache is token i's own angles (MRoPE or 2-D), so
-        position id i just picks it."""
+        position id i just picks it. With `batch_shape_of` (a (B, S, ...) tensor), N = B*S and the
+        ids are shaped (B, S); otherwise (1, N)."""
         half = [self.const([0]), self.const([head_dim // 2]), self.const([1])]
         cos_c = self.op("Slice", [cos, *half], f"{name}/cos_cache")
         sin_c = self.op("Slice", [sin, *half], f"{name}/sin_cache")
         n = self.op("Gather", [self.op("Shape", [cos], f"{name}/Shape"), self.const(0)], f"{name}/SeqLen")
         ids = self.op("Range", [self.const(0), n, self.const(1)], f"{name}/Range")
-        return self.op("Unsqueeze", [ids, self.const([0])], f"{name}/position_ids"), cos_c, sin_c
+        if batch_shape_of is None:
+            return self.op("Unsqueeze", [ids, self.const([0])], f"{name}/position_ids"), cos_c, sin_c
+        bs = self.op("Slice", [self.op("Shape", [batch_shape_of], f"{name}/BatchShape"), self.const([0]),
+                               self.const([2])], f"{name}/BatchSeq")
+        return self.op("Reshape", [ids, bs], f"{name}/position_ids"), cos_c, sin_c
 
     def rope(self, x: str, tables: tuple[str, str, str], heads: int, name: str) -> str:
         """Fused rotate-half RoPE on (1, S, heads * head_dim)."""

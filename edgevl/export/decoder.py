@@ -8,6 +8,8 @@ Each layer: RMSNorm → q/k/v → per-head RMSNorm on q, k → MRoPE (host-made 
 GroupQueryAttention over a KV buffer that is shared between past and present (the engine binds
 one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU.
 Only the last position's logits are computed: the prompt's lm_head cost is one row, not S.
+Batched: several sequences decode in one run (batch rows, one token each), each with its own
+length in `seqlens_k`; a prompt chunk runs as a batch of one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: st
     table memory-mapped and only the rows a prompt touches become resident (1.2 GB saved in fp32)."""
     lm = "model.language_model"
     h = cfg.text.hidden_size
-    ids = b.input("input_ids", INT64, [1, "seq"])
+    ids = b.input("input_ids", INT64, ["batch", "seq"])
     embed = w.get(f"{lm}.embed_tokens.weight")
     if precision == "int8":
         q, scale = quantize_per_channel_int8(embed)  # the same values the tied int8 lm_head uses
@@ -49,7 +51,7 @@ def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: st
         x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
     else:
         x = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight", embed), ids], "/model/embed_tokens/Gather")
-    b.output(x, "inputs_embeds", FLOAT, [1, "seq", h])
+    b.output(x, "inputs_embeds", FLOAT, ["batch", "seq", h])
 
 
 def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantSpec | None | str = "default"
@@ -61,12 +63,12 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     n_deep = len(cfg.vision.deepstack_visual_indexes)
     lm = "model.language_model"
 
-    x = b.input("inputs_embeds", FLOAT, [1, "seq", h])
-    cos = b.input("cos", FLOAT, ["seq", hd])
-    sin = b.input("sin", FLOAT, ["seq", hd])
-    seqlens_k = b.input("seqlens_k", INT32, [1])  # total length - 1
-    total_len = b.input("total_sequence_length", INT32, [])
-    visual_idx = b.input("visual_idx", INT64, ["num_visual", 2])  # (0, position) of image tokens
+    x = b.input("inputs_embeds", FLOAT, ["batch", "seq", h])
+    cos = b.input("cos", FLOAT, ["rows", hd])  # rows = batch * seq, row-major: each token's own angles
+    sin = b.input("sin", FLOAT, ["rows", hd])
+    seqlens_k = b.input("seqlens_k", INT32, ["batch"])  # per sequence: its total length - 1
+    total_len = b.input("total_sequence_length", INT32, [])  # the longest sequence's total length
+    visual_idx = b.input("visual_idx", INT64, ["num_visual", 2])  # (batch row, position) of image tokens
     visual = b.input("image_embeds", FLOAT, ["num_visual", h])
     deep = b.input("deepstack_embeds", FLOAT, [n_deep, "num_visual", h]) if n_deep else None
 
@@ -74,7 +76,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     head_spec = b.quant if lm_head == "default" else lm_head
     tied = t.tie_word_embeddings or "lm_head.weight" not in w
     x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
-    rope = b.rope_tables(cos, sin, hd, "/model/rotary")
+    rope = b.rope_tables(cos, sin, hd, "/model/rotary", batch_shape_of=x)
 
     def norm_w(name: str) -> str:
         return b.init(name, w.get(name))
@@ -88,14 +90,14 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         v = b.linear(hn, w.get(f"{p}.self_attn.v_proj.weight"), None, f"{n}/attn/v_proj")
         q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, rope, f"{n}/attn/q")
         k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
-        past_k = b.input(f"past_key_values.{i}.key", FLOAT, [1, nkv, "max_len", hd])
-        past_v = b.input(f"past_key_values.{i}.value", FLOAT, [1, nkv, "max_len", hd])
+        past_k = b.input(f"past_key_values.{i}.key", FLOAT, ["batch", nkv, "max_len", hd])
+        past_v = b.input(f"past_key_values.{i}.value", FLOAT, ["batch", nkv, "max_len", hd])
         a, pk, pv = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
                          f"{n}/attn/GroupQueryAttention", domain=MS,
                          out_names=[f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))
-        b.outputs.append(_vi(f"present.{i}.key", [1, nkv, "max_len", hd]))
-        b.outputs.append(_vi(f"present.{i}.value", [1, nkv, "max_len", hd]))
+        b.outputs.append(_vi(f"present.{i}.key", ["batch", nkv, "max_len", hd]))
+        b.outputs.append(_vi(f"present.{i}.value", ["batch", nkv, "max_len", hd]))
         o = b.linear(a, w.get(f"{p}.self_attn.o_proj.weight"), None, f"{n}/attn/o_proj")
         hn, _, _, x = b.op("SkipSimplifiedLayerNormalization",
                            [x, o, norm_w(f"{p}.post_attention_layernorm.weight")],
@@ -126,16 +128,16 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
                 "/model/last_position")
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
-    last = b.reshape(last, [1, h], "/lm_head/Flatten")
+    last = b.reshape(last, [-1, h], "/lm_head/Flatten")
     logits = b.linear(last, embed if tied else w.get("lm_head.weight"), None, "/lm_head", quant=head_spec)
-    b.output(logits, "logits", FLOAT, [1, t.vocab_size])
+    b.output(logits, "logits", FLOAT, ["batch", t.vocab_size])
 
 
 def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float,
                     rope: tuple[str, str, str], name: str) -> str:
-    x = b.reshape(x, [1, -1, heads, hd], f"{name}/Reshape")
+    x = b.reshape(x, [0, 0, heads, hd], f"{name}/Reshape")  # 0: keep batch and sequence dims
     x = b.op("SimplifiedLayerNormalization", [x, gamma], f"{name}_norm", axis=-1, epsilon=eps)
-    return b.rope(b.reshape(x, [1, -1, heads * hd], f"{name}/Flatten"), rope, heads, f"{name}/rope")
+    return b.rope(b.reshape(x, [0, 0, heads * hd], f"{name}/Flatten"), rope, heads, f"{name}/rope")
 
 
 def _vi(name: str, shape: list):

@@ -6,7 +6,7 @@ Levels, with hysteresis so a temperature hovering at a limit does not flap:
       ▲                        │                        │
       └───(t < soft − hyst)────┴──(t < soft − hyst)─────┘
 
-`throttled` allows `throttled_slots` concurrent generations (default 1) instead of the
+`throttled` allows a batch of `throttled_slots` sequences (default 1) instead of the
 configured number; `halted` admits no new work (the server answers 503 with Retry-After) until
 the CPU has cooled below the soft limit minus the hysteresis. The temperature comes from a file
 given in configuration (which is also how tests drive it), else the hottest

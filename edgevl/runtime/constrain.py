@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,25 @@ class JsonConstraint:
 
     def is_accepting(self) -> bool:
         return self.matcher.is_accepting()
+
+
+@dataclass
+class Recorder:
+    """Records the logits of every step; forces `tokens` when given (teacher forcing)."""
+
+    tokens: list[int] | None = None
+    logits: list[np.ndarray] = field(default_factory=list)
+    i: int = 0
+
+    def mask(self, logits: np.ndarray) -> None:
+        self.logits.append(logits.copy())
+        if self.tokens is not None:
+            keep = logits[self.tokens[self.i]]
+            logits[:] = -np.inf
+            logits[self.tokens[self.i]] = keep
+
+    def advance(self, token_id: int) -> None:
+        self.i += 1
+
+    def is_done(self) -> bool:
+        return self.tokens is not None and self.i >= len(self.tokens)

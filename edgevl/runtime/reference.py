@@ -17,18 +17,13 @@ import numpy as np
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
-from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
+from edgevl.runtime.sequence import Sequence
 from edgevl.types import (
     EngineInfo,
     EngineOptions,
     Event,
-    FinishEvent,
-    FinishReason,
     GenerationRequest,
     Message,
-    Timings,
-    TokenEvent,
-    Usage,
 )
 
 
@@ -117,8 +112,12 @@ class TransformersEngine:
         return {k: g[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in g}
 
     def cache_stats(self) -> dict[str, int]:
-        return {"vision_cache_entries": 0, "vision_cache_bytes": 0, "kv_slots": 0, "kv_cache_bytes": 0,
-                "kv_cached_tokens": 0}
+        return dict.fromkeys(("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes",
+                              "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling",
+                              "waiting"), 0)
+
+    def batch_histograms(self) -> dict[str, dict[int, int]]:
+        return {}  # one sequence at a time
 
     def json_constraint(self, schema: dict | None, budget: int = 0):
         if self._grammar is None:
@@ -141,51 +140,23 @@ class TransformersEngine:
         import torch
 
         t0 = time.perf_counter()
-        p = request.params
+        self.stats["requests"] += 1
         inputs = self.processor(request.messages)
-        n_prompt = int(inputs["input_ids"].shape[1])
-        sampler = Sampler(p)
-        detok = StreamDecoder(self.tokenizer, self.special_ids)
-        stops = StopMatcher(p.stop)
-        timings = Timings()
-        generated: list[int] = []
-        history = inputs["input_ids"][0].tolist()
-        reason: FinishReason = "length"
-        text: list[str] = []
-        t_first = None
+        ids = inputs["input_ids"][0].tolist()
+        seq = Sequence(request, ids, request.params.max_new_tokens, self.eos_ids, self.tokenizer,
+                       self.special_ids, t0, n_image_tokens=sum(i == self.ckpt.config.image_token_id for i in ids))
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)
-            while len(generated) < p.max_new_tokens:
-                tok = sampler(out.logits[0, -1].float().numpy(), history)
-                generated.append(tok)
-                history.append(tok)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    timings.ttft_ms = (t_first - t0) * 1000
-                    timings.prefill_ms = timings.ttft_ms  # vision and prompt run as one forward here
-                if tok in self.eos_ids and not p.ignore_eos:
-                    reason = "stop"
-                    break
-                piece, stopped = stops.feed(detok.push(tok))
-                text.append(piece)
-                yield TokenEvent(piece, tok)
-                if stopped:
-                    reason = "stop"
-                    break
-                if request.cancel.is_set():
-                    reason = "cancelled"
-                    break
-                if len(generated) >= p.max_new_tokens:
-                    break
+            seq.timings.prefill_ms = (time.perf_counter() - t0) * 1000  # vision and prompt run as one forward
+            while True:
+                events = seq.accept(out.logits[0, -1].float().numpy())
+                yield from events
+                if seq.finished:
+                    self.stats["cancelled" if seq.reason == "cancelled" else "finished"] += 1
+                    return
                 # positions continue from the prompt's MRoPE offset, which the model kept
-                out = self.model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True)
-        now = time.perf_counter()
-        timings.total_ms = (now - t0) * 1000
-        if t_first is not None and len(generated) > 1:
-            timings.decode_ms = (now - t_first) * 1000
-            timings.tokens_per_s = (len(generated) - 1) / (timings.decode_ms / 1000)
-        yield FinishEvent(reason, Usage(n_prompt, len(generated)), timings, "".join(text))
+                out = self.model(input_ids=torch.tensor([[seq.last_token]]), cache=out.cache, use_cache=True)
 
 
 def torch_available() -> bool:

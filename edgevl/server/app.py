@@ -35,7 +35,7 @@ _OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/redoc", "/openapi.
 
 
 def load_default_engine(settings: Settings) -> Engine:
-    from edgevl.runtime.engine import load_engine
+    from edgevl.runtime.loader import load_engine
 
     model = settings.model
     if model is None:
@@ -81,10 +81,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         st.sampling_defaults = eng.sampling_defaults()
         st.governor = ThermalGovernor(ThermalPolicy(
             soft_c=settings.thermal_soft_c, hard_c=settings.thermal_hard_c, hysteresis_c=settings.thermal_hysteresis_c,
-            poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_concurrency)
+            poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch)
         st.governor.start()
-        st.scheduler = Scheduler(eng, settings.max_concurrency, settings.queue_size, settings.request_timeout_s,
-                                 st.governor)
+        st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
+                                 st.governor, on_start=metrics.queue_wait.observe)
         st.runner = Runner(st.scheduler, metrics)
         _register_gauges(metrics, st)
         st.ready = True
@@ -170,7 +170,8 @@ def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float
 def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
-    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes"):
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes", "kv_used_bytes",
+                "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
@@ -182,4 +183,8 @@ def _register_gauges(metrics: Metrics, st) -> None:
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",
                   lambda: {"normal": 0, "throttled": 1, "halted": 2}.get(st.governor.level, -1))
-    metrics.gauge("edgevl_allowed_slots", "generations allowed at once now", lambda: st.governor.allowed_slots())
+    metrics.gauge("edgevl_allowed_slots", "batch size allowed now (the thermal governor's lever)",
+                  lambda: st.governor.allowed_slots())
+    metrics.histograms(st.engine.batch_histograms,
+                       {"batch_size": "sequences per batched decoder step",
+                        "prefill_chunk_tokens": "prompt tokens per prefill chunk (bucketed)"})

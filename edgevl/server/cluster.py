@@ -2,7 +2,7 @@
 
 Each replica builds the app itself (the builder below runs in the replica process), so the model
 is loaded and warmed once per replica by the app's own lifespan. A replica routes at most
-`max_concurrency + queue_size + 1` requests to itself, one more than its own queue holds, so
+`max_batch + queue_size + 1` requests to itself, one more than its own queue holds, so
 overflow meets the app's 429 JSON error, exactly as on a single box; beyond that Ray holds
 `ray_max_queued_requests` and then refuses with 503.
 """
@@ -29,14 +29,14 @@ def build_deployment(settings: Settings):
     options: dict = {
         "name": "edgevl",
         "ray_actor_options": {"num_cpus": settings.ray_num_cpus},
-        "max_ongoing_requests": settings.max_concurrency + settings.queue_size + 1,
+        "max_ongoing_requests": settings.max_batch + settings.queue_size + 1,
         "max_queued_requests": settings.ray_max_queued_requests,
         "health_check_period_s": 10,
     }
     if settings.ray_max_replicas:
         options["autoscaling_config"] = {"min_replicas": settings.ray_min_replicas,
                                          "max_replicas": settings.ray_max_replicas,
-                                         "target_ongoing_requests": settings.max_concurrency}
+                                         "target_ongoing_requests": settings.max_batch}
     else:
         options["num_replicas"] = settings.ray_replicas
 

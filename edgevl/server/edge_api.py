@@ -99,7 +99,7 @@ async def health(http: Request) -> JSONResponse:
         body.update({
             "model": info.model_name, "backend": info.backend, "precision": info.precision,
             "random_weights": info.random_weights, "threads": info.intra_op_threads,
-            "max_concurrency": s.max_concurrency, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
+            "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
             "in_flight": sched.running, "max_context": info.max_context, "max_pixels": s.max_pixels,
             "max_tokens": s.max_tokens, "max_images": s.max_images, "caches": state.engine.cache_stats(),
             "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},

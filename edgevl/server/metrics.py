@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
@@ -26,11 +28,33 @@ class Metrics:
                                          registry=r)
         self.prefix_reused = Counter("edgevl_prefix_reused_tokens", "prompt tokens served from the KV cache",
                                      registry=r)
+        self.queue_wait = Histogram("edgevl_queue_wait_seconds", "time a request waited for a batch place",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
 
     def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         """A gauge read at scrape time (queue depth, cache sizes, temperature)."""
         g = Gauge(name, doc, registry=self.registry)
         g.set_function(fn)
 
+    def histograms(self, fn: Callable[[], dict[str, dict[int, int]]], docs: dict[str, str]) -> None:
+        """Histograms the engine counts itself (sequences per decoder step, prefill chunk sizes), read at
+        scrape time: `fn()` → {name: {upper bound: count}}."""
+        self.registry.register(_CountsCollector(fn, docs))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CountsCollector(Collector):
+    def __init__(self, fn: Callable[[], dict[str, dict[int, int]]], docs: dict[str, str]):
+        self.fn, self.docs = fn, docs
+
+    def collect(self):
+        for name, counts in self.fn().items():
+            cum, buckets = 0, []
+            for bound in sorted(counts):
+                cum += counts[bound]
+                buckets.append((str(float(bound)), cum))
+            buckets.append(("+Inf", cum))
+            total = float(sum(b * n for b, n in counts.items()))  # bucket bounds stand for the values
+            yield HistogramMetricFamily(f"edgevl_{name}", self.docs.get(name, name), buckets=buckets, sum_value=total)

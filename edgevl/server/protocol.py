@@ -35,6 +35,8 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] | None = Field(None, max_length=8)
     max_pixels: int | None = Field(None, ge=1024, description="pixel budget per image for this request")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-answer token (fixed-length "
+                             "answers for benchmarks; vLLM and llama.cpp accept the same field)")
 
     @field_validator("max_tokens")
     @classmethod
@@ -51,6 +53,7 @@ class Sampling(BaseModel):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return SamplingParams(max_new_tokens=self.max_tokens or default_max_tokens, seed=self.seed,
+                              ignore_eos=self.ignore_eos,
                               stop=list(stop if stop is not None else self.stop or []), **d)
 
 

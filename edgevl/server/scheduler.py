@@ -4,8 +4,10 @@
        │            hot? 503 now                       (≤ allowed slots)      │ events
        └──────────── job.events (asyncio.Queue) ◄──── call_soon_threadsafe ◄──┘
 
-Generation runs on plain threads (ONNX Runtime releases the GIL), so the event loop only moves
-bytes. A job whose client left is cancelled: removed from the queue if still waiting, or
+Each worker thread carries one request into the engine, whose batch loop decodes all of them
+together: the number of workers allowed to run (max_batch, or fewer when the thermal governor
+throttles) is the batch size. The event loop only moves bytes. A job whose client left is
+cancelled: removed from the queue if still waiting, or
 stopped by the engine within one token if running.
 """
 
@@ -15,7 +17,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from edgevl.ops.thermal import ThermalGovernor
@@ -30,6 +32,7 @@ class Job:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     deadline: float
+    submitted: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     started: bool = False
     finished: bool = False
@@ -59,20 +62,21 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int, timeout_s: float,
-                 governor: ThermalGovernor | None = None):
+    def __init__(self, engine: Engine, max_batch: int, queue_size: int, timeout_s: float,
+                 governor: ThermalGovernor | None = None, on_start: Callable[[float], None] | None = None):
         self.engine = engine
-        self.max_concurrency = max_concurrency
+        self.max_batch = max_batch
         self.queue_size = queue_size
         self.timeout_s = timeout_s
         self.governor = governor
+        self.on_start = on_start  # called with the seconds a job waited in the queue
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self.running = 0
         self.counts = collections.Counter()
         self._workers = [threading.Thread(target=self._work, args=(i,), name=f"generate-{i}", daemon=True)
-                         for i in range(max_concurrency)]
+                         for i in range(max_batch)]
         for w in self._workers:
             w.start()
 
@@ -118,7 +122,7 @@ class Scheduler:
 
     # ---- worker threads ------------------------------------------------------------
     def _slots(self) -> int:
-        return self.governor.allowed_slots() if self.governor is not None else self.max_concurrency
+        return self.governor.allowed_slots() if self.governor is not None else self.max_batch
 
     def _retry_after(self) -> int:
         return max(1, min(60, (len(self._pending) + 1) * 2))
@@ -136,6 +140,8 @@ class Scheduler:
                 job = self._pending.popleft()
                 job.started = True
                 self.running += 1
+            if self.on_start is not None:
+                self.on_start(time.monotonic() - job.submitted)
             try:
                 if job.request.cancel.is_set():
                     self.counts["cancelled_waiting"] += 1

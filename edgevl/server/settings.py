@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     execution_mode: Literal["sequential", "parallel"] = Field("sequential", description="ONNX Runtime graph execution")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")
-    max_concurrency: int = Field(1, ge=1, le=64, description="generations running at once (the CPU is shared)")
+    max_batch: int = Field(4, ge=1, le=64, description="sequences decoding together in one batched step")
+    kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
+    prefill_chunk: int = Field(256, ge=16, le=65536,
+                               description="prompt tokens read per step while other answers stream")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
     # -- limits
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="longest a request may take, queue included")
@@ -54,7 +57,7 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, time in-flight requests get to finish")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON")
     thermal_sensor: str | None = Field(None, description="temperature file (default: the hottest thermal zone)")
-    thermal_soft_c: float = Field(80.0, description="above it: one generation at a time")
+    thermal_soft_c: float = Field(80.0, description="above it: batch size 1 (one answer at a time)")
     thermal_hard_c: float = Field(90.0, description="above it: no new work (503) until cooled")
     thermal_hysteresis_c: float = Field(5.0, ge=0, description="cool this far below the soft limit to recover")
     thermal_poll_s: float = Field(2.0, gt=0, description="seconds between temperature reads")
@@ -90,7 +93,8 @@ class Settings(BaseSettings):
             execution_mode=self.execution_mode, graph_optimization=self.graph_optimization,
             precision=self.precision, max_context=self.max_context, max_pixels=self.max_pixels,
             max_images=self.max_images, vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
-            max_memory_mb=self.max_memory_mb)
+            max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
+            prefill_chunk=self.prefill_chunk)
 
     def all_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

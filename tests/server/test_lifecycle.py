@@ -15,7 +15,7 @@ from tests.server.conftest import start_server, stop_server
 
 @pytest.fixture(scope="module")
 def small_queue(tmp_path_factory):
-    s = start_server(tmp_path_factory, "--queue-size", "1", "--max-concurrency", "1")
+    s = start_server(tmp_path_factory, "--queue-size", "1", "--max-batch", "1")
     yield s
     stop_server(s)
 

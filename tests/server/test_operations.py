@@ -27,7 +27,7 @@ def test_thermal_governor_transitions_over_http(tmp_path_factory, tmp_path):
     sensor.write_text("50000")
     s = start_server(tmp_path_factory, "--thermal-sensor", str(sensor), "--thermal-soft-c", "80",
                      "--thermal-hard-c", "90", "--thermal-hysteresis-c", "5", "--thermal-poll-s", "0.1",
-                     "--max-concurrency", "2")
+                     "--max-batch", "2")
     try:
         def settle(milli: int, level: str) -> dict:
             sensor.write_text(str(milli))

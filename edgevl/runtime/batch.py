@@ -1,0 +1,247 @@
+"""The loop that owns the CPU: continuous batching with chunked prefill.
+
+    generate() ─► inbox ─► waiting ──(a KV row and budget free?)──► admitted
+                                                                      │
+    each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
+                   its KV rows (rows lo..hi of the pool; idle rows in between run a harmless
+                   dummy token past their content)
+                2. admit: one unit of newcomer work — one image through the vision tower, or
+                   one prompt chunk of at most `prefill_chunk` tokens — so running streams
+                   keep flowing while a long prompt is read
+                3. sequences that finished, failed or were cancelled leave; their rows stay
+                   cached for the next turn of their conversation
+    events of each sequence ─► its own queue ─► the generate() iterator of its caller
+
+Cancellation is seen at every step boundary: between decode steps, between a newcomer's images
+and between its prompt chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgevl.runtime.kv_pool import KVPool
+from edgevl.runtime.model import OnnxModel
+from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
+from edgevl.runtime.sequence import Sequence
+from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
+from edgevl.types import EngineError, Event
+
+CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class Work:
+    """A sequence inside the loop: where its prompt stands and where its events go."""
+
+    seq: Sequence
+    prompt: PreparedPrompt
+    needed: int  # KV tokens it may use: prompt + answer limit
+    events: queue.Queue = field(default_factory=queue.Queue)
+    t_submit: float = field(default_factory=time.perf_counter)
+    row: int = -1
+    prefilled: int = 0  # prompt tokens whose KV is in the row
+    feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image index → features
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.prompt.ids.size and not self.seq.finished
+
+
+class BatchLoop:
+    def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
+                 max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock):
+        self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.stats, self._stats_lock = stats, stats_lock
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
+        self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
+        self.waiting: collections.deque[Work] = collections.deque()
+        self.active: list[Work] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called from request threads ---------------------------------------------------------
+    def submit(self, work: Work) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            self.waiting.append(work)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def load(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": sum(w.decoding for w in self.active),
+                    "prefilling": sum(not w.decoding for w in self.active), "waiting": len(self.waiting)}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self.waiting and not self.active:
+                    self._cv.wait()
+                if self._closed:
+                    for w in list(self.waiting) + self.active:
+                        w.events.put(EngineError("the engine is shutting down"))
+                    return
+                self._admit()
+            try:
+                self._drop_cancelled()
+                self._decode_step()
+                self._prefill_step()
+            except BaseException as e:  # a bug here must not leave callers waiting forever
+                for w in list(self.active):
+                    self._fail(w, e)
+
+    def _admit(self) -> None:
+        """First come, first served: the head of the queue waits until its KV fits, and so do those behind it."""
+        for w in [w for w in self.waiting if w.seq.cancelled]:
+            self.waiting.remove(w)
+            self._emit(w, w.seq.cancel())
+        while self.waiting and len(self.active) < self.max_batch:
+            w = self.waiting[0]
+            got = self.pool.acquire(w.prompt.keys, w.needed)
+            if got is None:
+                return
+            self.waiting.popleft()
+            w.row, w.prefilled = got
+            self.pool.advance(w.row, w.prompt.keys[:w.prefilled])
+            w.seq.timings.queue_ms = (time.perf_counter() - w.t_submit) * 1000
+            w.seq.timings.prefix_reused_tokens = w.prefilled
+            self._count("prefix_reused_tokens", w.prefilled)
+            self.active.append(w)
+
+    def _drop_cancelled(self) -> None:
+        for w in list(self.active):
+            if w.seq.cancelled and not w.seq.finished:
+                self._emit(w, w.seq.cancel())
+
+    def _decode_step(self) -> None:
+        running = [w for w in self.active if w.decoding]
+        if not running:
+            return
+        by_row = {w.row: w for w in running}
+        lo, hi = min(by_row), max(by_row) + 1
+        ids = np.zeros((hi - lo, 1), np.int64)
+        positions = np.zeros((3, hi - lo), np.int64)
+        lengths = np.zeros(hi - lo, np.int64)
+        for r in range(lo, hi):
+            w = by_row.get(r)
+            if w is None:  # a bystander row (idle, or a newcomer mid-prompt): a dummy token past its content
+                lengths[r - lo] = self.pool.idle_length(r) + 1
+                continue
+            n_gen = len(w.seq.generated)
+            ids[r - lo, 0] = w.seq.last_token
+            positions[:, r - lo] = w.prompt.next_position + n_gen - 1
+            lengths[r - lo] = w.prompt.ids.size + n_gen
+        cos, sin = self.prompts.cos_sin(positions)
+        try:
+            logits = self.model.decode([k[lo:hi] for k in self.pool.keys], [v[lo:hi] for v in self.pool.values],
+                                       ids, cos, sin, lengths)
+        except EngineError as e:
+            for w in running:
+                self._fail(w, e)
+            return
+        self.batch_sizes[len(running)] += 1
+        for r, w in by_row.items():
+            self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
+            self._emit(w, w.seq.accept(logits[r - lo]))
+
+    def _prefill_step(self) -> None:
+        """One unit of work for the oldest newcomer: an image's features, or a chunk of its prompt."""
+        w = next((w for w in self.active if not w.decoding and not w.seq.finished), None)
+        if w is None:
+            return
+        if w.seq.cancelled:
+            return  # dropped at the next step's start
+        p = w.prompt
+        for i, ((_, e), patches, fp) in enumerate(zip(p.spans, p.patches, p.fingerprints)):
+            if e <= w.prefilled or i in w.feats:
+                continue  # already in the KV (prefix reuse), or encoded
+            f = self.vision_cache.get(fp)
+            w.seq.timings.vision_cache_hits += int(f is not None)
+            self._count("vision_cache_hits" if f is not None else "vision_cache_misses")
+            if f is None:
+                t0 = time.perf_counter()
+                try:
+                    f = self.model.encode_image(patches)
+                except EngineError as err:
+                    self._fail(w, err)
+                    return
+                self.vision_cache.put(fp, f)
+                w.feats[i] = f
+                w.seq.timings.vision_ms += (time.perf_counter() - t0) * 1000
+                return  # one image per step
+            w.feats[i] = f
+        t0 = time.perf_counter()
+        start, end = w.prefilled, min(p.ids.size, w.prefilled + self.prefill_chunk)
+        row = slice(w.row, w.row + 1)
+        try:
+            logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
+                                       p.ids[None, start:end], p.cos[start:end], p.sin[start:end],
+                                       np.asarray([end]), self._visual(w, start, end))
+        except EngineError as err:
+            self._fail(w, err)
+            return
+        self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
+        w.prefilled = end
+        self.pool.advance(w.row, p.keys[:end])
+        w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+        if end == p.ids.size:
+            self._emit(w, w.seq.accept(logits[0]))
+
+    def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of image features for the image tokens in [start, end), indexed within the chunk."""
+        idx, emb, deep = [], [], []
+        for i, (s, e) in enumerate(w.prompt.spans):
+            lo, hi = max(s, start), min(e, end)
+            if lo >= hi:
+                continue
+            f = w.feats[i]
+            idx.append(np.arange(lo, hi) - start)
+            emb.append(f.embeds[lo - s:hi - s])
+            deep.append(f.deepstack[:, lo - s:hi - s])
+        if not idx:
+            return self.model.no_visual()
+        rows = np.concatenate(idx)
+        return (np.stack([np.zeros_like(rows), rows], axis=1), np.concatenate(emb).astype(np.float32),
+                np.concatenate(deep, axis=1).astype(np.float32))
+
+    # ---- leaving -----------------------------------------------------------------------------
+    def _emit(self, w: Work, events: list[Event]) -> None:
+        for ev in events:
+            w.events.put(ev)
+        if w.seq.finished:
+            self._leave(w)
+            self._count("cancelled" if w.seq.reason == "cancelled" else "finished")
+            self._count("generated_tokens", len(w.seq.generated))
+
+    def _fail(self, w: Work, error: BaseException) -> None:
+        w.seq.finished = True
+        w.events.put(error)
+        self._leave(w)
+        self._count("errors")
+
+    def _leave(self, w: Work) -> None:
+        if w in self.active:
+            self.active.remove(w)
+            self.pool.release(w.row)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] = self.stats.get(key, 0) + n

@@ -1,0 +1,96 @@
+"""The three exported graphs behind small calls: encode an image, run the decoder over rows of
+the KV pool. Knows ONNX Runtime; knows nothing of requests, sampling or scheduling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgevl.checkpoint import ModelConfig
+from edgevl.preprocess import positions as pos
+from edgevl.preprocess.image import ImagePatches
+from edgevl.runtime.vision_cache import ImageFeatures
+from edgevl.types import EngineError, EngineOptions
+
+
+def session_options(options: EngineOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if options.execution_mode == "parallel"
+                         else ort.ExecutionMode.ORT_SEQUENTIAL)
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.graph_optimization]
+    if not options.prepack_weights:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def open_session(path: Path, options: EngineOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
+
+
+class OnnxModel:
+    def __init__(self, config: ModelConfig, vision: ort.InferenceSession, embed: ort.InferenceSession,
+                 decoder: ort.InferenceSession):
+        self.config = config
+        self.vision, self.embed, self.decoder = vision, embed, decoder
+        self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
+        self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
+
+    def encode_image(self, patches: ImagePatches) -> ImageFeatures:
+        v = self.config.vision
+        cos, sin = pos.vision_cos_sin(patches.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                      v.spatial_merge_size)
+        idx, wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
+        try:
+            outs = self.vision.run(None, {"pixel_values": patches.pixel_values, "pos_idx": idx,
+                                          "pos_weights": wts, "cos": cos, "sin": sin})
+        except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
+            raise EngineError(f"vision encoder failed: {e}") from e
+        embeds = outs[0]
+        deep = outs[1] if len(outs) > 1 else np.zeros((0, *embeds.shape), np.float32)
+        return ImageFeatures(embeds, deep)
+
+    def no_visual(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        h = self.config.text.hidden_size
+        return (np.zeros((0, 2), np.int64), np.zeros((0, h), np.float32),
+                np.zeros((self.n_deepstack, 0, h), np.float32))
+
+    def decode(self, keys: list[np.ndarray], values: list[np.ndarray], ids: np.ndarray, cos: np.ndarray,
+               sin: np.ndarray, lengths: np.ndarray,
+               visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """One decoder run. `keys`/`values`: per layer, the pool rows being run, (B, heads, max_len, hd);
+        `ids` (B, S): tokens to add after each row's past; `lengths` (B,): each row's total length
+        after this run (GroupQueryAttention writes the new K/V at length - S in place).
+        `cos`/`sin`: (B*S, head_dim). → last-position logits (B, vocab)."""
+        b = self.decoder.io_binding()
+        for i, (k, v) in enumerate(zip(keys, values)):
+            for kind, arr in (("key", k), ("value", v)):
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)
+                b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
+                b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
+        logits = np.empty((ids.shape[0], self.config.text.vocab_size), np.float32)
+        b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
+        try:
+            embeds = self.embed.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)})[0]
+            b.bind_cpu_input("inputs_embeds", embeds)
+            b.bind_cpu_input("cos", np.ascontiguousarray(cos, dtype=np.float32))
+            b.bind_cpu_input("sin", np.ascontiguousarray(sin, dtype=np.float32))
+            b.bind_cpu_input("seqlens_k", np.ascontiguousarray(lengths - 1, dtype=np.int32))
+            b.bind_cpu_input("total_sequence_length", np.asarray(int(lengths.max()), np.int32))
+            b.bind_cpu_input("visual_idx", vis_idx)
+            b.bind_cpu_input("image_embeds", vis_emb)
+            if self.has_deepstack:
+                b.bind_cpu_input("deepstack_embeds", vis_deep)
+            self.decoder.run_with_iobinding(b)
+        except Exception as e:
+            raise EngineError(f"decoder failed: {e}") from e
+        return logits

@@ -1,0 +1,168 @@
+"""Continuous batching: sequences decoded together give what each gives alone, and the loop's
+limits (KV budget, cancellation mid-prompt) hold."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edgevl.runtime.constrain import Recorder
+from edgevl.runtime.engine import OrtEngine
+from edgevl.types import (
+    EngineOptions,
+    FinishEvent,
+    GenerationRequest,
+    ImagePart,
+    InputError,
+    Message,
+    SamplingParams,
+    TextPart,
+    TokenEvent,
+)
+from tests.conftest import make_image
+
+TOL = 1e-4
+
+# different images, prompts and answer lengths
+REQUESTS = [
+    ([(96, 64)], "Describe the picture.", 24),
+    ([], "Tell me a long story about a lighthouse keeper and the sea.", 40),
+    ([(64, 128), (80, 80)], "Compare these two images.", 16),
+    ([(160, 96)], "What is in the corner?", 32),
+]
+
+
+def _request(i: int, **params) -> tuple[GenerationRequest, Recorder]:
+    sizes, text, n = REQUESTS[i]
+    rec = Recorder()
+    parts = [ImagePart(make_image(w, h, seed=10 * i + j)) for j, (w, h) in enumerate(sizes)]
+    p = {"max_new_tokens": n, "ignore_eos": True, "repetition_penalty": 1.2, **params}
+    return GenerationRequest([Message("user", [*parts, TextPart(text)])], SamplingParams(**p), constraint=rec), rec
+
+
+def _tokens(events: list) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, TokenEvent) and e.token_id >= 0]
+
+
+@pytest.fixture(scope="module")
+def batch_engine(tiny_onnx):
+    # prefix reuse off: every run reads its whole prompt, so alone and batched do the same work
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=4, prefill_chunk=32, prefix_cache=False))
+    yield e
+    e.close()
+
+
+def _run_staggered(engine: OrtEngine, requests: list[GenerationRequest], join_after: int = 3) -> list[list]:
+    """Request i+1 joins once request i has streamed `join_after` tokens: each joins a running batch."""
+    out: list[list] = [[] for _ in requests]
+    started = [threading.Event() for _ in requests]
+
+    def consume(i: int) -> None:
+        n = 0
+        for ev in engine.generate(requests[i]):
+            out[i].append(ev)
+            n += isinstance(ev, TokenEvent)
+            if n == join_after and i + 1 < len(requests):
+                started[i + 1].set()
+        if i + 1 < len(requests):
+            started[i + 1].set()
+
+    threads = []
+    for i in range(len(requests)):
+        if i:
+            started[i].wait(60)
+        t = threading.Thread(target=consume, args=(i,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_batched_greedy_equals_alone_with_logits_within_tolerance(batch_engine):
+    alone = []
+    for i in range(len(REQUESTS)):
+        req, rec = _request(i)
+        alone.append((_tokens(list(batch_engine.generate(req))), rec.logits))
+    before = dict(batch_engine.batch_histograms()["batch_size"])
+    pairs = [_request(i) for i in range(len(REQUESTS))]
+    batched = _run_staggered(batch_engine, [r for r, _ in pairs])
+    after = batch_engine.batch_histograms()["batch_size"]
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert any(n > 0 for k, n in grew.items() if k >= 3), f"never decoded 3+ sequences together: {grew}"
+    for i, ((toks_alone, logits_alone), (_, rec)) in enumerate(zip(alone, pairs)):
+        toks = _tokens(batched[i])
+        assert isinstance(batched[i][-1], FinishEvent) and len(toks) == REQUESTS[i][2]
+        for step, (a, b) in enumerate(zip(logits_alone, rec.logits)):
+            if toks[step] != toks_alone[step]:  # allowed only where the model itself could not decide
+                top2 = np.sort(a)[-2:]
+                assert top2[1] - top2[0] < TOL, f"request {i} step {step}: tokens differ with a clear margin"
+                break
+            diff = float(np.abs(a - b).max())
+            assert diff < TOL, f"request {i} step {step}: logits differ by {diff}"
+        else:
+            assert toks == toks_alone
+
+
+def test_seeded_sampling_is_reproducible_under_batching(batch_engine):
+    params = {"temperature": 0.9, "top_p": 0.95, "top_k": 50}
+    alone = [_tokens(list(batch_engine.generate(_request(i, seed=100 + i, **params)[0]))) for i in range(3)]
+    batched = _run_staggered(batch_engine, [_request(i, seed=100 + i, **params)[0] for i in range(3)], join_after=2)
+    assert [_tokens(b) for b in batched] == alone
+
+
+def test_cancel_during_prefill_stops_between_chunks(tiny_onnx):
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefill_chunk=16, prefix_cache=False))
+    try:
+        long_prompt = "word " * 600  # ~600 tokens: dozens of 16-token chunks
+        req = GenerationRequest([Message("user", [TextPart(long_prompt)])], SamplingParams(max_new_tokens=4))
+        events: list = []
+        t = threading.Thread(target=lambda: events.extend(e.generate(req)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while sum(e.batch_histograms()["prefill_chunk_tokens"].values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        req.cancel.set()
+        t.join(30)
+        chunks = sum(e.batch_histograms()["prefill_chunk_tokens"].values())
+        fin = events[-1]
+        assert isinstance(fin, FinishEvent) and fin.finish_reason == "cancelled"
+        assert fin.usage.completion_tokens == 0
+        assert chunks < 600 // 16, f"{chunks} chunks ran: the prefill was not stopped"
+        assert e.cache_stats()["running"] == e.cache_stats()["prefilling"] == 0
+        # the engine goes on serving
+        ok = list(e.generate(GenerationRequest([Message("user", [TextPart("hi")])],
+                                               SamplingParams(max_new_tokens=3, ignore_eos=True))))
+        assert ok[-1].usage.completion_tokens == 3
+    finally:
+        e.close()
+
+
+def test_kv_budget_admits_only_what_fits(tiny_onnx):
+    # tiny model: 1 KiB of KV per token, so 1 MB holds 1024 tokens: one 700-token request at a time
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=4, kv_cache_mb=1, prefix_cache=False))
+    try:
+        def req(seed: int) -> GenerationRequest:
+            return GenerationRequest([Message("user", [TextPart(f"Question {seed}?")])],
+                                     SamplingParams(max_new_tokens=680, ignore_eos=True, temperature=0.8, seed=seed))
+
+        results: list = [None, None]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, list(e.generate(req(i)))))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(r[-1].usage.completion_tokens == 680 for r in results)
+        sizes = e.batch_histograms()["batch_size"]
+        assert set(sizes) == {1}, f"two sequences shared a KV budget that holds one: {sizes}"
+        assert max(r[-1].timings.queue_ms for r in results) > 0
+        with pytest.raises(InputError) as err:
+            list(e.generate(replace(req(3), params=SamplingParams(max_new_tokens=2000))))
+        assert err.value.code == "kv_cache_exceeded"
+    finally:
+        e.close()
