@@ -1,6 +1,6 @@
 """The README stays true to the code: its endpoint table lists the app's routes, its settings
-table every setting, CI runs its test command, and every file the docs cite exists (the curl
-examples run in tests/server/test_docs.py)."""
+table every setting, CI runs its test command; SECURITY.md's flags exist, and so does every file
+the docs cite (the curl examples run in tests/server/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.+?)\n```", README, flags=re.S)
     test_cmd = next(c for c in commands if "pytest" in c)
     assert test_cmd.strip().replace("pip install", "pip install -q") in ci
+
+
+def test_every_flag_security_md_names_is_a_flag_of_serve():
+    flags = {f"--{name.replace('_', '-')}" for name in Settings.model_fields}
+    named = set(re.findall(r"`(--[a-z-]+)", (ROOT / "SECURITY.md").read_text()))
+    assert named and named <= flags, named - flags
 
 
 def test_every_file_the_docs_cite_exists():
