@@ -54,3 +54,11 @@ def test_threads_and_memory_budget_fit_the_limits():
     assert int(env["EDGEVL_MAX_MEMORY_MB"]) < limit_mb
     unit_budget = int(re.search(r"--max-memory-mb (\d+)", _unit("ExecStart")[0]).group(1))
     assert unit_budget < int(_unit("MemoryMax")[0].removesuffix("G")) * 1024
+
+
+def test_the_unit_passes_only_serve_flags_and_the_image_runs_serve_unprivileged_with_a_health_check():
+    flags = {f"--{name.replace('_', '-')}" for name in Settings.model_fields}
+    passed = [a for a in _unit("ExecStart")[0].split() if a.startswith("--")]
+    assert passed and set(passed) <= flags, set(passed) - flags
+    assert "USER edgevl" in DOCKERFILE and "/api/health" in DOCKERFILE.split("HEALTHCHECK", 1)[1]
+    assert 'exec edgevl serve "$@"' in ENTRYPOINT and 'ENTRYPOINT ["edgevl-entrypoint"]' in DOCKERFILE
