@@ -1,4 +1,4 @@
-"""Running for months: the thermal governor over HTTP, flat memory, JSON logs, deployment files."""
+"""Running for months: the thermal governor over HTTP, flat memory, JSON logs (deployment files: tests/deploy)."""
 
 from __future__ import annotations
 
