@@ -1,4 +1,4 @@
-"""`edgevl make-model | export | predict | serve | bench | doctor`."""
+"""`edgevl make-model | export | predict | make-clip | serve | bench | doctor`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _predict(args: argparse.Namespace) -> int:
 
         model = demo_model_dir()
     options = EngineOptions(intra_op_threads=args.threads, precision=args.precision,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels)
     engine = load_engine(model, options)
     info = engine.info()
     if info.random_weights:
@@ -61,6 +61,17 @@ def _predict(args: argparse.Namespace) -> int:
         except (OSError, InputError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.video:
+        from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
+
+        try:
+            clip = decode_video(Path(args.video).read_bytes(), VideoConfig.from_folder(info.model_dir),
+                                VideoLimits(max_frames=args.max_frames), args.fps, args.max_frames)
+        except (OSError, InputError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"[edgevl] {len(clip.times)} frames sampled from {args.video}", file=sys.stderr)
+        parts.append(clip)
     parts.append(TextPart(args.prompt))
     sampling = engine.sampling_defaults()  # the checkpoint's own, unless given here
     for key in ("temperature", "top_p"):
@@ -70,11 +81,21 @@ def _predict(args: argparse.Namespace) -> int:
     for ev in engine.generate(GenerationRequest([Message("user", parts)], params)):
         if isinstance(ev, FinishEvent):
             t = ev.timings
-            print(f"\n[edgevl] {ev.finish_reason}: {ev.usage.prompt_tokens} prompt + "
+            visual = f" ({ev.usage.video_tokens} of them video)" if ev.usage.video_tokens else ""
+            print(f"\n[edgevl] {ev.finish_reason}: {ev.usage.prompt_tokens} prompt{visual} + "
                   f"{ev.usage.completion_tokens} answer tokens; first token {t.ttft_ms:.0f} ms, "
                   f"{t.tokens_per_s:.1f} tokens/s, total {t.total_ms:.0f} ms", file=sys.stderr)
         else:
             print(ev.text, end="", flush=True)
+    return 0
+
+
+def _make_clip(args: argparse.Namespace) -> int:
+    from edgevl.bench.clip import make_clip
+
+    fmt = "webm" if args.out.endswith(".webm") else "mp4"
+    Path(args.out).write_bytes(make_clip(args.seconds, args.size, args.size, args.fps, fmt))
+    print(f"wrote {args.out}: {args.seconds:g} s of {args.size}x{args.size} at {args.fps} fps")
     return 0
 
 
@@ -107,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the last layer and the tied embedding (default: fp32 for fp32, else int8)")
     e.set_defaults(func=_export)
 
-    r = sub.add_parser("predict", help="answer one question about one image, streaming")
+    r = sub.add_parser("predict", help="answer one question about an image and/or a clip, streaming")
     r.add_argument("prompt")
     r.add_argument("--image", help="image file (PNG, JPEG, WebP, GIF, BMP)")
+    r.add_argument("--video", help="video file (MP4, WebM, MOV, animated GIF/WebP)")
+    r.add_argument("--fps", type=float, default=None, help="frames read per second of video (default: the model's)")
+    r.add_argument("--max-frames", type=int, default=64, help="frames read from the video at most")
+    r.add_argument("--max-video-pixels", type=int, default=2 * 1024 * 1024,
+                   help="pixel budget of the clip for the vision encoder, all frames together")
     r.add_argument("--model", help="checkpoint or exported folder (default: the demo model)")
     r.add_argument("--precision", choices=precisions, default="fp32")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
@@ -120,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=_predict)
+
+    c = sub.add_parser("make-clip", help="write a synthetic clip (moving, changing shapes) for trying video")
+    c.add_argument("out", help="output file (.mp4 or .webm)")
+    c.add_argument("--seconds", type=float, default=4.0)
+    c.add_argument("--size", type=int, default=448, help="frame width and height")
+    c.add_argument("--fps", type=int, default=10)
+    c.set_defaults(func=_make_clip)
 
     from edgevl.bench.cli import add_bench_arguments, run_bench
 

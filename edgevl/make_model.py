@@ -286,6 +286,14 @@ def make_model(size: str, out: str | Path, seed: int = 0) -> Path:
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast",
     }, indent=2))
+    # as Qwen3-VL-2B-Instruct's video_preprocessor_config.json, with the class defaults spelt out
+    (out / "video_preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "fps": 2, "min_frames": 4, "max_frames": 768,
+        "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
+    }, indent=2))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     (out / "tokenizer.json").write_text(make_tokenizer_json())
     (out / "tokenizer_config.json").write_text(json.dumps({

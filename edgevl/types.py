@@ -1,8 +1,8 @@
 """The engine's small interface: what goes in, what comes out.
 
 Every front end (CLI, edge API, OpenAI API, benchmark) speaks only these types; none of them
-imports onnxruntime. Images arrive already decoded (``PIL.Image.Image``, RGB) because decoding
-and its limits belong to preprocessing, before the queue.
+imports onnxruntime. Images arrive already decoded (``PIL.Image.Image``, RGB) and clips decoded
+and sampled (``VideoPart``) because decoding and its limits belong to preprocessing, before the queue.
 """
 
 from __future__ import annotations
@@ -32,9 +32,17 @@ class ImagePart:
 
 
 @dataclass
+class VideoPart:
+    """A clip, already decoded and sampled: frames in time order and when each was shown."""
+
+    frames: np.ndarray  # (n, H, W, 3) uint8 RGB
+    times: list[float]  # seconds from the clip's start, one per frame
+
+
+@dataclass
 class Message:
     role: Role
-    content: list[TextPart | ImagePart]
+    content: list[TextPart | ImagePart | VideoPart]
 
 
 @dataclass
@@ -75,6 +83,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int = 0
+    video_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -126,6 +135,7 @@ class EngineOptions:
     max_context: int = 4096  # prompt + answer tokens of one conversation
     max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
     max_images: int = 8  # per request
+    max_video_pixels: int = 2 * 1024 * 1024  # per clip, all its sampled frames together
     vision_cache_entries: int = 16  # image embeddings kept for re-use (LRU)
     prepack_weights: bool = True  # MLAS packs fp32 weights at load: faster prompts, one more copy in RAM
     prefix_cache: bool = True  # re-use the KV cache of a previous turn that shares the prompt's start

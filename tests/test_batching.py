@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
 from edgevl.runtime.constrain import Recorder
 from edgevl.runtime.engine import OrtEngine
 from edgevl.types import (
@@ -23,6 +24,7 @@ from edgevl.types import (
     TextPart,
     TokenEvent,
 )
+from tests import clips
 from tests.conftest import make_image
 
 TOL = 1e-4
@@ -33,13 +35,17 @@ REQUESTS = [
     ([], "Tell me a long story about a lighthouse keeper and the sea.", 40),
     ([(64, 128), (80, 80)], "Compare these two images.", 16),
     ([(160, 96)], "What is in the corner?", 32),
+    ("clip", "What moves, and when?", 20),  # a video: its frame groups are placed like images
 ]
 
 
 def _request(i: int, **params) -> tuple[GenerationRequest, Recorder]:
     sizes, text, n = REQUESTS[i]
     rec = Recorder()
-    parts = [ImagePart(make_image(w, h, seed=10 * i + j)) for j, (w, h) in enumerate(sizes)]
+    if sizes == "clip":
+        parts = [decode_video(clips.mp4(n=24, w=128, h=96), VideoConfig(), VideoLimits())]
+    else:
+        parts = [ImagePart(make_image(w, h, seed=10 * i + j)) for j, (w, h) in enumerate(sizes)]
     p = {"max_new_tokens": n, "ignore_eos": True, "repetition_penalty": 1.2, **params}
     return GenerationRequest([Message("user", [*parts, TextPart(text)])], SamplingParams(**p), constraint=rec), rec
 
@@ -51,7 +57,7 @@ def _tokens(events: list) -> list[int]:
 @pytest.fixture(scope="module")
 def batch_engine(tiny_onnx):
     # prefix reuse off: every run reads its whole prompt, so alone and batched do the same work
-    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=4, prefill_chunk=32, prefix_cache=False))
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False))
     yield e
     e.close()
 

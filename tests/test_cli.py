@@ -39,3 +39,18 @@ def test_make_model_and_export_commands(tmp_path):
     assert (ox / "vision.onnx").is_file() and (ox / "decoder.onnx").is_file()
     assert (ox / "edgevl_manifest.json").is_file()
 
+
+def test_make_clip_then_predict_about_it(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    made = subprocess.run([sys.executable, "-m", "edgevl.cli", "make-clip", str(clip), "--seconds", "2",
+                           "--size", "128"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--video", str(clip), "--max-tokens", "6",
+                          "--seed", "1", "What moves?"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "4 frames sampled" in out.stderr and re.search(r"prompt \(\d+ of them video\)", out.stderr)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--video", str(bad), "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "cannot read the video" in out.stderr

@@ -15,21 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "vision_ms", "prefill_ms", "prompt_tokens",
-           "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
+METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "vision_ms", "prefill_ms", "prompt_tokens",
+           "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Qwen3-VL checkpoint folder (default: the demo model)")
     p.add_argument("--backends", default="transformers,edgevl-fp32,edgevl-int8,edgevl-int4",
                    help="comma-separated: transformers, edgevl-fp32, edgevl-int8, edgevl-int4")
-    p.add_argument("--tasks", default="caption,ocr,chart")
+    p.add_argument("--tasks", default="caption,ocr,chart,video",
+                   help="caption, ocr, chart (448² images) and video (a generated 4 s clip of 448² frames)")
     p.add_argument("--size", type=int, default=448, help="image side in pixels (the headline is 448)")
     p.add_argument("--pixel-sweep", default=None, help="e.g. 224,448,672,896: latency curve instead of tasks")
     p.add_argument("--runs", type=int, default=20, help="measured runs per task, after a warm-up")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per run (EOS ignored: fixed length)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
-    p.add_argument("--quick", action="store_true", help="2 runs, 8 tokens, 1 task: a smoke test")
+    p.add_argument("--quick", action="store_true", help="2 runs, 8 tokens, the first task and video: a smoke test")
     p.add_argument("--out", default=None, help="output folder (default: artifacts/bench/<time>)")
     p.add_argument("--llama-cpp", default=None, help="llama-mtmd-cli binary, to compare on the same machine")
     p.add_argument("--gguf", action="append", default=[], help="NAME=MODEL.gguf (several allowed, with --mmproj)")
@@ -49,7 +50,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
         return run_load(args)
     if args.quick:
-        args.runs, args.max_tokens, args.tasks = 2, 8, args.tasks.split(",")[0]
+        first = args.tasks.split(",")[0]
+        args.runs, args.max_tokens = 2, 8
+        args.tasks = first + (",video" if "video" in args.tasks.split(",")[1:] else "")
     out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = args.pixel_sweep or str(args.size)
@@ -177,21 +180,24 @@ def _fmt(s: dict, digits: int = 0) -> str:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| backend | task | image | TTFT ms | total ms | decode tok/s | vision ms | prefill ms | prompt tok | "
-        "out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | task | image | TTFT ms | total ms | decode tok/s | frames decode ms | vision ms | prefill ms | "
+        "prompt tok | out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(report["rows"], key=lambda r: (r["size"], r["task"], r["backend"])):
         vs = r.get("vs_transformers", {})
         lines.append(
             f"| {r['backend']} | {r['task']} | {r['size']}² | {_fmt(r['ttft_ms'])} | {_fmt(r['total_ms'])} | "
-            f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['vision_ms'])} | {_fmt(r['prefill_ms'])} | "
+            f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['decode_ms'])} | {_fmt(r['vision_ms'])} | "
+            f"{_fmt(r['prefill_ms'])} | "
             f"{r['prompt_tokens']['median']:.0f} | {r['output_tokens']['median']:.0f} | "
             f"{r['peak_rss_mb']['median']:.0f} | {r['cpu_util']['median'] * 100:.0f}% | "
             f"{_fmt(r['energy_j'], 1)} | {vs.get('ttft', '')} | {vs.get('decode', '')} |")
     lines.append("")
     lines.append("Cells: median (mean ± std). TTFT/decode vs ref: ratio to the transformers eager fp32 "
-                 "reference in the same run (TTFT lower is better, decode higher is better).")
+                 "reference in the same run (TTFT lower is better, decode higher is better). The video task: "
+                 "a generated 4 s clip of the given frame size, sampled at the model's 2 fps; its TTFT = frames "
+                 "decode + vision + prefill.")
     if report["repeat_image"]:
         lines += ["", "| backend | task | first ask TTFT ms | same image again TTFT ms | ratio |",
                   "|---|---|---|---|---|"]

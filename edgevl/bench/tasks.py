@@ -1,4 +1,4 @@
-"""The benchmark's three classic edge tasks, with images drawn by the benchmark itself (Pillow)."""
+"""The benchmark's edge tasks, with images drawn by the benchmark itself (Pillow) and a generated clip."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def chart(size: int) -> Image.Image:
     d.text((m, m // 3), "Monthly output (MWh), 2025", fill="black")
     return img
 
+
+VIDEO_PROMPT = "What happens in this clip? Say what moves, where to, and what changes colour."
+VIDEO_SECONDS = 4.0
 
 TASKS = {
     "caption": Task("caption", "Describe this image in detail: the objects, their colours and where they are.", scene),

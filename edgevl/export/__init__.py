@@ -23,7 +23,8 @@ PRECISIONS: dict[str, QuantSpec | None] = {
 }
 # the vision tower is compute-bound: integer GEMM helps it, 4-bit weights do not
 DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8"}
-_COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+_COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+           "tokenizer.json",
            "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
            "edgevl_random_weights.json")
 

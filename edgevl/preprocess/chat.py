@@ -1,7 +1,10 @@
 """Messages → token ids, with the checkpoint's own chat template and tokenizer.
 
 The rendered prompt has one ``<|image_pad|>`` per image; it is expanded here to the number of
-tokens the vision encoder will produce for that image, as transformers' processor does.
+tokens the vision encoder will produce for that image, as transformers' processor does. A clip's
+``<|video_pad|>`` becomes, per frame group, ``<t seconds><|vision_start|>`` + pads +
+``<|vision_end|>`` (Qwen3VLProcessor.replace_video_token); transformers 5 replaces the pad token
+only, so the template's own ``<|vision_start|>`` / ``<|vision_end|>`` stay around the whole clip.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from edgevl.checkpoint import read_chat_template
-from edgevl.types import ImagePart, Message, TextPart
+from edgevl.preprocess.image import ImagePatches
+from edgevl.preprocess.video_patches import VideoPatches
+from edgevl.types import ImagePart, Message, TextPart, VideoPart
 
 
 @dataclass
 class ChatTokens:
-    ids: np.ndarray  # (S,) int64, image pads expanded
-    image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens in `ids`
+    ids: np.ndarray  # (S,) int64, image and video pads expanded
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's / frame group's tokens in `ids`
+    span_items: list[int]  # which visual item (in message order) each span belongs to
 
 
 class ChatFormatter:
-    def __init__(self, folder: Path, image_token_id: int):
+    def __init__(self, folder: Path, image_token_id: int, video_token_id: int | None = None):
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # as transformers compiles chat templates: trim and lstrip blocks, sandboxed
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -33,29 +39,46 @@ class ChatFormatter:
         env.filters["tojson"] = _tojson
         self.template = env.from_string(read_chat_template(folder))
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.vision_start_id = self.tokenizer.token_to_id("<|vision_start|>")
+        self.vision_end_id = self.tokenizer.token_to_id("<|vision_end|>")
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         return self.template.render(messages=[_as_hf(m) for m in messages],
                                     add_generation_prompt=add_generation_prompt)
 
-    def encode(self, messages: list[Message], image_tokens: list[int]) -> ChatTokens:
-        """`image_tokens[i]`: how many tokens the i-th image (in message order) becomes."""
+    def encode(self, messages: list[Message], items: list[ImagePatches | VideoPatches]) -> ChatTokens:
+        """`items`: the patches of every image and clip, in message order."""
         ids = self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
         out: list[int] = []
         spans: list[tuple[int, int]] = []
+        owners: list[int] = []
         k = 0
         for t in ids:
-            if t == self.image_token_id:
-                if k >= len(image_tokens):
-                    raise ValueError("the prompt has more image placeholders than images")
-                spans.append((len(out), len(out) + image_tokens[k]))
-                out.extend([t] * image_tokens[k])
-                k += 1
-            else:
+            if t not in (self.image_token_id, self.video_token_id):
                 out.append(t)
-        if k != len(image_tokens):
-            raise ValueError(f"{len(image_tokens)} images but {k} placeholders in the prompt")
-        return ChatTokens(np.asarray(out, dtype=np.int64), spans)
+                continue
+            if k >= len(items):
+                raise ValueError("the prompt has more image or video placeholders than images and videos")
+            item = items[k]
+            if isinstance(item, VideoPatches) != (t == self.video_token_id):
+                raise ValueError("images and videos are not in the order of their placeholders")
+            if isinstance(item, VideoPatches):
+                for stamp in item.timestamps:
+                    out.extend(self.tokenizer.encode(f"<{stamp:.1f} seconds>", add_special_tokens=False).ids)
+                    out.append(self.vision_start_id)
+                    spans.append((len(out), len(out) + item.tokens_per_group))
+                    out.extend([t] * item.tokens_per_group)
+                    out.append(self.vision_end_id)
+                    owners.append(k)
+            else:
+                spans.append((len(out), len(out) + item.n_tokens))
+                out.extend([t] * item.n_tokens)
+                owners.append(k)
+            k += 1
+        if k != len(items):
+            raise ValueError(f"{len(items)} images and videos but {k} placeholders in the prompt")
+        return ChatTokens(np.asarray(out, dtype=np.int64), spans, owners)
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
@@ -66,6 +89,8 @@ def _as_hf(m: Message) -> dict:
     for p in m.content:
         if isinstance(p, ImagePart):
             parts.append({"type": "image"})
+        elif isinstance(p, VideoPart):
+            parts.append({"type": "video"})
         elif isinstance(p, TextPart):
             parts.append({"type": "text", "text": p.text})
     return {"role": m.role, "content": parts}
@@ -79,3 +104,8 @@ def _tojson(x: object, indent: int | None = None) -> str:
 
 def images_in(messages: list[Message]) -> list[ImagePart]:
     return [p for m in messages for p in m.content if isinstance(p, ImagePart)]
+
+
+def visuals_in(messages: list[Message]) -> list[ImagePart | VideoPart]:
+    """Images and clips in message order: the order of their placeholders in the prompt."""
+    return [p for m in messages for p in m.content if isinstance(p, (ImagePart, VideoPart))]

@@ -136,6 +136,10 @@ class ImagePatches:
         t, h, w = self.grid_thw
         return t * h * w // (self.merge_size * self.merge_size)
 
+    def groups(self) -> list[ImagePatches]:
+        """What the vision tower runs on, one call each (a clip has one per frame group)."""
+        return [self]
+
 
 def target_size(
     height: int, width: int, cfg: ImageProcessorConfig, max_pixels: int | None = None

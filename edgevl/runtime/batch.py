@@ -47,7 +47,7 @@ class Work:
     t_submit: float = field(default_factory=time.perf_counter)
     row: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the row
-    feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image index → features
+    feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
 
     @property
     def decoding(self) -> bool:
@@ -170,9 +170,9 @@ class BatchLoop:
         if w.seq.cancelled:
             return  # dropped at the next step's start
         p = w.prompt
-        for i, ((_, e), patches, fp) in enumerate(zip(p.spans, p.patches, p.fingerprints)):
-            if e <= w.prefilled or i in w.feats:
-                continue  # already in the KV (prefix reuse), or encoded
+        for i, (patches, fp) in enumerate(zip(p.patches, p.fingerprints)):
+            if i in w.feats or all(e <= w.prefilled for _, e in p.item_spans(i)):
+                continue  # encoded, or already in the KV (prefix reuse)
             f = self.vision_cache.get(fp)
             w.seq.timings.vision_cache_hits += int(f is not None)
             self._count("vision_cache_hits" if f is not None else "vision_cache_misses")
@@ -208,14 +208,17 @@ class BatchLoop:
     def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of image features for the image tokens in [start, end), indexed within the chunk."""
         idx, emb, deep = [], [], []
-        for i, (s, e) in enumerate(w.prompt.spans):
+        row_of = {}  # an item's features run through its spans in order (a clip: frame group by group)
+        for (s, e), k in zip(w.prompt.spans, w.prompt.span_items):
+            first = row_of.setdefault(k, 0)
+            row_of[k] = first + e - s
             lo, hi = max(s, start), min(e, end)
             if lo >= hi:
                 continue
-            f = w.feats[i]
+            f = w.feats[k]
             idx.append(np.arange(lo, hi) - start)
-            emb.append(f.embeds[lo - s:hi - s])
-            deep.append(f.deepstack[:, lo - s:hi - s])
+            emb.append(f.embeds[first + lo - s:first + hi - s])
+            deep.append(f.deepstack[:, first + lo - s:first + hi - s])
         if not idx:
             return self.model.no_visual()
         rows = np.concatenate(idx)

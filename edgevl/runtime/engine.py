@@ -23,6 +23,7 @@ from PIL import Image
 from edgevl.checkpoint import ModelConfig
 from edgevl.export import MANIFEST
 from edgevl.preprocess.image import ImageProcessorConfig
+from edgevl.preprocess.video_patches import video_processor_config
 from edgevl.runtime.batch import BatchLoop, Work
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import OnnxModel, open_session
@@ -54,10 +55,12 @@ class OrtEngine:
         self.options = options or EngineOptions()
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
         self.config = ModelConfig.from_dict(json.loads((self.folder / "config.json").read_text()))
-        ipc = ImageProcessorConfig.from_dict(json.loads((self.folder / "preprocessor_config.json").read_text()))
+        image_pre = json.loads((self.folder / "preprocessor_config.json").read_text())
+        ipc = ImageProcessorConfig.from_dict(image_pre)
         gen = self.folder / "generation_config.json"
         self.generation_defaults = json.loads(gen.read_text()) if gen.is_file() else {}
-        self.prompts = PromptBuilder(self.folder, self.config, ipc, self.options)
+        self.prompts = PromptBuilder(self.folder, self.config, ipc, video_processor_config(self.folder, image_pre),
+                                     self.options)
         self.tokenizer = self.prompts.chat.tokenizer
         eos = self.generation_defaults.get("eos_token_id", self.config.raw.get("text_config", {}).get(
             "eos_token_id"))
@@ -157,7 +160,7 @@ class OrtEngine:
                              f"{self.options.kv_cache_mb} MB: ask for fewer max_tokens", code="kv_cache_exceeded",
                              param="max_tokens")
         seq = Sequence(request, prompt.ids.tolist(), max_new, self.eos_ids, self.tokenizer, self.special_ids,
-                       t_start, timings, prompt.n_image_tokens)
+                       t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True))
         work = Work(seq, prompt, n_prompt + max_new)
         self.loop.submit(work)
         try:

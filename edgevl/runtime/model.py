@@ -11,6 +11,7 @@ import onnxruntime as ort
 from edgevl.checkpoint import ModelConfig
 from edgevl.preprocess import positions as pos
 from edgevl.preprocess.image import ImagePatches
+from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.vision_cache import ImageFeatures
 from edgevl.types import EngineError, EngineOptions
 
@@ -44,19 +45,26 @@ class OnnxModel:
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
 
-    def encode_image(self, patches: ImagePatches) -> ImageFeatures:
+    def encode_image(self, patches: ImagePatches | VideoPatches) -> ImageFeatures:
+        """An image's features, or a clip's: one vision run per frame group (its attention stays
+        within the group, as transformers' does), rows concatenated in time order."""
         v = self.config.vision
-        cos, sin = pos.vision_cos_sin(patches.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
-                                      v.spatial_merge_size)
-        idx, wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
-        try:
-            outs = self.vision.run(None, {"pixel_values": patches.pixel_values, "pos_idx": idx,
-                                          "pos_weights": wts, "cos": cos, "sin": sin})
-        except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
-            raise EngineError(f"vision encoder failed: {e}") from e
-        embeds = outs[0]
-        deep = outs[1] if len(outs) > 1 else np.zeros((0, *embeds.shape), np.float32)
-        return ImageFeatures(embeds, deep)
+        embeds, deep = [], []
+        for group in patches.groups():
+            cos, sin = pos.vision_cos_sin(group.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                          v.spatial_merge_size)
+            idx, wts = pos.vision_pos_interpolation(group.grid_thw, v.num_position_embeddings,
+                                                    v.spatial_merge_size)
+            try:
+                outs = self.vision.run(None, {"pixel_values": group.pixel_values, "pos_idx": idx,
+                                              "pos_weights": wts, "cos": cos, "sin": sin})
+            except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
+                raise EngineError(f"vision encoder failed: {e}") from e
+            embeds.append(outs[0])
+            deep.append(outs[1] if len(outs) > 1 else np.zeros((0, *outs[0].shape), np.float32))
+        if len(embeds) == 1:
+            return ImageFeatures(embeds[0], deep[0])
+        return ImageFeatures(np.concatenate(embeds), np.concatenate(deep, axis=1))
 
     def no_visual(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h = self.config.text.hidden_size

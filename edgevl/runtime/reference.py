@@ -3,12 +3,13 @@
 Used to check every exported graph (parity tests) and as the baseline in the benchmark. It needs
 the `reference` extra (torch, transformers). transformers 5's Qwen3VLProcessor insists on
 torchvision, so the processor is built from its parts: the numpy/PIL image processor, the
-tokenizer, and `<|image_pad|>` expanded here.
+video processor's steps (reference_video.py), the tokenizer, and the pads expanded here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
+from edgevl.runtime.reference_video import ReferenceVideoProcessor
 from edgevl.runtime.sequence import Sequence
 from edgevl.types import (
     EngineInfo,
@@ -24,13 +26,14 @@ from edgevl.types import (
     Event,
     GenerationRequest,
     Message,
+    VideoPart,
 )
 
 
 class ReferenceProcessor:
     """transformers' own pieces: Qwen2VLImageProcessorPil + tokenizer (+ its chat template)."""
 
-    def __init__(self, folder: Path, max_pixels: int | None = None):
+    def __init__(self, folder: Path, max_pixels: int | None = None, max_video_pixels: int | None = None):
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -41,30 +44,40 @@ class ReferenceProcessor:
             size["longest_edge"] = min(max_pixels, size.get("longest_edge", max_pixels))
             pre["size"] = size
         self.image_processor = Qwen2VLImageProcessorPil(**pre)
+        self.video_processor = ReferenceVideoProcessor(Path(folder), max_video_pixels)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.config = ckpt.config
 
     def __call__(self, messages: list[Message]) -> dict:
         import torch
 
-        hf = [{"role": m.role, "content": [{"type": "image"} if hasattr(p, "image") else
-                                           {"type": "text", "text": p.text} for p in m.content]}
+        hf = [{"role": m.role, "content": [{"type": "image"} if hasattr(p, "image") else {"type": "video"}
+                                           if isinstance(p, VideoPart) else {"type": "text", "text": p.text}
+                                           for p in m.content]}
               for m in messages]
         text = self.tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True)
         images = [p.image for p in images_in(messages)]
+        videos = [p for m in messages for p in m.content if isinstance(p, VideoPart)]
         out: dict = {}
+        replace = {"<|image_pad|>": iter([]), "<|video_pad|>": iter([])}
         if images:
             r = self.image_processor(images=images, return_tensors="np")
             grids = r["image_grid_thw"]
             merge = self.image_processor.merge_size ** 2
-            pad = "<|image_pad|>"
-            parts = text.split(pad)
-            text = parts[0] + "".join(pad * int(g.prod() // merge) + rest for g, rest in zip(grids, parts[1:]))
+            replace["<|image_pad|>"] = iter(["<|image_pad|>" * int(g.prod() // merge) for g in grids])
             out["pixel_values"] = torch.from_numpy(r["pixel_values"])
             out["image_grid_thw"] = torch.from_numpy(grids)
+        if videos:
+            pv, vg, texts = zip(*(self.video_processor(v) for v in videos))
+            replace["<|video_pad|>"] = iter(texts)
+            out["pixel_values_videos"] = torch.cat(pv)
+            out["video_grid_thw"] = torch.cat(vg)
+        # one pass over the template's placeholders, as ProcessorMixin.get_text_with_replacements
+        text = re.sub(r"<\|image_pad\|>|<\|video_pad\|>", lambda m: next(replace[m.group()]), text)
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         out["input_ids"] = ids
-        out["mm_token_type_ids"] = (ids == self.config.image_token_id).int()
+        video_id = self.config.raw.get("video_token_id")
+        out["mm_token_type_ids"] = (ids == self.config.image_token_id).int() + 2 * (ids == video_id).int()
         return out
 
 
@@ -80,7 +93,7 @@ class TransformersEngine:
         self.ckpt = load_checkpoint(self.folder)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(self.folder), dtype=torch.float32, attn_implementation="eager").eval()
-        self.processor = ReferenceProcessor(self.folder, self.options.max_pixels)
+        self.processor = ReferenceProcessor(self.folder, self.options.max_pixels, self.options.max_video_pixels)
         gen = self.ckpt.generation.get("eos_token_id", [])
         self.eos_ids = set(gen if isinstance(gen, list) else [gen])
         from tokenizers import Tokenizer
@@ -144,7 +157,8 @@ class TransformersEngine:
         inputs = self.processor(request.messages)
         ids = inputs["input_ids"][0].tolist()
         seq = Sequence(request, ids, request.params.max_new_tokens, self.eos_ids, self.tokenizer,
-                       self.special_ids, t0, n_image_tokens=sum(i == self.ckpt.config.image_token_id for i in ids))
+                       self.special_ids, t0, n_image_tokens=ids.count(self.ckpt.config.image_token_id),
+                       n_video_tokens=ids.count(self.ckpt.config.raw.get("video_token_id")))
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)

@@ -21,13 +21,14 @@ from edgevl.types import Event, FinishEvent, FinishReason, GenerationRequest, Ti
 class Sequence:
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int],
                  tokenizer: Tokenizer, special_ids: set[int], t_start: float, timings: Timings | None = None,
-                 n_image_tokens: int = 0):
+                 n_image_tokens: int = 0, n_video_tokens: int = 0):
         self.request = request
         self.params = request.params
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
         self.n_prompt = len(prompt_ids)
         self.n_image_tokens = n_image_tokens
+        self.n_video_tokens = n_video_tokens
         self.history = list(prompt_ids)
         self.generated: list[int] = []
         self.t_start = t_start
@@ -102,6 +103,6 @@ class Sequence:
             t.decode_ms = (now - self.t_first) * 1000
             if len(self.generated) > 1 and t.decode_ms > 0:
                 t.tokens_per_s = (len(self.generated) - 1) / (t.decode_ms / 1000)
-        usage = Usage(self.n_prompt, len(self.generated), self.n_image_tokens)
+        usage = Usage(self.n_prompt, len(self.generated), self.n_image_tokens, self.n_video_tokens)
         events.append(FinishEvent(reason, usage, t, "".join(self._text)))
         return events

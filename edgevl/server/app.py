@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
+from edgevl.preprocess.video import VideoConfig
 from edgevl.server import detect_api, edge_api, errors, openai_api
 from edgevl.server.errors import error_body
 from edgevl.server.metrics import Metrics
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         st.engine = eng
         st.info = eng.info()
         st.sampling_defaults = eng.sampling_defaults()
+        st.video_config = VideoConfig.from_folder(st.info.model_dir)
         st.governor = ThermalGovernor(ThermalPolicy(
             soft_c=settings.thermal_soft_c, hard_c=settings.thermal_hard_c, hysteresis_c=settings.thermal_hysteresis_c,
             poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch)

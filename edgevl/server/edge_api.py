@@ -12,7 +12,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from edgevl import __version__
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import OcrRequest, OcrResponse, PredictRequest, PredictResponse
-from edgevl.server.serving import constraint_for, image_from_base64, timings_dict, usage_dict
+from edgevl.server.serving import (
+    check_max_frames,
+    constraint_for,
+    image_from_base64,
+    timings_dict,
+    usage_dict,
+    video_from_base64,
+)
 from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/api", tags=["edge"])
@@ -26,13 +33,21 @@ def _request(state, messages: list[Message], body: PredictRequest | OcrRequest) 
 
 @router.post("/predict", response_model=PredictResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def predict(body: PredictRequest, http: Request):
-    """Answer a question about one or more images (or none)."""
+    """Answer a question about images, a video clip, both or neither."""
     state = http.app.state
     sources = body.all_images()
     if len(sources) > state.settings.max_images:
         raise ApiError(f"{len(sources)} images; the limit is {state.settings.max_images}", "too_many_images", "images")
+    if body.video is None and (body.fps is not None or body.max_frames is not None):
+        raise ApiError("fps and max_frames apply to a video; this request has none", "invalid_parameter",
+                       "fps" if body.fps is not None else "max_frames")
+    if body.video is not None and state.settings.max_videos < 1:
+        raise ApiError("this server accepts no video (max_videos is 0)", "too_many_videos", "video")
     parts: list = [ImagePart(image_from_base64(v, state.settings, "image" if i == 0 and body.image else "images"))
                    for i, v in enumerate(sources)]
+    if body.video is not None:
+        check_max_frames(body.max_frames, state.settings, "max_frames")
+        parts.append(await video_from_base64(body.video, state, "video", body.fps, body.max_frames))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)
@@ -101,7 +116,9 @@ async def health(http: Request) -> JSONResponse:
             "random_weights": info.random_weights, "threads": info.intra_op_threads,
             "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
             "in_flight": sched.running, "max_context": info.max_context, "max_pixels": s.max_pixels,
-            "max_tokens": s.max_tokens, "max_images": s.max_images, "caches": state.engine.cache_stats(),
+            "max_tokens": s.max_tokens, "max_images": s.max_images, "max_videos": s.max_videos,
+            "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
+            "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),
             "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},
             "replica": state.replica,
         })

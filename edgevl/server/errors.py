@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.preprocess.image import ImageError
+from edgevl.preprocess.video import VideoError
 from edgevl.types import EngineError, InputError
 
 
@@ -60,8 +61,8 @@ def as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, ImageError):
-        err = ApiError(str(exc), exc.code, exc.param or "image")
-        if exc.code == "image_too_large":
+        err = ApiError(str(exc), exc.code, exc.param or ("video" if isinstance(exc, VideoError) else "image"))
+        if exc.code in ("image_too_large", "video_too_large", "video_too_long"):
             err.status = 413
         return err
     if isinstance(exc, InputError):

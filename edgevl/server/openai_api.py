@@ -11,23 +11,48 @@ from fastapi.responses import StreamingResponse
 
 from edgevl.server.errors import ApiError, as_api_error, error_body
 from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
-from edgevl.server.serving import constraint_for, image_from_base64, timings_dict
+from edgevl.server.serving import (
+    check_max_frames,
+    constraint_for,
+    image_from_base64,
+    timings_dict,
+    video_from_base64,
+    video_from_frames_base64,
+)
 from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
 
 
-def _messages(msgs: list[ChatMessage], state) -> list[Message]:
+async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
     out: list[Message] = []
-    n_images = 0
+    n_images = n_videos = 0
     for i, m in enumerate(msgs):
         role = "system" if m.role == "developer" else m.role
         parts: list = []
         if isinstance(m.content, str):
             parts.append(TextPart(m.content))
         for j, p in enumerate(m.content if isinstance(m.content, list) else []):
-            if p.type == "image_url":
+            where = f"messages.{i}.content.{j}"
+            if p.fps is not None and p.type != "video":
+                raise ApiError("fps belongs to a 'video' frame list (or inside video_url)", "invalid_parameter",
+                               f"{where}.fps")
+            if p.type in ("video_url", "video"):
+                if role != "user":
+                    raise ApiError("videos are only accepted in user messages", "invalid_video_position", where)
+                n_videos += 1
+                if n_videos > state.settings.max_videos:
+                    raise ApiError(f"more than {state.settings.max_videos} videos", "too_many_videos", "messages")
+                if p.type == "video":
+                    parts.append(video_from_frames_base64(p.video or [], state, where, p.fps))
+                elif isinstance(p.video_url, str):
+                    parts.append(await video_from_base64(p.video_url, state, where))
+                else:
+                    v = p.video_url
+                    check_max_frames(v.max_frames, state.settings, f"{where}.video_url.max_frames")
+                    parts.append(await video_from_base64(v.url, state, where, v.fps, v.max_frames))
+            elif p.type == "image_url":
                 if role != "user":
                     raise ApiError("images are only accepted in user messages", "invalid_image_position",
                                    f"messages.{i}.content.{j}")
@@ -52,7 +77,7 @@ async def models(http: Request) -> dict:
 @router.post("/chat/completions", responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
-    msgs = _messages(body.messages, state)
+    msgs = await _messages(body.messages, state)
     params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens, body.stop_list())
     req = GenerationRequest(msgs, params, max_pixels=body.max_pixels)
     fmt = body.response_format or {}
@@ -78,8 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         "id": completion_id(), "object": "chat.completion", "created": now(), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                      "logprobs": None, "finish_reason": _FINISH[fin.finish_reason]}],
-        "usage": {"prompt_tokens": fin.usage.prompt_tokens, "completion_tokens": fin.usage.completion_tokens,
-                  "total_tokens": fin.usage.total_tokens},
+        "usage": _usage(fin),
         "timings": timings_dict(fin, out.queue_ms),  # edgevl extension
     }
 
@@ -101,10 +125,8 @@ def _sse(state, req: GenerationRequest, http: Request, model: str, include_usage
                     queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - ev.timings.total_ms)
                     yield chunk({}, _FINISH[ev.finish_reason], timings=timings_dict(ev, queue_ms))
                     if include_usage:
-                        usage = {"prompt_tokens": ev.usage.prompt_tokens,
-                                 "completion_tokens": ev.usage.completion_tokens, "total_tokens": ev.usage.total_tokens}
                         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage}
+                               "choices": [], "usage": _usage(ev)}
                         yield f"data: {json.dumps(obj)}\n\n".encode()
                 elif ev.text:
                     yield chunk({"content": ev.text})
@@ -115,3 +137,10 @@ def _sse(state, req: GenerationRequest, http: Request, model: str, include_usage
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(fin: FinishEvent) -> dict:
+    """OpenAI's usage, with the visual share of the prompt in prompt_tokens_details (an edgevl extension)."""
+    u = fin.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"image_tokens": u.image_tokens, "video_tokens": u.video_tokens}}

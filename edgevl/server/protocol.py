@@ -63,6 +63,9 @@ class PredictRequest(Sampling):
 
     image: str | None = Field(None, description="base64 or data URL (PNG, JPEG, WebP, GIF, BMP)")
     images: list[str] | None = Field(None, description="several images, in order")
+    video: str | None = Field(None, description="a clip, base64 or data URL (MP4, WebM, MOV, animated GIF/WebP)")
+    fps: float | None = Field(None, gt=0, le=30, description="frames read per second of video (default: the model's)")
+    max_frames: int | None = Field(None, ge=2, description="frames read from the video at most (server limit applies)")
     prompt: str = Field(..., description="the question")
     system: str | None = Field(None, description="optional system prompt")
     schema_: dict[str, Any] | None = Field(None, alias="schema",
@@ -110,6 +113,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     image_tokens: int = 0
+    video_tokens: int = 0
 
 
 class Timings(BaseModel):
@@ -146,12 +150,23 @@ class ImageURL(BaseModel):
     detail: Literal["auto", "low", "high"] | None = None
 
 
+class VideoURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    fps: float | None = Field(None, gt=0, le=30, description="frames read per second (default: the model's)")
+    max_frames: int | None = Field(None, ge=2, description="frames read at most (server limit applies)")
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["text", "image_url", "input_text"]
+    type: Literal["text", "image_url", "input_text", "video_url", "video"]
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: VideoURL | str | None = None
+    video: list[str] | None = Field(None, description="frames the client sampled, as image data URLs")
+    fps: float | None = Field(None, gt=0, le=240, description="for 'video' frame lists: frames per second")
 
     @model_validator(mode="after")
     def _fields(self) -> ContentPart:
@@ -159,6 +174,10 @@ class ContentPart(BaseModel):
             raise ValueError("a text part needs 'text'")
         if self.type == "image_url" and self.image_url is None:
             raise ValueError("an image_url part needs 'image_url'")
+        if self.type == "video_url" and self.video_url is None:
+            raise ValueError("a video_url part needs 'video_url'")
+        if self.type == "video" and not self.video:
+            raise ValueError("a video part needs 'video': a list of frames")
         return self
 
 

@@ -15,11 +15,12 @@ from fastapi import Request
 from PIL import Image
 
 from edgevl.preprocess.image import decode_image
+from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
-from edgevl.types import FinishEvent, GenerationRequest, TokenEvent
+from edgevl.types import FinishEvent, GenerationRequest, TokenEvent, VideoPart
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
@@ -30,19 +31,59 @@ def image_from_base64(value: str, settings: Settings, param: str = "image") -> I
 
 
 def image_and_bytes(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
+    data = _payload(value, "image", param)
+    img = decode_image(data, settings.max_input_pixels)  # ImageError → 4xx by type
+    return img, data
+
+
+def _payload(value: str, what: str, param: str) -> bytes:
+    """The bytes of a base64 string or data URL; remote URLs are refused."""
     if not isinstance(value, str) or not value.strip():
-        raise ApiError("the image is empty", "invalid_image", param)
+        raise ApiError(f"the {what} is empty", f"invalid_{what}", param)
     if value.startswith(("http://", "https://")):
-        raise ApiError("image URLs are not fetched by this server; send the image as base64 or a data URL",
-                       "remote_image_refused", param)
+        raise ApiError(f"{what} URLs are not fetched by this server; send the {what} as base64 or a data URL",
+                       f"remote_{what}_refused", param)
     m = _DATA_URL.match(value)
     payload = value[m.end():] if m else value
     try:
-        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
-    img = decode_image(data, settings.max_input_pixels)  # ImageError → 4xx by type
-    return img, data
+        raise ApiError(f"the {what} is not valid base64: {e}", "invalid_base64", param) from e
+
+
+def video_limits(settings: Settings) -> VideoLimits:
+    return VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_input_pixels)
+
+
+async def video_from_base64(value: str, state, param: str, fps: float | None = None,
+                            max_frames: int | None = None) -> VideoPart:
+    """A clip → sampled frames, decoded off the event loop (a clip takes tens of milliseconds or more).
+    `max_frames` was checked against the server's limit by the caller, who knows its field's name."""
+    data = _payload(value, "video", param)
+    cfg: VideoConfig = state.video_config
+    try:
+        return await asyncio.to_thread(decode_video, data, cfg, video_limits(state.settings), fps, max_frames)
+    except VideoError as e:  # 4xx by type; the param says which part of the request
+        e.param = e.param or param
+        raise
+
+
+def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> None:
+    if max_frames is not None and max_frames > settings.max_video_frames:
+        raise ApiError(f"max_frames must be at most {settings.max_video_frames} (the server's max_video_frames)",
+                       "invalid_parameter", param)
+
+
+def video_from_frames_base64(values: list[str], state, param: str, fps: float | None) -> VideoPart:
+    s = state.settings
+    if len(values) > s.max_video_frames:
+        raise ApiError(f"{len(values)} frames; the limit is {s.max_video_frames}", "too_many_frames", param)
+    images = [image_from_base64(v, s, f"{param}.{i}") for i, v in enumerate(values)]
+    try:
+        return video_from_frames(images, fps or state.video_config.fps, video_limits(s))
+    except VideoError as e:
+        e.param = e.param or param
+        raise
 
 
 async def constraint_for(state, schema: dict | None, budget: int):
@@ -119,7 +160,7 @@ async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> No
 def usage_dict(fin: FinishEvent) -> dict:
     u = fin.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens}
+            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens, "video_tokens": u.video_tokens}
 
 
 def timings_dict(fin: FinishEvent, queue_ms: float = 0.0) -> dict:

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(40_000_000, ge=1, description="largest image decoded at all (pixels)")
     max_pixels: int = Field(1024 * 1024, ge=1024, description="pixel budget per image for the vision encoder")
     max_images: int = Field(8, ge=1, le=64, description="images per request")
+    max_videos: int = Field(2, ge=0, le=16, description="video clips per request (0: no video)")
+    max_video_seconds: float = Field(60.0, gt=0, le=3600, description="longest clip accepted (seconds)")
+    max_video_frames: int = Field(64, ge=2, le=768, description="frames sampled from a clip at most")
+    max_video_pixels: int = Field(2 * 1024 * 1024, ge=4096,
+                                  description="pixel budget per clip for the vision encoder, all frames together")
     max_tokens: int = Field(4096, ge=1, le=1_000_000, description="most answer tokens a request may ask for")
     default_max_tokens: int = Field(512, ge=1, description="answer tokens when a request names none")
     max_context: int = Field(8192, ge=256, le=262144, description="prompt + answer tokens per conversation")
@@ -92,7 +97,8 @@ class Settings(BaseSettings):
             intra_op_threads=self.threads, inter_op_threads=self.inter_op_threads,
             execution_mode=self.execution_mode, graph_optimization=self.graph_optimization,
             precision=self.precision, max_context=self.max_context, max_pixels=self.max_pixels,
-            max_images=self.max_images, vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
+            max_images=self.max_images, max_video_pixels=self.max_video_pixels,
+            vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
             prefill_chunk=self.prefill_chunk)
 

@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   image: null,        // {dataUrl, width, height, name}
-  imageSent: false,   // the current image is already part of the conversation
+  video: null,        // {dataUrl, name, duration, width, height}; width 0 if the browser cannot play it
+  imageSent: false,   // the current image or clip is already part of the conversation
   history: [],        // OpenAI-format messages
   controller: null,   // AbortController of the running request
   health: null,
@@ -29,6 +30,26 @@ function smartResize(h, w, maxPixels, factor = 32, minPixels = 65536) {
     wb = Math.ceil((w * beta) / factor) * factor;
   }
   return [hb, wb];
+}
+
+// ---- a clip's cost, as edgevl/preprocess/video.py and video_patches.py will compute it: frames
+// sampled at 2 per second (at least 4), one resize for the clip within the server's pixel budget
+function videoPlan(v) {
+  const h = state.health || {};
+  const frames = Math.max(4, Math.min(Math.floor(v.duration * 2), h.max_video_frames || 64));
+  const budget = h.max_video_pixels || 2097152, factor = 32, minPixels = 4096;
+  let hb = Math.round(v.height / factor) * factor, wb = Math.round(v.width / factor) * factor;
+  const tb = Math.round(frames / 2) * 2;
+  if (tb * hb * wb > budget) {
+    const beta = Math.sqrt((frames * v.height * v.width) / budget);
+    hb = Math.max(factor, Math.floor(v.height / beta / factor) * factor);
+    wb = Math.max(factor, Math.floor(v.width / beta / factor) * factor);
+  } else if (tb * hb * wb < minPixels) {
+    const beta = Math.sqrt(minPixels / (frames * v.height * v.width));
+    hb = Math.ceil((v.height * beta) / factor) * factor;
+    wb = Math.ceil((v.width * beta) / factor) * factor;
+  }
+  return { frames, height: hb, width: wb, tokens: Math.ceil(frames / 2) * (hb / factor) * (wb / factor) };
 }
 
 // ---- API key, when the server asks for one (kept in this browser only)
@@ -72,8 +93,9 @@ function showError(msg) {
 function loadFile(file) {
   showError("");
   if (!file) return;
+  if (file.type && file.type.startsWith("video/")) { loadVideo(file); return; }
   if (file.type && !file.type.startsWith("image/")) {
-    showError(`"${file.name}" is not an image. Choose a PNG, JPEG, WebP, GIF or BMP file.`);
+    showError(`"${file.name}" is neither an image nor a clip. Choose a PNG, JPEG, WebP, GIF, BMP, MP4, WebM or MOV file.`);
     return;
   }
   const reader = new FileReader();
@@ -86,6 +108,30 @@ function loadFile(file) {
     img.src = reader.result;
   };
   reader.readAsDataURL(file);
+}
+
+function loadVideo(file) {
+  const reader = new FileReader();
+  reader.onerror = () => showError(`Could not read "${file.name}".`);
+  reader.onload = () => {
+    const v = document.createElement("video");
+    v.preload = "metadata";
+    // a clip this browser cannot play is still sent: the server decodes it, and says what it cost
+    v.onloadedmetadata = () => setVideo({ dataUrl: reader.result, name: file.name, duration: v.duration,
+                                          width: v.videoWidth, height: v.videoHeight });
+    v.onerror = () => setVideo({ dataUrl: reader.result, name: file.name, duration: 0, width: 0, height: 0 });
+    v.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+function setVideo(video) {
+  setImage(null);
+  state.video = video;
+  const p = $("video-preview");
+  p.hidden = !video; $("drop-empty").hidden = !!video; $("clear-image").hidden = !video;
+  if (video) { p.src = video.dataUrl; p.setAttribute("aria-label", `Selected clip ${video.name}`); }
+  updateSizeNote();
 }
 
 function drawBoxes(boxes, size) {
@@ -108,14 +154,22 @@ function setImage(img) {
   drawBoxes([]);
   state.image = img;
   state.imageSent = false;
+  if (img && state.video) { state.video = null; $("video-preview").hidden = true; $("video-preview").removeAttribute("src"); }
   const p = $("preview");
-  p.hidden = !img; $("drop-empty").hidden = !!img; $("clear-image").hidden = !img;
+  p.hidden = !img; $("drop-empty").hidden = !!img || !!state.video; $("clear-image").hidden = !img && !state.video;
   if (img) { p.src = img.dataUrl; p.alt = `Selected picture ${img.name}`; }
   updateSizeNote();
 }
 
 function updateSizeNote() {
-  const img = state.image;
+  const img = state.image, v = state.video;
+  if (v) {
+    if (!v.width) { $("image-size").textContent = `${v.name}: the frames and their token cost show after sending`; return; }
+    const plan = videoPlan(v);
+    $("image-size").textContent = `${v.width} × ${v.height} px, ${v.duration.toFixed(1)} s → ${plan.frames} frames ` +
+      `sampled, resized to ${plan.width} × ${plan.height} (≈ ${plan.tokens} video tokens)`;
+    return;
+  }
   if (!img) { $("image-size").textContent = ""; return; }
   const budget = Number($("max-pixels").value);
   const r = smartResize(img.height, img.width, budget);
@@ -150,6 +204,8 @@ function showStats(msgEl, timings, usage, note) {
                `${timings.tokens_per_s.toFixed(1)} tokens/s`);
   }
   if (usage) parts.push(`${usage.completion_tokens} tokens`);
+  const videoTokens = usage && usage.prompt_tokens_details && usage.prompt_tokens_details.video_tokens;
+  if (videoTokens) parts.push(`clip: ${videoTokens} video tokens`);
   for (const p of parts) { const sp = document.createElement("span"); sp.textContent = p; s.append(sp); }
   msgEl.append(s);
 }
@@ -158,7 +214,7 @@ function friendlyError(status, err) {
   const msg = (err && err.message) || `request failed (${status})`;
   if (status === 429) return `The server is busy: ${msg}. Try again in a moment.`;
   if (status === 401) return "This server needs an API key. Enter it when asked, then send again.";
-  if (status === 413) return `The image or request is too large: ${msg}`;
+  if (status === 413) return `The image, clip or request is too large: ${msg}`;
   if (status === 503) return `The server cannot take work right now: ${msg}`;
   if (status === 504) return `The answer took too long: ${msg}`;
   return msg.charAt(0).toUpperCase() + msg.slice(1);
@@ -267,9 +323,14 @@ async function ask(question) {
   if (!question.trim() || state.controller) return;
   const content = [];
   let thumb = null;
+  let shown = question;
   if (state.image && !state.imageSent) {
     content.push({ type: "image_url", image_url: { url: state.image.dataUrl } });
     thumb = state.image.dataUrl;
+  }
+  if (state.video && !state.imageSent) {
+    content.push({ type: "video_url", video_url: { url: state.video.dataUrl } });
+    shown = `(clip: ${state.video.name}) ${question}`;
   }
   content.push({ type: "text", text: question });
   const userMsg = { role: "user", content };
@@ -277,10 +338,10 @@ async function ask(question) {
   try { response_format = responseFormat(); } catch (e) { showError(e.message); return; }
   const body = { messages: [...state.history, userMsg], stream: true, stream_options: { include_usage: true },
                  ...options(), response_format, __thumb: thumb };
-  const answer = await run("/v1/chat/completions", body, question, parseSSE);
+  const answer = await run("/v1/chat/completions", body, shown, parseSSE);
   if (answer) {
     state.history.push(userMsg, { role: "assistant", content: answer });
-    if (thumb) state.imageSent = true;
+    if (thumb || shown !== question) state.imageSent = true;
   }
 }
 
@@ -343,7 +404,7 @@ function init() {
     const item = [...(e.clipboardData?.items || [])].find((i) => i.kind === "file");
     if (item) loadFile(item.getAsFile());
   });
-  $("clear-image").addEventListener("click", () => setImage(null));
+  $("clear-image").addEventListener("click", () => { setVideo(null); setImage(null); });
   $("max-pixels").addEventListener("change", updateSizeNote);
   $("ask-form").addEventListener("submit", (e) => {
     e.preventDefault();

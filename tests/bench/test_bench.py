@@ -19,6 +19,11 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint):
     report = json.loads((out / "bench.json").read_text())
     backends = {row["backend"] for row in report["rows"]}
     assert backends == {"transformers", "edgevl-fp32", "edgevl-int8"}
+    assert {(row["backend"], row["task"]) for row in report["rows"]} == {
+        (b, t) for b in backends for t in ("caption", "video")}
+    for row in (r for r in report["rows"] if r["task"] == "video"):  # TTFT split: frames, vision, prefill
+        assert row["decode_ms"]["median"] > 0 and row["video_tokens"]["median"] > 0
+        assert row["ttft_ms"]["median"] > row["decode_ms"]["median"]
     for row in report["rows"]:
         assert row["runs"] == 2
         for m in METRICS:

@@ -100,7 +100,7 @@ def test_non_image_file_shows_an_error_and_page_stays_usable(page, tmp_path):
     bad.write_text("this is not a picture")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not([hidden])")
-    assert "not an image" in page.inner_text("#error")
+    assert "neither an image nor a clip" in page.inner_text("#error")
     fake = tmp_path / "fake.png"  # an image name and type, but not an image inside
     fake.write_bytes(b"not really a png")
     page.set_input_files("#file", str(fake))
