@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
 
 
@@ -105,6 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgevl.types import Precision
+
+    precisions = typing.get_args(Precision)
     p = argparse.ArgumentParser(prog="edgevl", description="CPU-first Qwen3-VL inference on ONNX Runtime")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -117,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a Hugging Face Qwen3-VL checkpoint to ONNX")
     e.add_argument("checkpoint")
     e.add_argument("out")
-    e.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
-    e.add_argument("--vision-precision", choices=["fp32", "int8", "int4"], default=None,
+    e.add_argument("--precision", choices=precisions, default="fp32")
+    e.add_argument("--vision-precision", choices=precisions, default=None,
                    help="precision of the vision tower (default: fp32 for fp32, else int8)")
-    e.add_argument("--lm-head-precision", choices=["fp32", "int8", "int4"], default=None,
+    e.add_argument("--lm-head-precision", choices=precisions, default=None,
                    help="precision of the last layer and the tied embedding (default: fp32 for fp32, else int8)")
     e.set_defaults(func=_export)
 
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-video-pixels", type=int, default=2 * 1024 * 1024,
                    help="pixel budget of the clip for the vision encoder, all frames together")
     r.add_argument("--model", help="checkpoint or exported folder (default: the demo model)")
-    r.add_argument("--precision", choices=["fp32", "int8", "int4"], default="fp32")
+    r.add_argument("--precision", choices=precisions, default="fp32")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     r.add_argument("--max-tokens", type=int, default=64)
     r.add_argument("--max-pixels", type=int, default=1024 * 1024)

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 Role = Literal["system", "user", "assistant", "tool"]
+# weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it
+Precision = Literal["fp32", "int8", "int4", "int8-nbits"]
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
@@ -145,7 +147,7 @@ class EngineOptions:
     inter_op_threads: int = 1
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    precision: Literal["fp32", "int8", "int4"] = "fp32"  # used when a checkpoint must be exported
+    precision: Precision = "fp32"  # used when a checkpoint must be exported
     max_context: int = 4096  # prompt + answer tokens of one conversation
     max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
     max_images: int = 8  # per request
@@ -164,7 +166,7 @@ class EngineInfo:
     model_name: str
     model_dir: str
     backend: str  # "onnxruntime" or "transformers"
-    precision: str  # "fp32", "int8", "int4"
+    precision: str  # a Precision
     random_weights: bool  # True for checkpoints made by `edgevl make-model`
     intra_op_threads: int
     max_context: int

@@ -1,4 +1,5 @@
-"""int8 / int4 exports: the graphs use the integer kernels, and stay close to fp32."""
+"""int8 / int4 / int8-nbits exports: the graphs use the integer kernels, stay close to fp32, and
+every precision the exporter has is a choice on the command line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import make_image
 from tests.test_parity import _prefill_logits
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=["int8", "int4", "int8-nbits"])
 def quantized(request, tiny_checkpoint):
     opts = EngineOptions(precision=request.param, prefix_cache=False)
     return request.param, load_engine(tiny_checkpoint, opts, warmup=False)
@@ -22,7 +23,7 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
-def test_graphs_use_integer_kernels(quantized, tiny_checkpoint):
+def test_graphs_use_integer_kernels(quantized, tiny_checkpoint, tiny_onnx):  # tiny_onnx: the fp32 export to compare
     precision, engine = quantized
     folder = exported_dir_for(tiny_checkpoint, precision)
     dec, vis = _ops(folder / "decoder.onnx"), _ops(folder / "vision.onnx")
@@ -42,11 +43,23 @@ def test_logits_stay_close_to_fp32(quantized, engine):
     ref = _prefill_logits(engine, msgs)
     got = _prefill_logits(qengine, msgs)
     cos = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))
-    assert cos > (0.999 if precision == "int8" else 0.95), cos  # the tiny model: K=64 is under one int4 block
+    assert cos > (0.999 if precision.startswith("int8") else 0.95), cos  # the tiny model: K=64 is under one int4 block
 
 
 def test_quantized_generation_runs(quantized):
-    _, qengine = quantized
+    precision, qengine = quantized
     req = GenerationRequest([Message("user", [TextPart("Hello")])], SamplingParams(max_new_tokens=8, ignore_eos=True))
     fin = list(qengine.generate(req))[-1]
-    assert fin.usage.completion_tokens == 8 and qengine.info().precision in ("int8", "int4")
+    assert fin.usage.completion_tokens == 8 and qengine.info().precision == precision
+
+
+def test_every_export_precision_is_a_command_line_choice():
+    from edgevl.cli import build_parser
+    from edgevl.export import PRECISIONS
+
+    parser = build_parser()
+    for precision in PRECISIONS:
+        for argv in (["export", "CK", "OUT", "--precision", precision, "--vision-precision", precision,
+                      "--lm-head-precision", precision], ["predict", "hi", "--precision", precision],
+                     ["serve", "--precision", precision]):
+            assert parser.parse_args(argv).precision == precision

@@ -16,10 +16,10 @@ MANIFEST = "edgevl_manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS: dict[str, QuantSpec | None] = {
     "fp32": None,
-    # per-channel int8 + integer GEMM: 3x faster prompts than MatMulNBits-8 on VNNI CPUs (PERF_NOTES)
+    # per-channel int8 + integer GEMM: 3x faster prompts than MatMulNBits-8 on VNNI CPUs (docs/quantization.md)
     "int8": QuantSpec(method="dynamic", bits=8),
     "int4": QuantSpec(method="nbits", bits=4, block_size=128),  # block 128: 1.5x faster decode than 32
-    "int8-nbits": QuantSpec(method="nbits", bits=8, block_size=32),
+    "int8-nbits": QuantSpec(method="nbits", bits=8, block_size=32),  # kept to measure int8 against
 }
 # the vision tower is compute-bound: integer GEMM helps it, 4-bit weights do not
 DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8"}

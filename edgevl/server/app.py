@@ -31,7 +31,8 @@ from edgevl.types import Engine
 
 log = logging.getLogger("edgevl.server")
 WEB = Path(__file__).resolve().parent.parent / "web"
-_OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/openapi.json"}  # exact paths; /web/ is static
+# exact paths; /web/ is static. The API's description is public: it says what is accepted, never any data.
+_OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/redoc", "/openapi.json"}
 
 
 def load_default_engine(settings: Settings) -> Engine:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from edgevl.types import EngineOptions
+from edgevl.types import EngineOptions, Precision
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server (see SECURITY.md)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     model: str | None = Field(None, description="Qwen3-VL checkpoint or exported folder (default: the demo model)")
-    precision: Literal["fp32", "int8", "int4"] = Field("fp32", description="weights used when exporting a checkpoint")
+    precision: Precision = Field("fp32", description="weights used when exporting a checkpoint")
     # -- CPU
     threads: int = Field(0, ge=0, le=256, description="intra-op threads per generation (0: one per core)")
     inter_op_threads: int = Field(1, ge=1, le=64, description="inter-op threads (parallel execution mode only)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from edgevl.runtime.constrain import has_finite_instance
+from edgevl.schema import has_finite_instance
 from edgevl.server.errors import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"

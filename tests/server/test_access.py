@@ -1,11 +1,15 @@
-"""API keys: required everywhere but health when set; constant-time; never logged."""
+"""API keys: required everywhere but the routes SECURITY.md names, when set; constant-time; never logged."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.server.conftest import start_server, stop_server
+from tests.test_readme import app_routes
 
 KEY = "s3cret-key-123"
 
@@ -26,6 +30,15 @@ def test_health_is_open_everything_else_needs_a_key(locked):
         assert r.json()["error"]["code"] == "invalid_api_key"
     r = httpx.request("POST", locked.url + "/api/predict", json={}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
+
+
+def test_security_md_names_exactly_the_routes_open_without_a_key(locked):
+    text = (Path(__file__).resolve().parents[2] / "SECURITY.md").read_text()
+    sentence = re.search(r"required on every route\s+except (.+?)\. Keys are", text, flags=re.S).group(1)
+    named = {p.replace("*", "app.js") for p in re.findall(r"`(/[^`]*)`", sentence)}
+    gets = {path for method, path in app_routes() if method == "GET"} | named
+    is_open = {path for path in gets if httpx.get(locked.url + path, timeout=30).status_code != 401}
+    assert is_open == named
 
 
 def test_a_valid_key_works_by_bearer_or_header(locked):
