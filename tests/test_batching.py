@@ -172,3 +172,26 @@ def test_kv_budget_admits_only_what_fits(tiny_onnx):
         assert err.value.code == "kv_cache_exceeded"
     finally:
         e.close()
+
+
+def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefix_cache=False, vision_cache_entries=0))
+    try:
+        req = GenerationRequest([Message("user", [ImagePart(make_image(1024, 1024, seed=5)), TextPart("What?")])],
+                                SamplingParams(max_new_tokens=4))
+        events: list = []
+        t = threading.Thread(target=lambda: events.extend(e.generate(req)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while e.stats["vision_cache_misses"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.0005)  # the image has gone to the vision thread
+        req.cancel.set()
+        t.join(30)
+        assert isinstance(events[-1], FinishEvent) and events[-1].finish_reason == "cancelled"
+        assert events[-1].usage.completion_tokens == 0
+        assert sum(e.batch_histograms()["prefill_chunk_tokens"].values()) == 0  # the prompt was never read
+        ok = list(e.generate(GenerationRequest([Message("user", [ImagePart(make_image(64, 64)), TextPart("hi")])],
+                                               SamplingParams(max_new_tokens=2, ignore_eos=True))))
+        assert ok[-1].usage.completion_tokens == 2  # the vision thread is free again
+    finally:
+        e.close()

@@ -12,13 +12,14 @@
                    cached for the next turn of their conversation
     events of each sequence ─► its own queue ─► the generate() iterator of its caller
 
-Cancellation is seen at every step boundary: between decode steps, between a newcomer's images
-and between its prompt chunks.
+Cancellation is seen at every step boundary (between decode steps and between prompt chunks),
+and stops a running image encode at once (ONNX Runtime's terminate flag).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -67,6 +68,9 @@ class BatchLoop:
         self.active: list[Work] = []
         self._cv = threading.Condition()
         self._closed = False
+        # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
+        self._vision_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision")
+        self._vision: tuple[Work, int, concurrent.futures.Future, object] | None = None
         self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
         self._thread.start()
 
@@ -83,6 +87,7 @@ class BatchLoop:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
+        self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
         with self._cv:
@@ -102,8 +107,9 @@ class BatchLoop:
                 self._admit()
             try:
                 self._drop_cancelled()
-                self._decode_step()
-                self._prefill_step()
+                decoded = self._decode_step()
+                if not self._prefill_step() and not decoded:
+                    self._wait_for_vision()
             except BaseException as e:  # a bug here must not leave callers waiting forever
                 for w in list(self.active):
                     self._fail(w, e)
@@ -129,12 +135,14 @@ class BatchLoop:
     def _drop_cancelled(self) -> None:
         for w in list(self.active):
             if w.seq.cancelled and not w.seq.finished:
+                if self._vision is not None and self._vision[0] is w:
+                    self._vision[3].cancel()  # stop the encoder mid-run; its thread is free again soon
                 self._emit(w, w.seq.cancel())
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> bool:
         running = [w for w in self.active if w.decoding]
         if not running:
-            return
+            return False
         by_row = {w.row: w for w in running}
         lo, hi = min(by_row), max(by_row) + 1
         ids = np.zeros((hi - lo, 1), np.int64)
@@ -156,38 +164,75 @@ class BatchLoop:
         except EngineError as e:
             for w in running:
                 self._fail(w, e)
-            return
+            return True
         self.batch_sizes[len(running)] += 1
         for r, w in by_row.items():
             self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
             self._emit(w, w.seq.accept(logits[r - lo]))
+        return True
 
-    def _prefill_step(self) -> None:
-        """One unit of work for the oldest newcomer: an image's features, or a chunk of its prompt."""
-        w = next((w for w in self.active if not w.decoding and not w.seq.finished), None)
-        if w is None:
-            return
-        if w.seq.cancelled:
-            return  # dropped at the next step's start
+    def _prefill_step(self) -> bool:
+        """Newcomers' work, oldest first: images go to the vision thread one at a time; the oldest
+        newcomer whose images are all encoded reads one chunk of its prompt. → whether a chunk ran."""
+        self._collect_vision()
+        for w in self.active:
+            if w.decoding or w.seq.finished or w.seq.cancelled:
+                continue
+            if self._features_ready(w):
+                self._prefill_chunk(w)
+                return True
+        return False
+
+    def _features_ready(self, w: Work) -> bool:
+        """Whether every image and clip the chunks still need has its features; if not, and the vision
+        thread is free, the next one is handed to it."""
         p = w.prompt
         for i, (patches, fp) in enumerate(zip(p.patches, p.fingerprints)):
             if i in w.feats or all(e <= w.prefilled for _, e in p.item_spans(i)):
                 continue  # encoded, or already in the KV (prefix reuse)
+            if self._vision is not None and self._vision[0] is w:
+                return False  # its image is being encoded
             f = self.vision_cache.get(fp)
-            w.seq.timings.vision_cache_hits += int(f is not None)
-            self._count("vision_cache_hits" if f is not None else "vision_cache_misses")
-            if f is None:
-                t0 = time.perf_counter()
-                try:
-                    f = self.model.encode_image(patches)
-                except EngineError as err:
-                    self._fail(w, err)
-                    return
-                self.vision_cache.put(fp, f)
+            if f is not None:
+                w.seq.timings.vision_cache_hits += 1
+                self._count("vision_cache_hits")
                 w.feats[i] = f
-                w.seq.timings.vision_ms += (time.perf_counter() - t0) * 1000
-                return  # one image per step
-            w.feats[i] = f
+                continue
+            if self._vision is None:
+                self._count("vision_cache_misses")
+                handle = self.model.run_handle()
+                self._vision = (w, i, self._vision_thread.submit(self._encode, patches, handle), handle)
+            return False
+        return True
+
+    def _encode(self, patches, handle) -> tuple[ImageFeatures, float]:
+        t0 = time.perf_counter()
+        return self.model.encode_image(patches, handle), (time.perf_counter() - t0) * 1000
+
+    def _collect_vision(self) -> None:
+        """The vision thread's result, when it has one, goes to its newcomer (unless that one left)."""
+        if self._vision is None or not self._vision[2].done():
+            return
+        w, i, job, _ = self._vision
+        self._vision = None
+        if w not in self.active or w.seq.cancelled:
+            return
+        try:
+            f, ms = job.result()
+        except EngineError as err:
+            self._fail(w, err)
+            return
+        self.vision_cache.put(w.prompt.fingerprints[i], f)
+        w.feats[i] = f
+        w.seq.timings.vision_ms += ms
+
+    def _wait_for_vision(self) -> None:
+        """Nothing else to do until the vision thread finishes (or a newcomer arrives)."""
+        if self._vision is not None:
+            concurrent.futures.wait([self._vision[2]], timeout=0.05)
+
+    def _prefill_chunk(self, w: Work) -> None:
+        p = w.prompt
         t0 = time.perf_counter()
         start, end = w.prefilled, min(p.ids.size, w.prefilled + self.prefill_chunk)
         row = slice(w.row, w.row + 1)

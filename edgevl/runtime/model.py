@@ -37,6 +37,16 @@ def open_session(path: Path, options: EngineOptions) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
 
 
+class RunHandle:
+    """Stops a graph run from another thread (a client left while its image was being encoded)."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+
+    def cancel(self) -> None:
+        self.options.terminate = True
+
+
 class OnnxModel:
     def __init__(self, config: ModelConfig, vision: ort.InferenceSession, embed: ort.InferenceSession,
                  decoder: ort.InferenceSession):
@@ -45,7 +55,11 @@ class OnnxModel:
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
 
-    def encode_image(self, patches: ImagePatches | VideoPatches) -> ImageFeatures:
+    @staticmethod
+    def run_handle() -> RunHandle:
+        return RunHandle()
+
+    def encode_image(self, patches: ImagePatches | VideoPatches, handle: RunHandle | None = None) -> ImageFeatures:
         """An image's features, or a clip's: one vision run per frame group (its attention stays
         within the group, as transformers' does), rows concatenated in time order."""
         v = self.config.vision
@@ -57,7 +71,8 @@ class OnnxModel:
                                                     v.spatial_merge_size)
             try:
                 outs = self.vision.run(None, {"pixel_values": group.pixel_values, "pos_idx": idx,
-                                              "pos_weights": wts, "cos": cos, "sin": sin})
+                                              "pos_weights": wts, "cos": cos, "sin": sin},
+                                       handle.options if handle else None)
             except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
                 raise EngineError(f"vision encoder failed: {e}") from e
             embeds.append(outs[0])
