@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 # weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it
 Precision = Literal["fp32", "int8", "int4", "int8-nbits"]
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
@@ -29,6 +29,15 @@ class TextPart:
 @dataclass
 class ImagePart:
     image: Image.Image
+    max_pixels: int | None = None  # this image's pixel budget (OpenAI's detail: low); None = the request's
+
+
+@dataclass
+class ToolCall:
+    """A function call the assistant made earlier in the conversation, as the chat template shows it."""
+
+    name: str
+    arguments: str  # a JSON object, as text
 
 
 @dataclass
@@ -43,6 +52,7 @@ class VideoPart:
 class Message:
     role: Role
     content: list[TextPart | ImagePart | VideoPart]
+    tool_calls: list[ToolCall] = field(default_factory=list)  # assistant turns only
 
 
 @dataclass
@@ -55,6 +65,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # the benchmark fixes output length this way
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the answer
+    logprobs: int | None = None  # None: off; k: each token's log-probability and its k likeliest rivals
 
 
 class Constraint(Protocol):
@@ -76,6 +89,7 @@ class GenerationRequest:
     max_pixels: int | None = None  # per-request pixel budget; None = the engine's default
     cancel: threading.Event = field(default_factory=threading.Event)
     constraint: Constraint | None = None
+    tools: list[dict] | None = None  # OpenAI-style tool specs, shown to the model by the chat template
 
 
 @dataclass
@@ -110,6 +124,8 @@ class TokenEvent:
 
     text: str
     token_id: int
+    logprob: float | None = None  # when SamplingParams.logprobs is set: log p(token) as sampled
+    top_logprobs: list[tuple[int, float]] | None = None  # the likeliest tokens at this step, best first
 
 
 @dataclass
@@ -167,6 +183,12 @@ class Engine(Protocol):
     def count_prompt_tokens(self, request: GenerationRequest) -> int: ...
 
     def json_constraint(self, schema: dict | None, budget: int = 0) -> Constraint: ...
+
+    def grammar_constraint(self, lark: str, budget: int = 0) -> Constraint: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def special_token_id(self, text: str) -> int | None: ...
 
     def sampling_defaults(self) -> dict: ...
 

@@ -43,13 +43,16 @@ class ChatFormatter:
         self.vision_start_id = self.tokenizer.token_to_id("<|vision_start|>")
         self.vision_end_id = self.tokenizer.token_to_id("<|vision_end|>")
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages=[_as_hf(m) for m in messages],
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        return self.template.render(messages=[_as_hf(m) for m in messages], tools=tools or None,
                                     add_generation_prompt=add_generation_prompt)
 
-    def encode(self, messages: list[Message], items: list[ImagePatches | VideoPatches]) -> ChatTokens:
-        """`items`: the patches of every image and clip, in message order."""
-        ids = self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+    def encode(self, messages: list[Message], items: list[ImagePatches | VideoPatches],
+               tools: list[dict] | None = None) -> ChatTokens:
+        """`items`: the patches of every image and clip, in message order; `tools`: the OpenAI-style
+        function specs the template lists for the model."""
+        ids = self.tokenizer.encode(self.render(messages, tools=tools), add_special_tokens=False).ids
         out: list[int] = []
         spans: list[tuple[int, int]] = []
         owners: list[int] = []
@@ -93,7 +96,11 @@ def _as_hf(m: Message) -> dict:
             parts.append({"type": "video"})
         elif isinstance(p, TextPart):
             parts.append({"type": "text", "text": p.text})
-    return {"role": m.role, "content": parts}
+    out: dict = {"role": m.role, "content": parts}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    return out
 
 
 def _tojson(x: object, indent: int | None = None) -> str:

@@ -10,13 +10,18 @@ outlines-core compiles a full index ahead of time, which costs seconds per new s
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgevl.types import EngineError, InputError
+from edgevl.schema import has_finite_instance
+from edgevl.types import InputError
+
+log = logging.getLogger("edgevl.constrain")
+TOO_COMPLEX = "the schema is too complex for constrained decoding; simplify it"
 
 
 class GrammarCompiler:
@@ -28,6 +33,7 @@ class GrammarCompiler:
 
         self._ll = llguidance
         self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json.read_text(), n_vocab=vocab_size,
                                                 eos_token=sorted(eos_ids))
         # tokens made only of JSON's closing punctuation: what the budget guard steers towards
@@ -55,18 +61,36 @@ class GrammarCompiler:
             schema = any_json_object(4)
         if not isinstance(schema, dict):
             raise InputError("the schema must be a JSON object", code="invalid_schema", param="schema")
+        if not has_finite_instance(schema):
+            raise InputError("the schema has no finite instance: a required property refers back to itself",
+                             code="invalid_schema", param="schema")
         try:
             grammar = self._ll.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as e:
             raise InputError(f"invalid JSON schema: {e}", code="invalid_schema", param="schema") from e
+        return JsonConstraint(self._matcher(grammar, "schema"), self, budget)
+
+    def lark(self, grammar: str, budget: int = 0, param: str = "tools") -> JsonConstraint:
+        """A Lark grammar in llguidance's dialect (`%json {schema}` embeds a JSON schema)."""
+        try:
+            compiled = self._ll.LLMatcher.grammar_from_lark(grammar)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"invalid grammar: {e}", code="invalid_schema", param=param) from e
+        return JsonConstraint(self._matcher(compiled, param), self, budget)
+
+    def _matcher(self, grammar: str, param: str):
         err = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if err and not err.startswith("WARNING"):
-            raise InputError(f"invalid JSON schema: {err}", code="invalid_schema", param="schema")
+            # llguidance's first line says what is wrong; the rest is its parser state, not the client's business
+            raise InputError(f"invalid JSON schema: {err.splitlines()[0][:300]}", code="invalid_schema", param=param)
         matcher = self._ll.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise InputError(f"invalid JSON schema: {matcher.get_error()}", code="invalid_schema", param="schema")
-        return JsonConstraint(matcher, self, budget)
+        words = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)  # limits blow here, not mid-answer
+        if matcher.is_error() or not words.any():
+            log.info("grammar refused before generation: %s", matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param=param)
+        return matcher
 
 
 def any_json_object(depth: int) -> dict:
@@ -99,9 +123,17 @@ class JsonConstraint:
 
     def mask(self, logits: np.ndarray) -> None:
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        if self.matcher.is_error():
+            log.info("grammar failed during generation: %s", self.matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param="schema")
         allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: logits.size].astype(bool)
         # every open bracket (and an open string) costs at least one more token: keep that many in hand
-        if self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget:
+        near = self.budget and self.consumed + self.depth + int(self.in_string) + self.reserve >= self.budget
+        if near and self.matcher.is_accepting() and allowed[self.c.eos_ids].any():
+            ends = np.zeros_like(allowed)  # complete already (one tool call of several): end here
+            ends[self.c.eos_ids] = True
+            allowed &= ends
+        elif near:
             score = np.where(allowed, self.c.in_score if self.in_string else self.c.out_score, 0)
             if score.max() > 0:  # the allowed token that closes the most, whatever the model prefers
                 allowed = score == score.max()
@@ -125,7 +157,8 @@ class JsonConstraint:
             elif ch in "]}":
                 self.depth -= 1
         if not self.matcher.consume_token(token_id):
-            raise EngineError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
+            log.info("grammar failed during generation: %s", self.matcher.get_error())
+            raise InputError(TOO_COMPLEX, code="invalid_schema", param="schema")
 
     def is_done(self) -> bool:
         return self.matcher.is_stopped()

@@ -25,6 +25,7 @@ from edgevl.export import MANIFEST
 from edgevl.preprocess.image import ImageProcessorConfig
 from edgevl.preprocess.video_patches import video_processor_config
 from edgevl.runtime.batch import BatchLoop, Work
+from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import OnnxModel, open_session
 from edgevl.runtime.prompt import PromptBuilder
@@ -97,12 +98,26 @@ class OrtEngine:
     def json_constraint(self, schema: dict | None, budget: int = 0) -> Constraint:
         """A Constraint for a JSON schema (None: any JSON object); invalid schemas raise InputError.
         `budget`: the request's max_new_tokens, so the answer is steered to close before it."""
+        return self._grammars().json_schema(schema, budget)
+
+    def grammar_constraint(self, lark: str, budget: int = 0) -> Constraint:
+        """A Constraint for a Lark grammar in llguidance's dialect (tool calls use it)."""
+        return self._grammars().lark(lark, budget)
+
+    def _grammars(self):
         if self._grammar is None:
             from edgevl.runtime.constrain import GrammarCompiler
 
             self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.config.text.vocab_size,
                                             sorted(self.eos_ids))
-        return self._grammar.json_schema(schema, budget)
+        return self._grammar
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.tokenizer, token_id)
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of a token the tokenizer keeps whole (e.g. `<tool_call>`), or None."""
+        return self.prompts.chat.token_id(text)
 
     def cache_stats(self) -> dict[str, int]:
         """Sizes of the caches and of the batch (for /metrics and /api/health)."""

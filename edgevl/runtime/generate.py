@@ -9,19 +9,30 @@ from edgevl.types import SamplingParams
 
 
 class Sampler:
-    """Greedy when temperature is 0; otherwise temperature, top-k, top-p, in that order."""
+    """Greedy when temperature is 0; otherwise temperature, top-k, top-p, in that order.
+    Penalties come first: repetition (prompt and answer), then OpenAI's presence and frequency
+    penalties (the answer only: the sampler remembers what it chose)."""
 
     def __init__(self, params: SamplingParams):
         self.p = params
         self.rng = np.random.default_rng(params.seed)
+        self.chosen: list[int] = []
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        tok = self._choose(logits, history)
+        self.chosen.append(tok)
+        return tok
+
+    def _choose(self, logits: np.ndarray, history: list[int]) -> int:
         x = logits.astype(np.float32, copy=True)
         if self.p.repetition_penalty != 1.0 and history:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             vals = x[seen]
             with np.errstate(over="ignore", divide="ignore"):  # absurd penalties give inf, handled below
                 x[seen] = np.where(vals > 0, vals / self.p.repetition_penalty, vals * self.p.repetition_penalty)
+        if (self.p.presence_penalty or self.p.frequency_penalty) and self.chosen:
+            ids, counts = np.unique(np.asarray(self.chosen, dtype=np.int64), return_counts=True)
+            x[ids] -= self.p.presence_penalty + self.p.frequency_penalty * counts
         if self.p.temperature < 1e-4:  # below this, sampling is greedy in all but floating-point noise
             return int(np.argmax(x))
         x /= self.p.temperature
@@ -38,6 +49,44 @@ class Sampler:
             probs = probs[:keep] / probs[:keep].sum()
             top = top[:keep]
         return int(top[self.rng.choice(len(top), p=probs)])
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) and the k likeliest (token, log p), from the logits as the model gave them
+    (after the grammar's mask, before penalties and temperature: OpenAI's `logprobs`)."""
+    top = float(np.max(logits))
+    lse = top + float(np.log(np.sum(np.exp(logits - top), dtype=np.float64)))
+    best: list[tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(logits, logits.size - min(k, logits.size))[-k:]
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        best = [(int(i), float(logits[i]) - lse) for i in idx if np.isfinite(logits[i])]
+    return float(logits[token]) - lse, best
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are shifted past 255
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTES = _byte_decoder()
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The exact bytes a token stands for (a byte-level piece may be part of a UTF-8 character)."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if token_id in tokenizer.get_added_tokens_decoder() or any(ch not in _BYTES for ch in piece):
+        return piece.encode()
+    return bytes(_BYTES[ch] for ch in piece)
 
 
 class StreamDecoder:

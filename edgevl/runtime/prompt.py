@@ -56,9 +56,9 @@ class PromptBuilder:
                              code="too_many_images", param="images")
         budget = min(request.max_pixels or self.options.max_pixels, self.options.max_pixels)
         patches = [patchify_video(p, self.vpc, self.options.max_video_pixels) if isinstance(p, VideoPart)
-                   else patchify(p.image, self.ipc, budget) for p in visuals]
+                   else patchify(p.image, self.ipc, min(p.max_pixels or budget, budget)) for p in visuals]
         try:
-            chat = self.chat.encode(request.messages, patches)
+            chat = self.chat.encode(request.messages, patches, request.tools)
         except ValueError as e:
             raise InputError(str(e)) from e
         fps = [_fingerprint(p, pt) for p, pt in zip(visuals, patches)]

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
+from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.reference_video import ReferenceVideoProcessor
 from edgevl.runtime.sequence import Sequence
 from edgevl.types import (
@@ -133,12 +134,24 @@ class TransformersEngine:
         return {}  # one sequence at a time
 
     def json_constraint(self, schema: dict | None, budget: int = 0):
+        return self._grammars().json_schema(schema, budget)
+
+    def grammar_constraint(self, lark: str, budget: int = 0):
+        return self._grammars().lark(lark, budget)
+
+    def _grammars(self):
         if self._grammar is None:
             from edgevl.runtime.constrain import GrammarCompiler
 
             self._grammar = GrammarCompiler(self.folder / "tokenizer.json", self.ckpt.config.text.vocab_size,
                                             sorted(self.eos_ids))
-        return self._grammar.json_schema(schema, budget)
+        return self._grammar
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.tokenizer, token_id)
+
+    def special_token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
 
     def prefill_logits(self, messages: list[Message]) -> np.ndarray:
         """Last-position logits of the prompt: what parity tests compare against."""

@@ -1,6 +1,6 @@
 """One request's answer, token by token: what every engine does with a row of logits.
 
-    logits ─► constraint mask ─► sample ─► EOS? ─► detokenise ─► stop strings ─► TokenEvent
+    logits ─► constraint mask ─► sample (+ logprobs) ─► EOS? ─► detokenise ─► stop strings ─► TokenEvent
                                                                               … ─► FinishEvent
 
 The ONNX batch loop and the transformers reference both feed logits here, so sampling, stops,
@@ -14,7 +14,7 @@ import time
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder
+from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder, token_logprobs
 from edgevl.types import Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent, Usage
 
 
@@ -52,6 +52,8 @@ class Sequence:
         if constraint is not None:
             constraint.mask(logits)
         tok = self._sampler(logits, self.history)
+        # after the grammar's mask (forbidden tokens are no alternatives), before penalties and temperature
+        lp = token_logprobs(logits, tok, self.params.logprobs) if self.params.logprobs is not None else (None, None)
         if constraint is not None:
             constraint.advance(tok)
         self.generated.append(tok)
@@ -65,7 +67,7 @@ class Sequence:
         events: list[Event] = []
         if piece or not stopped:
             self._text.append(piece)
-            events.append(TokenEvent(piece, tok))
+            events.append(TokenEvent(piece, tok, *lp))
         if stopped:
             self._by_stop_string = True
             return events + self._end("stop")

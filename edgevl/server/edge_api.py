@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from edgevl import __version__
-from edgevl.server.errors import ApiError, as_api_error, error_body
-from edgevl.server.protocol import OcrRequest, OcrResponse, PredictRequest, PredictResponse
+from edgevl.server.errors import ApiError
+from edgevl.server.protocol import (
+    DoneLine,
+    FunctionCall,
+    OcrRequest,
+    OcrResponse,
+    PredictRequest,
+    PredictResponse,
+    TokenLine,
+    ToolCallOut,
+    call_id,
+)
+from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import (
+    Done,
     check_max_frames,
     constraint_for,
-    image_from_base64,
-    timings_dict,
-    usage_dict,
+    load_image,
+    prepare_tools,
     video_from_base64,
 )
-from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
+from edgevl.server.tools import ToolCallSplitter
+from edgevl.server.wire import ndjson
+from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
 
-router = APIRouter(prefix="/api", tags=["edge"])
+router = APIRouter(prefix="/api", tags=["edge"], route_class=SafeRoute)
+Extra = Callable[[str, Done], dict]  # the endpoint's own fields on the last line, from the answer's text
 
 
 def _request(state, messages: list[Message], body: PredictRequest | OcrRequest) -> GenerationRequest:
@@ -31,9 +44,47 @@ def _request(state, messages: list[Message], body: PredictRequest | OcrRequest) 
     return GenerationRequest(messages, params, max_pixels=body.max_pixels)
 
 
+async def lines(state, events: AsyncIterator, extra: Extra, splitter: ToolCallSplitter | None = None
+                ) -> AsyncIterator[TokenLine | DoneLine]:
+    """Engine events → NDJSON lines: the text piece by piece, then one line with everything else."""
+    parts: list[str] = []
+    async for ev in events:
+        if isinstance(ev, TokenEvent):
+            text = splitter.feed(ev.text)[0] if splitter else ev.text
+        elif isinstance(ev, Done):
+            text = splitter.flush() if splitter else ""
+        if text:
+            parts.append(text)
+            yield TokenLine(token=text)
+        if isinstance(ev, Done):
+            yield DoneLine(**{"finish_reason": ev.finish.finish_reason, "model": state.info.model_name,
+                              "usage": ev.usage, "timings": ev.timings, **extra("".join(parts), ev)})
+
+
+async def answer(frames: AsyncIterator[TokenLine | DoneLine], text_key: str | None) -> dict:
+    """The JSON answer: the last line's fields, with the text the token lines carried under `text_key`."""
+    parts: list[str] = []
+    last: DoneLine | None = None
+    async for frame in frames:
+        if isinstance(frame, TokenLine):
+            parts.append(frame.token)
+        else:
+            last = frame
+    out = last.model_dump(exclude={"token", "done"})
+    if text_key:
+        out[text_key] = "".join(parts)
+    return out
+
+
+def _respond(state, endpoint: str, req: GenerationRequest, http: Request, stream: bool, text_key: str,
+             extra: Extra = lambda text, done: {}, splitter: ToolCallSplitter | None = None):
+    frames = lines(state, state.runner.events(endpoint, state.runner.start(req), http), extra, splitter)
+    return ndjson(frames) if stream else answer(frames, text_key)
+
+
 @router.post("/predict", response_model=PredictResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def predict(body: PredictRequest, http: Request):
-    """Answer a question about images, a video clip, both or neither."""
+    """Answer a question about images, a video clip, both or neither; with `tools`, the model may call them."""
     state = http.app.state
     sources = body.all_images()
     if len(sources) > state.settings.max_images:
@@ -43,7 +94,7 @@ async def predict(body: PredictRequest, http: Request):
                        "fps" if body.fps is not None else "max_frames")
     if body.video is not None and state.settings.max_videos < 1:
         raise ApiError("this server accepts no video (max_videos is 0)", "too_many_videos", "video")
-    parts: list = [ImagePart(image_from_base64(v, state.settings, "image" if i == 0 and body.image else "images"))
+    parts: list = [ImagePart((await load_image(v, state.settings, "image" if i == 0 and body.image else "images"))[0])
                    for i, v in enumerate(sources)]
     if body.video is not None:
         check_max_frames(body.max_frames, state.settings, "max_frames")
@@ -51,53 +102,34 @@ async def predict(body: PredictRequest, http: Request):
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)
+    if body.forces_tool_call() and body.schema_ is not None:
+        raise ApiError("schema cannot be combined with a forced tool call", "invalid_request", "schema")
+    splitter = await prepare_tools(state, req, body)
     if body.schema_ is not None:
         req.constraint = await constraint_for(state, body.schema_, req.params.max_new_tokens)
-    if body.stream:
-        return _ndjson(state, "predict", req, http)
-    out = await state.runner.collect("predict", req, http)
-    return {"answer": out.text, "finish_reason": out.finish.finish_reason, "model": state.info.model_name,
-            "usage": usage_dict(out.finish), "timings": timings_dict(out.finish, out.queue_ms)}
+
+    def calls(text: str, done: Done) -> dict:
+        if splitter is None:
+            return {}
+        out = [ToolCallOut(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+               for c in splitter.calls]
+        fin = "tool_calls" if out and done.finish.finish_reason == "stop" else done.finish.finish_reason
+        return {"tool_calls": out, "finish_reason": fin}
+
+    result = _respond(state, "predict", req, http, body.stream, "answer", calls, splitter)
+    return result if body.stream else await result
 
 
 @router.post("/ocr", response_model=OcrResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def ocr(body: OcrRequest, http: Request):
     """Read all the text in an image."""
     state = http.app.state
-    img = image_from_base64(body.image, state.settings)
+    img, _ = await load_image(body.image, state.settings)
     req = _request(state, [Message("user", [ImagePart(img), TextPart(body.instruction())])], body)
     if body.temperature is None:
         req.params.temperature = 0.0  # transcription wants the likeliest reading, not variety
-    if body.stream:
-        return _ndjson(state, "ocr", req, http)
-    out = await state.runner.collect("ocr", req, http)
-    return {"text": out.text, "finish_reason": out.finish.finish_reason, "model": state.info.model_name,
-            "usage": usage_dict(out.finish), "timings": timings_dict(out.finish, out.queue_ms)}
-
-
-def _ndjson(state, endpoint: str, req: GenerationRequest, http: Request) -> StreamingResponse:
-    job, t0 = state.runner.start(req)  # 429/503 are raised here, before the stream starts
-
-    async def lines() -> AsyncIterator[bytes]:
-        try:
-            async for ev in state.runner.events(endpoint, job, http):
-                if isinstance(ev, FinishEvent):
-                    queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - ev.timings.total_ms)
-                    yield _line({"token": "", "done": True, "finish_reason": ev.finish_reason,
-                                 "model": state.info.model_name, "usage": usage_dict(ev),
-                                 "timings": timings_dict(ev, queue_ms)})
-                elif ev.text:
-                    yield _line({"token": ev.text, "done": False})
-        except Exception as e:  # the status line is gone: errors travel in the stream's own format
-            err = as_api_error(e)
-            yield _line({**error_body(err.message, err.type, err.code, err.param), "done": True})
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _line(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    result = _respond(state, "ocr", req, http, body.stream, "text")
+    return result if body.stream else await result
 
 
 @router.get("/health")

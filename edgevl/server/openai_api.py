@@ -1,27 +1,54 @@
-"""OpenAI-compatible /v1/chat/completions (JSON or server-sent events) and /v1/models."""
+"""OpenAI-compatible /v1/chat/completions (JSON or server-sent events) and /v1/models.
+
+Engine events become ChatCompletionChunk frames in one place (`_chunks`); the stream sends them,
+and the JSON answer is those same chunks folded (`_fold`)."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from edgevl.server.errors import ApiError, as_api_error, error_body
-from edgevl.server.protocol import ChatCompletionRequest, ChatMessage, completion_id, now
+from edgevl.server.errors import ApiError
+from edgevl.server.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    FunctionDelta,
+    ModelCard,
+    ModelList,
+    OpenAIUsage,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolCallOut,
+    TopLogprob,
+    call_id,
+    completion_id,
+    now,
+)
+from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import (
+    Done,
     check_max_frames,
     constraint_for,
-    image_from_base64,
-    timings_dict,
+    load_image,
+    prepare_tools,
     video_from_base64,
     video_from_frames_base64,
 )
-from edgevl.types import FinishEvent, GenerationRequest, ImagePart, Message, TextPart
+from edgevl.server.tools import ToolCallSplitter
+from edgevl.server.wire import sse
+from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
 
 
@@ -45,7 +72,7 @@ async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
                 if n_videos > state.settings.max_videos:
                     raise ApiError(f"more than {state.settings.max_videos} videos", "too_many_videos", "messages")
                 if p.type == "video":
-                    parts.append(video_from_frames_base64(p.video or [], state, where, p.fps))
+                    parts.append(await video_from_frames_base64(p.video or [], state, where, p.fps))
                 elif isinstance(p.video_url, str):
                     parts.append(await video_from_base64(p.video_url, state, where))
                 else:
@@ -53,35 +80,38 @@ async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
                     check_max_frames(v.max_frames, state.settings, f"{where}.video_url.max_frames")
                     parts.append(await video_from_base64(v.url, state, where, v.fps, v.max_frames))
             elif p.type == "image_url":
-                if role != "user":
-                    raise ApiError("images are only accepted in user messages", "invalid_image_position",
+                if role not in ("user", "tool"):
+                    raise ApiError("images are only accepted in user and tool messages", "invalid_image_position",
                                    f"messages.{i}.content.{j}")
-                url = p.image_url.url if not isinstance(p.image_url, str) else p.image_url
                 n_images += 1
                 if n_images > state.settings.max_images:
                     raise ApiError(f"more than {state.settings.max_images} images", "too_many_images", "messages")
-                parts.append(ImagePart(image_from_base64(url, state.settings, f"messages.{i}.content.{j}")))
+                image = p.image()
+                img, _ = await load_image(image.url, state.settings, f"messages.{i}.content.{j}")
+                parts.append(ImagePart(img, image.max_pixels()))
             else:
                 parts.append(TextPart(p.text or ""))
-        out.append(Message(role, parts))
+        calls = [ToolCall(c.function.name, c.function.arguments) for c in m.tool_calls or []]
+        out.append(Message(role, parts, calls))
     return out
 
 
 @router.get("/models")
-async def models(http: Request) -> dict:
-    info = http.app.state.info
-    return {"object": "list", "data": [{"id": info.model_name, "object": "model", "created": now(),
-                                        "owned_by": "edgevl"}]}
+async def models(http: Request) -> ModelList:
+    return ModelList(data=[ModelCard(id=http.app.state.info.model_name, created=now())])
 
 
-@router.post("/chat/completions", responses={400: {}, 413: {}, 429: {}, 503: {}})
+@router.post("/chat/completions", response_model=ChatCompletion, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
-    msgs = await _messages(body.messages, state)
-    params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens, body.stop_list())
-    req = GenerationRequest(msgs, params, max_pixels=body.max_pixels)
+    params = body.openai_sampling(state.sampling_defaults, state.settings.default_max_tokens)
+    req = GenerationRequest(await _messages(body.messages, state), params, max_pixels=body.max_pixels)
     fmt = body.response_format or {}
     kind = fmt.get("type", "text")
+    if body.forces_tool_call() and kind != "text":
+        raise ApiError("response_format cannot be combined with a forced tool call", "invalid_request",
+                       "response_format")
+    splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
     if kind == "json_object":
         req.constraint = await constraint_for(state, None, params.max_new_tokens)
     elif kind == "json_schema":
@@ -93,54 +123,84 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     elif kind != "text":
         raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "unsupported_response_format", "response_format")
-    model = state.info.model_name
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(state, req, http, model, include_usage)
-    out = await state.runner.collect("chat", req, http)
-    fin = out.finish
-    return {
-        "id": completion_id(), "object": "chat.completion", "created": now(), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "logprobs": None, "finish_reason": _FINISH[fin.finish_reason]}],
-        "usage": _usage(fin),
-        "timings": timings_dict(fin, out.queue_ms),  # edgevl extension
-    }
+    run = state.runner.start(req)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,
+                     include_usage or not body.stream)
+    return sse(chunks) if body.stream else await _fold(chunks)
 
 
-def _sse(state, req: GenerationRequest, http: Request, model: str, include_usage: bool) -> StreamingResponse:
-    job, t0 = state.runner.start(req)
-    cid, created = completion_id(), now()
+async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | None, logprobs: bool,
+                  include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+    cid, created, model = completion_id(), now(), state.info.model_name
+    n_calls = 0
+    held: list[TokenLogprob] = []
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    def chunk(delta: Delta, finish: str | None = None, **extra) -> ChatCompletionChunk:
+        lp = ChoiceLogprobs(content=list(held)) if logprobs else None
+        held.clear()
+        return ChatCompletionChunk(id=cid, created=created, model=model, **extra,
+                                   choices=[ChunkChoice(delta=delta, logprobs=lp, finish_reason=finish)])
 
-    async def events() -> AsyncIterator[bytes]:
-        yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for ev in state.runner.events("chat", job, http):
-                if isinstance(ev, FinishEvent):
-                    queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - ev.timings.total_ms)
-                    yield chunk({}, _FINISH[ev.finish_reason], timings=timings_dict(ev, queue_ms))
-                    if include_usage:
-                        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": _usage(ev)}
-                        yield f"data: {json.dumps(obj)}\n\n".encode()
-                elif ev.text:
-                    yield chunk({"content": ev.text})
-        except Exception as e:
-            err = as_api_error(e)
-            yield f"data: {json.dumps(error_body(err.message, err.type, err.code, err.param))}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+    def calls_delta(calls: list) -> list[ToolCallDelta] | None:
+        nonlocal n_calls
+        out = [ToolCallDelta(index=n_calls + k, id=call_id(), type="function",
+                             function=FunctionDelta(name=c.name, arguments=c.arguments)) for k, c in enumerate(calls)]
+        n_calls += len(out)
+        return out or None
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    yield chunk(Delta(role="assistant", content=""))
+    async for ev in events:
+        if isinstance(ev, TokenEvent):
+            if ev.logprob is not None:
+                held.append(_logprob(state.engine, ev))
+            text, calls = splitter.feed(ev.text) if splitter else (ev.text, [])
+            if text or calls or held:
+                yield chunk(Delta(content=text or None, tool_calls=calls_delta(calls)))
+        elif isinstance(ev, Done):
+            tail = splitter.flush() if splitter else ""
+            reason = _FINISH[ev.finish.finish_reason]
+            if n_calls and reason == "stop":
+                reason = "tool_calls"
+            yield chunk(Delta(content=tail or None), reason, timings=ev.timings)
+            if include_usage:
+                u = ev.usage
+                yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=OpenAIUsage(
+                    prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+                    prompt_tokens_details=PromptTokensDetails(image_tokens=u.image_tokens,
+                                                              video_tokens=u.video_tokens)))
 
 
-def _usage(fin: FinishEvent) -> dict:
-    """OpenAI's usage, with the visual share of the prompt in prompt_tokens_details (an edgevl extension)."""
-    u = fin.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"image_tokens": u.image_tokens, "video_tokens": u.video_tokens}}
+def _logprob(engine, ev: TokenEvent) -> TokenLogprob:
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = engine.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return TokenLogprob(**entry(ev.token_id, ev.logprob),
+                        top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in ev.top_logprobs or []])
+
+
+async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
+    """The whole answer, from the chunks the stream would have sent."""
+    text: list[str] = []
+    calls: list[ToolCallOut] = []
+    logprobs: list[TokenLogprob] | None = None
+    first = last = usage = None
+    finish = "stop"
+    async for c in chunks:
+        first = first or c
+        usage = c.usage or usage
+        for ch in c.choices:
+            last = c
+            text.append(ch.delta.content or "")
+            calls += [ToolCallOut(id=d.id or call_id(), function=FunctionCall(name=d.function.name or "",
+                                                                               arguments=d.function.arguments or ""))
+                      for d in ch.delta.tool_calls or []]
+            if ch.logprobs is not None:
+                logprobs = (logprobs or []) + (ch.logprobs.content or [])
+            finish = ch.finish_reason or finish
+    content = "".join(text)
+    message = AssistantMessage(content=None if calls and not content.strip() else content, tool_calls=calls or None)
+    return ChatCompletion(id=first.id, created=first.created, model=first.model, usage=usage, timings=last.timings,
+                          choices=[Choice(message=message, finish_reason=finish,
+                                          logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None)])

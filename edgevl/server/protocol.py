@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from edgevl.types import SamplingParams
 
+LOW_DETAIL_PIXELS = 512 * 512  # image_url.detail "low": at most 256 image tokens, like OpenAI's 512 px
+
 # The server's limits, set per request by the app (an ASGI middleware), read by the validators below.
 LIMITS: ContextVar[dict | None] = ContextVar("edgevl_limits", default=None)
 
@@ -57,8 +59,75 @@ class Sampling(BaseModel):
                               stop=list(stop if stop is not None else self.stop or []), **d)
 
 
+# ---- tools (OpenAI's shape, on both APIs) ----------------------------------------------------
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments object")
+    strict: bool | None = Field(None, description="arguments always follow the schema when decoding is constrained")
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class Tooling(BaseModel):
+    """`tools`, `tool_choice`, `parallel_tool_calls`, checked together."""
+
+    tools: list[ToolSpec] | None = Field(None, max_length=64)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tools(self) -> Tooling:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        return self
+
+    def tool_mode(self) -> str:
+        """none | auto | required | the name of the one function to call."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
+
+    def forces_tool_call(self) -> bool:
+        return self.tool_mode() not in ("none", "auto")
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+
 # ---- edge API ------------------------------------------------------------------------------
-class PredictRequest(Sampling):
+class PredictRequest(Sampling, Tooling):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     image: str | None = Field(None, description="base64 or data URL (PNG, JPEG, WebP, GIF, BMP)")
@@ -108,6 +177,21 @@ class OcrRequest(Sampling):
         return OCR_INSTRUCTION + (f" The text is in {self.language}." if self.language else "")
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str = Field(..., description="the arguments object as JSON text")
+
+
+class ToolCallOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -134,6 +218,51 @@ class PredictResponse(BaseModel):
     model: str
     usage: Usage
     timings: Timings
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class Box(BaseModel):
+    label: str
+    box: list[float] = Field(..., description="[x1, y1, x2, y2] in pixels of the image as sent")
+    box_upright: list[float] = Field(..., description="the same in the EXIF-rotated picture a browser shows")
+    relative: list[float] = Field(..., description="the model's own 0-1000 coordinates")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    exif_orientation: int
+
+
+class DetectResponse(BaseModel):
+    boxes: list[Box]
+    dropped: int = Field(..., description="objects the model wrote that did not make a valid box")
+    image: ImageInfo
+    text: str
+    finish_reason: str
+    model: str
+    usage: Usage
+    timings: Timings
+
+
+class TokenLine(BaseModel):
+    """One NDJSON line of a streamed edge answer."""
+
+    token: str
+    done: Literal[False] = False
+
+
+class DoneLine(BaseModel):
+    """The last NDJSON line; the endpoint's own fields ride along (extra)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    token: str = ""
+    done: Literal[True] = True
+    finish_reason: str
+    model: str
+    usage: Usage
+    timings: Timings
 
 
 class OcrResponse(BaseModel):
@@ -144,10 +273,16 @@ class OcrResponse(BaseModel):
     timings: Timings
 
 
-# ---- OpenAI API -------------------------------------------------------------------------------
+# ---- OpenAI API: requests ----------------------------------------------------------------------
 class ImageURL(BaseModel):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., description="data URL, raw base64, or http(s) with --allow-remote-images")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description=f"low: at most {LOW_DETAIL_PIXELS} pixels; high/auto: the server's budget")
+
+    def max_pixels(self) -> int | None:
+        return LOW_DETAIL_PIXELS if self.detail == "low" else None
 
 
 class VideoURL(BaseModel):
@@ -159,7 +294,7 @@ class VideoURL(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "image_url", "input_text", "video_url", "video"]
     text: str | None = None
@@ -180,32 +315,96 @@ class ContentPart(BaseModel):
             raise ValueError("a video part needs 'video': a list of frames")
         return self
 
+    def image(self) -> ImageURL:
+        return ImageURL(url=self.image_url) if isinstance(self.image_url, str) else self.image_url
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, description="assistant turns: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool turns: the call this answers")
+
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Sampling):
+# OpenAI request fields this server does not serve, and why; anything else unknown is refused too
+REFUSED = {
+    "audio": "audio output is not supported (text only)",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the deprecated 'functions' is not supported; use 'tools'",
+    "function_call": "the deprecated 'function_call' is not supported; use 'tool_choice'",
+    "logit_bias": "logit_bias is not supported",
+    "metadata": "metadata is only kept with stored completions, and this server stores none",
+    "reasoning_effort": "this model has no reasoning-effort setting",
+    "verbosity": "this model has no verbosity setting",
+}
+
+
+class ChatCompletionRequest(Sampling, Tooling):
+    """OpenAI's chat request: every field is served or refused with a 400 that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
     # fields in the OpenAI spec's order
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: bool | None = Field(None, description="each answer token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many likeliest alternatives")
     max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1)
+    modalities: list[Literal["text"]] | None = Field(None, description="only text")
+    n: int | None = Field(None, ge=1, description="only 1")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     response_format: dict[str, Any] | None = None
+    service_tier: Literal["auto", "default"] | None = Field(None, description="there is one tier")
     stop: str | list[str] | None = None  # type: ignore[assignment]  # OpenAI allows one string
+    store: Literal[False] | None = Field(None, description="nothing is stored; true is refused")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    # edgevl extensions below
+    user: str | None = Field(None, max_length=256, description="accepted; nothing is stored or monitored")
+    safety_identifier: str | None = Field(None, max_length=256, description="accepted; nothing is monitored")
+    prompt_cache_key: str | None = Field(None, max_length=256, description="accepted; prefix caching is automatic")
+    audio: Any = Field(None, description="refused: " + REFUSED["audio"])
+    prediction: Any = Field(None, description="refused: " + REFUSED["prediction"])
+    web_search_options: Any = Field(None, description="refused: " + REFUSED["web_search_options"])
+    functions: Any = Field(None, description="refused: " + REFUSED["functions"])
+    function_call: Any = Field(None, description="refused: " + REFUSED["function_call"])
+    logit_bias: Any = Field(None, description="refused: " + REFUSED["logit_bias"])
+    metadata: Any = Field(None, description="refused: " + REFUSED["metadata"])
+    reasoning_effort: Any = Field(None, description="refused: " + REFUSED["reasoning_effort"])
+    verbosity: Any = Field(None, description="refused: " + REFUSED["verbosity"])
 
-    model_config = ConfigDict(extra="ignore")
+    @field_validator(*REFUSED)
+    @classmethod
+    def _refused(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and v != {}:
+            raise ValueError(REFUSED[info.field_name])
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, v: int | None) -> int | None:
+        if v is not None and v > 1:
+            raise ValueError("only n=1 is supported: send the request again for another answer")
+        return v
 
     @field_validator("messages")
     @classmethod
@@ -224,14 +423,128 @@ class ChatCompletionRequest(Sampling):
             if self.max_completion_tokens > top:
                 raise ValueError(f"max_completion_tokens must be at most {top}")
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def openai_sampling(self, defaults: dict, default_max_tokens: int) -> SamplingParams:
+        p = self.sampling_params(defaults, default_max_tokens, self.stop_list())
+        p.presence_penalty = self.presence_penalty or 0.0
+        p.frequency_penalty = self.frequency_penalty or 0.0
+        p.logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return p
+
+
+# ---- OpenAI API: responses (streamed chunks, and the whole answer folded from them) ----------
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class PromptTokensDetails(BaseModel):
+    """The visual share of the prompt (an edgevl extension in OpenAI's details object)."""
+
+    image_tokens: int = 0
+    video_tokens: int = 0
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: OpenAIUsage | None = None
+    timings: Timings | None = Field(None, description="edgevl extension, on the finishing chunk")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: OpenAIUsage
+    timings: Timings = Field(..., description="edgevl extension")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "edgevl"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

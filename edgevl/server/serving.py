@@ -1,4 +1,4 @@
-"""What both APIs share: images from base64, running a job, metrics at the end, disconnects."""
+"""What both APIs share: images in, constraints, running a job, and the end of a run as all report it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -18,26 +19,42 @@ from edgevl.preprocess.image import decode_image
 from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
+from edgevl.server.protocol import Timings, Tooling, Usage
+from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
+from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar
 from edgevl.types import FinishEvent, GenerationRequest, TokenEvent, VideoPart
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
 
-def image_from_base64(value: str, settings: Settings, param: str = "image") -> Image.Image:
-    """A base64 string or data URL → decoded RGB picture, or a 4xx ApiError saying why."""
-    return image_and_bytes(value, settings, param)[0]
-
-
-def image_and_bytes(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
-    data = _payload(value, "image", param)
-    img = decode_image(data, settings.max_input_pixels)  # ImageError → 4xx by type
-    return img, data
+async def load_image(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
+    """A base64 string, data URL or (with --allow-remote-images) http(s) URL → decoded RGB picture
+    and its bytes, or a 4xx ApiError saying why."""
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError("the image is empty", "invalid_image", param)
+    scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", value, re.I)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise ApiError(f"{scheme.group(1)}:// image URLs are not supported; send base64, a data URL or http(s)",
+                       "remote_image_refused", param)
+    if scheme:
+        if not settings.allow_remote_images:
+            raise ApiError("image URLs are not fetched by this server (start it with --allow-remote-images); "
+                           "send the image as base64 or a data URL", "remote_image_refused", param)
+        data = await fetch_image(value, settings, param)
+    else:
+        m = _DATA_URL.match(value)
+        payload = value[m.end():] if m else value
+        try:
+            data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
+    return decode_image(data, settings.max_input_pixels), data  # ImageError → 4xx by type
 
 
 def _payload(value: str, what: str, param: str) -> bytes:
-    """The bytes of a base64 string or data URL; remote URLs are refused."""
+    """The bytes of a base64 string or data URL; remote URLs are refused (clips are not fetched)."""
     if not isinstance(value, str) or not value.strip():
         raise ApiError(f"the {what} is empty", f"invalid_{what}", param)
     if value.startswith(("http://", "https://")):
@@ -74,11 +91,11 @@ def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> 
                        "invalid_parameter", param)
 
 
-def video_from_frames_base64(values: list[str], state, param: str, fps: float | None) -> VideoPart:
+async def video_from_frames_base64(values: list[str], state, param: str, fps: float | None) -> VideoPart:
     s = state.settings
     if len(values) > s.max_video_frames:
         raise ApiError(f"{len(values)} frames; the limit is {s.max_video_frames}", "too_many_frames", param)
-    images = [image_from_base64(v, s, f"{param}.{i}") for i, v in enumerate(values)]
+    images = [(await load_image(v, s, f"{param}.{i}"))[0] for i, v in enumerate(values)]
     try:
         return video_from_frames(images, fps or state.video_config.fps, video_limits(s))
     except VideoError as e:
@@ -88,16 +105,41 @@ def video_from_frames_base64(values: list[str], state, param: str, fps: float | 
 
 async def constraint_for(state, schema: dict | None, budget: int):
     """A JSON-schema constraint from the engine (compiled off the event loop: the first costs ~1 s)."""
-    import asyncio
-
     return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 
+async def prepare_tools(state, req: GenerationRequest, body: Tooling) -> ToolCallSplitter | None:
+    """Lists the tools for the model (even with tool_choice none, as OpenAI does); a forced call
+    (required, or a named function) constrains decoding to tool calls and nothing else.
+    → what finds the calls in the answer (None when none are wanted)."""
+    mode, parallel = body.tool_mode(), body.parallel_tool_calls is not False
+    req.tools = body.tool_dicts()
+    if mode == "none":
+        return None
+    if body.forces_tool_call():
+        markers = []
+        for text in ("<tool_call>", "</tool_call>"):
+            tid = state.engine.special_token_id(text)
+            markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
+        grammar = call_grammar(req.tools, None if mode == "required" else mode, parallel, *markers)
+        budget = max(1, req.params.max_new_tokens - TAIL_TOKENS)
+        req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
+    return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1)
+
+
 @dataclass
-class Outcome:
-    text: str
+class Done:
+    """How a run ended, with the figures every API reports (queue time computed here, once)."""
+
     finish: FinishEvent
-    queue_ms: float
+    usage: Usage
+    timings: Timings
+
+
+@dataclass
+class Run:
+    job: Job
+    t0: float
 
 
 class Runner:
@@ -107,8 +149,9 @@ class Runner:
         self.scheduler = scheduler
         self.metrics = metrics
 
-    def start(self, req: GenerationRequest) -> tuple[Job, float]:
-        return self.scheduler.submit(req), time.perf_counter()
+    def start(self, req: GenerationRequest) -> Run:
+        """Queues the request: 429/503 are raised here, before any response starts."""
+        return Run(self.scheduler.submit(req), time.perf_counter())
 
     def record(self, endpoint: str, fin: FinishEvent) -> None:
         m = self.metrics
@@ -121,31 +164,22 @@ class Runner:
             m.ttft.labels(endpoint).observe(fin.timings.ttft_ms / 1000)
         m.latency.labels(endpoint).observe(fin.timings.total_ms / 1000)
 
-    async def events(self, endpoint: str, job: Job, http: Request) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """The job's events; the job is abandoned if the client disconnects or the stream is closed."""
-        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, job))
+    async def events(self, endpoint: str, run: Run, http: Request) -> AsyncIterator[TokenEvent | Done]:
+        """The job's events, the last one a Done; the job is abandoned if the client disconnects or
+        the stream is closed."""
+        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, run.job))
         try:
-            async for ev in job.stream():
+            async for ev in run.job.stream():
                 if isinstance(ev, FinishEvent):
                     self.record(endpoint, ev)
+                    queue_ms = max(0.0, (time.perf_counter() - run.t0) * 1000 - ev.timings.total_ms)
+                    yield Done(ev, usage_of(ev), timings_of(ev, queue_ms))
+                    return
                 yield ev
+            raise ApiError("the request was cancelled", "cancelled")
         finally:
             watcher.cancel()
-            self.scheduler.abandon(job)
-
-    async def collect(self, endpoint: str, req: GenerationRequest, http: Request) -> Outcome:
-        job, t0 = self.start(req)
-        parts: list[str] = []
-        fin: FinishEvent | None = None
-        async for ev in self.events(endpoint, job, http):
-            if isinstance(ev, FinishEvent):
-                fin = ev
-            else:
-                parts.append(ev.text)
-        if fin is None:
-            raise ApiError("the request was cancelled", "cancelled")
-        queue_ms = max(0.0, (time.perf_counter() - t0) * 1000 - fin.timings.total_ms)
-        return Outcome("".join(parts), fin, queue_ms)
+            self.scheduler.abandon(run.job)
 
 
 async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> None:
@@ -157,15 +191,15 @@ async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> No
             await asyncio.sleep(0.1)
 
 
-def usage_dict(fin: FinishEvent) -> dict:
+def usage_of(fin: FinishEvent) -> Usage:
     u = fin.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "image_tokens": u.image_tokens, "video_tokens": u.video_tokens}
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                 total_tokens=u.total_tokens, image_tokens=u.image_tokens, video_tokens=u.video_tokens)
 
 
-def timings_dict(fin: FinishEvent, queue_ms: float = 0.0) -> dict:
+def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
     t = fin.timings
-    return {"ttft_ms": round(t.ttft_ms, 2), "total_ms": round(t.total_ms, 2), "tokens_per_s": round(t.tokens_per_s, 2),
-            "preprocess_ms": round(t.preprocess_ms, 2), "vision_ms": round(t.vision_ms, 2),
-            "prefill_ms": round(t.prefill_ms, 2), "queue_ms": round(queue_ms + t.queue_ms, 2),
-            "vision_cache_hits": t.vision_cache_hits, "prefix_reused_tokens": t.prefix_reused_tokens}
+    return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
+                   preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
+                   prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
+                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens)

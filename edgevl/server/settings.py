@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     vision_cache: int = Field(16, ge=0, le=100000, description="image embeddings kept for repeated images")
     prefix_cache: bool = Field(True, description="re-use the KV cache of a conversation's earlier turns")
     max_memory_mb: int = Field(0, ge=0, description="refuse to start if the model would need more (0: no check)")
-    allow_remote_images: bool = Field(False, description="fetch http(s) image URLs in /v1 requests")
+    allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (public addresses only)")
+    allow_remote_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="image hosts fetched even at private addresses (comma-separated)")
     # -- access
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted API keys (comma-separated); none: open")
@@ -76,7 +78,7 @@ class Settings(BaseSettings):
     ray_max_replicas: int = Field(0, ge=0, description="autoscaling upper bound (0: no autoscaling)")
     ray_max_queued_requests: int = Field(64, ge=-1, description="requests Ray holds before refusing (-1: no bound)")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allow_remote_hosts", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v

@@ -43,6 +43,16 @@ class Server:
                     return float(value)
         return 0.0
 
+    def edge(self, path: str, body: dict) -> dict:
+        """An edge API answer: the JSON body, or with "stream": true the last NDJSON line."""
+        import json
+
+        with self.client() as c:
+            if not body.get("stream"):
+                return c.post(path, json=body).json()
+            with c.stream("POST", path, json=body) as r:
+                return [json.loads(x) for x in r.iter_lines() if x][-1]
+
     def log(self) -> str:
         with open(self.log_path) as f:
             return f.read()

@@ -61,3 +61,51 @@ def test_server_survived_the_fuzzing(fuzz_server):
     assert httpx.get(fuzz_server.url + "/api/health", timeout=10).json()["status"] == "ok"
     assert httpx.post(fuzz_server.url + "/api/predict", json={"prompt": "ok?", "max_tokens": 2},
                       timeout=60).status_code == 200
+
+
+def _schemas():
+    from hypothesis import strategies as st
+
+    leaf = st.sampled_from([{"type": "string"}, {"type": "integer", "minimum": 0}, {"type": "boolean"},
+                            {"enum": ["a", "b"]}, {"$ref": "#"}, {"type": "nonsense"}, {}])
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.builds(lambda props, req: {"type": "object", "properties": props,
+                                      "required": [k for k in props if req]},
+                  st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3), st.booleans()),
+        st.builds(lambda items, n: {"type": "array", "items": items, "minItems": n}, inner, st.integers(0, 2)),
+        st.builds(lambda opts: {"anyOf": opts}, st.lists(inner, min_size=1, max_size=3))), max_leaves=6)
+
+
+def test_chat_with_tools_logprobs_and_detail_never_5xx(fuzz_server):
+    """Past validation: requests that reach the grammar compiler and the engine with random tools,
+    tool choices, logprobs and image details (schemathesis' random bodies rarely get that far)."""
+    from hypothesis import strategies as st
+
+    from tests.server.conftest import png_b64
+
+    image = "data:image/png;base64," + png_b64(64, 48)
+    tools = st.lists(st.builds(lambda n, p: {"type": "function", "function": {"name": n, "parameters": p}},
+                               st.sampled_from(["f", "g", "h"]), _schemas()), max_size=3)
+    choice = st.one_of(st.none(), st.sampled_from(["auto", "none", "required"]),
+                       st.sampled_from(["f", "g", "x"]).map(lambda n: {"type": "function", "function": {"name": n}}))
+    body = st.fixed_dictionaries({
+        "messages": st.just([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image, "detail": "low"}}, {"type": "text", "text": "hi"}]}]),
+        "tools": tools, "tool_choice": choice, "parallel_tool_calls": st.booleans(),
+        "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20), "stream": st.booleans(),
+        "max_tokens": st.integers(1, 8)}).map(lambda b: {k: v for k, v in b.items() if v is not None})
+
+    @given(b=body)
+    @settings(max_examples=int(os.environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(b: dict) -> None:
+        if not b["tools"]:
+            b.pop("tool_choice", None)
+        r = httpx.post(fuzz_server.url + "/v1/chat/completions", json=b, timeout=60)
+        SEEN.setdefault("chat+tools", {}).setdefault(r.status_code, 0)
+        SEEN["chat+tools"][r.status_code] += 1
+        assert r.status_code < 500, (b, r.status_code, r.text[:300])
+        assert '"server_error"' not in r.text, r.text[:300]
+
+    check()
+    print("chat+tools statuses:", SEEN["chat+tools"])

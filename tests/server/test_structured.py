@@ -55,12 +55,7 @@ def test_openai_response_format(server):
 def test_detect_returns_boxes_in_pixels(server, stream):
     body = {"image": png_b64(320, 200), "query": "every red car", "max_tokens": 200, "temperature": 1.0, "seed": 3,
             "stream": stream}
-    with server.client() as c:
-        if stream:
-            with c.stream("POST", "/api/detect", json=body) as r:
-                out = [json.loads(x) for x in r.iter_lines() if x][-1]
-        else:
-            out = c.post("/api/detect", json=body).json()
+    out = server.edge("/api/detect", body)
     assert out["finish_reason"] == "stop" and out["image"] == {"width": 320, "height": 200, "exif_orientation": 1}
     assert isinstance(out["boxes"], list) and out["dropped"] >= 0
     for b in out["boxes"]:

@@ -1,0 +1,52 @@
+"""The three wire formats. Each endpoint turns engine events into frames (pydantic models) once;
+SSE and NDJSON send the frames as they come, and the JSON answer is folded from the same frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from edgevl.server.errors import as_api_error, error_body
+
+log = logging.getLogger("edgevl.server")
+_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(exc: Exception) -> dict:
+    err = as_api_error(exc)
+    if err.status >= 500:
+        log.error("stream failed", exc_info=exc)
+    return error_body(err.message, err.type, err.code, err.param)
+
+
+def sse(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """Server-sent events ending `data: [DONE]`; an error after the status line is the last event."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for frame in frames:
+                yield b"data: " + frame.model_dump_json().encode() + b"\n\n"
+        except Exception as e:  # the status line is gone: the error travels in the stream's format
+
+            yield f"data: {json.dumps(_error(e))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)
+
+
+def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """One JSON object per line; an error after the status line is the last line, with done: true."""
+
+    async def body() -> AsyncIterator[bytes]:
+
+        try:
+            async for frame in frames:
+                yield frame.model_dump_json().encode() + b"\n"
+        except Exception as e:
+            yield (json.dumps({**_error(e), "done": True}, ensure_ascii=False) + "\n").encode()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)
