@@ -152,7 +152,8 @@ def test_demo_is_served_without_a_model_as_a_non_root_user_within_the_limits(run
     assert done.usage.completion_tokens >= 1 and isinstance(done.choices[0].message.content, str)
 
 
-def test_a_mounted_checkpoint_is_exported_once_into_the_cache_volume(run, volume, tiny_checkpoint, image):
+# `volume` before `run`: pytest tears down in reverse, so the containers go before their volume
+def test_a_mounted_checkpoint_is_exported_once_into_the_cache_volume(volume, run, tiny_checkpoint, image):
     mounts = ["-v", f"{tiny_checkpoint}:/models/qwen3-vl:ro", "-v", f"{volume}:/var/cache/edgevl"]
 
     def exports() -> list[str]:
