@@ -130,9 +130,11 @@ async def scenario(base: str, model: str, name: str, clients: int, rounds: int, 
 class Server:
     """A server process on a free loopback port, with its peak RSS sampled while it runs."""
 
-    def __init__(self, cmd: list[str], port: int, name: str):
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, cmd: list[str], port: int, name: str, log: Path):
+        self.name, self.port, self.log = name, port, log
+        # a file, not a pipe: a chatty server must never block on a full pipe
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
@@ -154,7 +156,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code == 200:
                     return
@@ -202,10 +204,11 @@ def run_load(args: argparse.Namespace) -> int:
     out = Path(args.out or f"artifacts/bench/load-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    failures: list[dict] = []
     for n in levels:
         for name, cmd, health, port in servers(args, n):
             print(f"[load] {name}, {n} client(s): starting", file=sys.stderr, flush=True)
-            srv = Server(cmd, int(port), name)
+            srv = Server(cmd, int(port), name, out / f"{name}-{n}.log")
             try:
                 srv.wait_ready(health)
                 base = f"http://127.0.0.1:{port}"
@@ -213,15 +216,27 @@ def run_load(args: argparse.Namespace) -> int:
                 for sc in args.scenarios.split(","):
                     if sc == "big" and n < 2:
                         continue
-                    r = asyncio.run(scenario(base, "m", sc, n, args.rounds, args.size, 1000 * n))
+                    try:
+                        r = asyncio.run(scenario(base, "m", sc, n, args.rounds, args.size, 1000 * n))
+                    except Exception as e:  # a server that fails a scenario is reported, not the run aborted
+                        died = srv.proc.poll() is not None
+                        failures.append({"server": name, "scenario": sc, "clients": n, "error": repr(e)[:300],
+                                         "server_exited": died,
+                                         "log_tail": srv.log.read_text(errors="replace")[-1500:]})
+                        print(json.dumps(failures[-1]), flush=True)
+                        if died:
+                            break
+                        continue
                     r.update(server=name, peak_rss_mb=srv.peak_rss / 2**20)
                     rows.append(r)
                     print(json.dumps(r), flush=True)
             finally:
                 srv.stop()
-    report = {"command": " ".join(sys.argv), "rows": rows}
+    report = {"command": " ".join(sys.argv), "rows": rows, "failures": failures}
     (out / "load.json").write_text(json.dumps(report, indent=2))
-    md = load_markdown(rows)
+    md = load_markdown(rows) + "".join(f"\n{f['server']} failed {f['scenario']} with {f['clients']} client(s): "
+                                       f"{f['error']}{' (the server exited)' if f['server_exited'] else ''}\n"
+                                       for f in failures)
     (out / "load.md").write_text(md)
     print(md)
     print(f"\nwrote {out}/load.json, load.md", file=sys.stderr)
