@@ -31,8 +31,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--quick", action="store_true", help="2 runs, 8 tokens, 1 task: a smoke test")
     p.add_argument("--out", default=None, help="output folder (default: artifacts/bench/<time>)")
-    p.add_argument("--llama-cpp", default=None, help="llama-mtmd-cli binary, to compare on the same machine")
-    p.add_argument("--gguf", action="append", default=[], help="NAME=MODEL.gguf (several allowed, with --mmproj)")
+    p.add_argument("--llama-cpp", default=None,
+                   help="compare with llama.cpp on the same machine: a llama-mtmd-cli binary, or `auto` to "
+                        "build llama.cpp into the cache once and convert the checkpoint to GGUF F32, Q8_0 and "
+                        "Q4_K_M (+ F16 mmproj)")
+    p.add_argument("--gguf", action="append", default=[],
+                   help="NAME=MODEL.gguf (several allowed, with --mmproj); with `--llama-cpp auto`: the GGUF "
+                        "types to convert to, e.g. --gguf F32 --gguf Q8_0")
     p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
 
 
@@ -58,12 +63,17 @@ def run_bench(args: argparse.Namespace) -> int:
         if err:
             failures[backend] = err
     if args.llama_cpp:
-        from edgevl.bench.llama import run_llama
+        from edgevl.bench.llama import LlamaLogError, run_llama
 
-        for spec in args.gguf:
-            name, gguf = spec.split("=", 1)
-            records += run_llama(args.llama_cpp, name, gguf, args.mmproj, args.tasks.split(","), args.size,
-                                 args.runs, args.max_tokens, args.threads)
+        binary, ggufs, mmproj = _llama_inputs(args)
+        for name, gguf in ggufs:
+            print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
+            try:
+                records += run_llama(binary, name, gguf, mmproj, args.tasks.split(","), args.size,
+                                     args.runs, args.max_tokens, args.threads)
+            except LlamaLogError as e:
+                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
+                failures[f"llama.cpp-{name}"] = str(e)
     report = summarize(records, args, failures)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
@@ -71,6 +81,18 @@ def run_bench(args: argparse.Namespace) -> int:
     print(markdown(report))
     print(f"\nwrote {out}/bench.json, bench.md, bench.png", file=sys.stderr)
     return 0 if not failures else 1
+
+
+def _llama_inputs(args: argparse.Namespace) -> tuple[str, list[tuple[str, str]], str | None]:
+    """llama-mtmd-cli, [(name, text GGUF)], mmproj: as given, or built and converted (`auto`)."""
+    if args.llama_cpp != "auto":
+        return args.llama_cpp, [tuple(spec.split("=", 1)) for spec in args.gguf], args.mmproj
+    from edgevl.bench.gguf_files import TEXT_TYPES, ensure_gguf
+    from edgevl.bench.llama_build import ensure_llama_cpp, source_dir
+
+    bins = ensure_llama_cpp()
+    files, mmproj = ensure_gguf(Path(args.model), source_dir(), bins, tuple(args.gguf) or TEXT_TYPES)
+    return str(bins / "llama-mtmd-cli"), [(t, str(f)) for t, f in files.items()], str(mmproj)
 
 
 def _run_worker(backend: str, cmd: list[str], records: list[dict]) -> str | None:

@@ -106,8 +106,10 @@ class OrtEngine:
             so.add_session_config_entry("session.disable_prepacking", "1")
         providers = ["CPUExecutionProvider"]
         graphs = self.manifest["graphs"]
-        self.vision = ort.InferenceSession(str(self.folder / graphs["vision"]), so, providers=providers)
+        # decoder first: prepacking its largest weight (the lm_head) briefly holds it twice, and that
+        # transient must not stack on a vision tower already resident (it set fp32's peak RSS)
         self.decoder = ort.InferenceSession(str(self.folder / graphs["decoder"]), so, providers=providers)
+        self.vision = ort.InferenceSession(str(self.folder / graphs["vision"]), so, providers=providers)
         self.embed = ort.InferenceSession(str(self.folder / graphs["embed"]), so, providers=providers)
         self._has_deepstack = any(i.name == "deepstack_embeds" for i in self.decoder.get_inputs())
 
