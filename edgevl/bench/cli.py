@@ -36,8 +36,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "build llama.cpp into the cache once and convert the checkpoint to GGUF F32, Q8_0 and "
                         "Q4_K_M (+ F16 mmproj)")
     p.add_argument("--gguf", action="append", default=[],
-                   help="NAME=MODEL.gguf (several allowed, with --mmproj); with `--llama-cpp auto`: the GGUF "
-                        "types to convert to, e.g. --gguf F32 --gguf Q8_0")
+                   help="NAME=MODEL.gguf (several allowed, with --mmproj); with `--llama-cpp auto`: "
+                        "TEXT[:MMPROJ] types to convert to and run (default F32, Q8_0, Q4_K_M, each with an "
+                        "F16 projector), e.g. --gguf F32 --gguf F32:F32")
     p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
 
 
@@ -65,8 +66,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.llama_cpp:
         from edgevl.bench.llama import LlamaLogError, run_llama
 
-        binary, ggufs, mmproj = _llama_inputs(args)
-        for name, gguf in ggufs:
+        for name, binary, gguf, mmproj in _llama_inputs(args):
             print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
             try:
                 records += run_llama(binary, name, gguf, mmproj, args.tasks.split(","), args.size,
@@ -83,16 +83,16 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
-def _llama_inputs(args: argparse.Namespace) -> tuple[str, list[tuple[str, str]], str | None]:
-    """llama-mtmd-cli, [(name, text GGUF)], mmproj: as given, or built and converted (`auto`)."""
+def _llama_inputs(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
+    """[(name, llama-mtmd-cli, text GGUF, mmproj GGUF)]: as given, or built and converted (`auto`)."""
     if args.llama_cpp != "auto":
-        return args.llama_cpp, [tuple(spec.split("=", 1)) for spec in args.gguf], args.mmproj
+        return [(*spec.split("=", 1), args.mmproj) for spec in args.gguf]
     from edgevl.bench.gguf_files import TEXT_TYPES, ensure_gguf
     from edgevl.bench.llama_build import ensure_llama_cpp, source_dir
 
     bins = ensure_llama_cpp()
-    files, mmproj = ensure_gguf(Path(args.model), source_dir(), bins, tuple(args.gguf) or TEXT_TYPES)
-    return str(bins / "llama-mtmd-cli"), [(t, str(f)) for t, f in files.items()], str(mmproj)
+    runs = ensure_gguf(Path(args.model), source_dir(), bins, tuple(args.gguf) or TEXT_TYPES)
+    return [(name, str(bins / "llama-mtmd-cli"), str(text), str(mmproj)) for name, text, mmproj in runs]
 
 
 def _run_worker(backend: str, cmd: list[str], records: list[dict]) -> str | None:

@@ -58,7 +58,7 @@ def ensure_llama_cpp() -> Path:
         if not (source_dir() / "CMakeLists.txt").is_file():
             _unpack_sdist(root)
         src = source_dir()
-        _log(f"building llama.cpp {VERSION} in {src / 'build'} (about 7 minutes on 2 cores)")
+        log(f"building llama.cpp {VERSION} in {src / 'build'} (about 7 minutes on 2 cores)")
         subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
                         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"], check=True, stdout=sys.stderr)
         subprocess.run(["cmake", "--build", str(src / "build"), "-j", str(os.cpu_count() or 1), "--target",
@@ -73,14 +73,14 @@ def _ensure_tools() -> None:
     cmd = ["apt-get", "install", "-y", "--no-install-recommends", *_APT_PACKAGES]
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise SystemExit(f"building llama.cpp needs cmake and a C++ compiler: install them (e.g. `{' '.join(cmd)}`)")
-    _log(" ".join(cmd))
+    log(" ".join(cmd))
     subprocess.run(["apt-get", "update"], check=True, stdout=sys.stderr)
     subprocess.run(cmd, check=True, stdout=sys.stderr)
 
 
 def _unpack_sdist(root: Path) -> None:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        _log(f"downloading the llama-cpp-python {VERSION} sdist (it vendors llama.cpp)")
+        log(f"downloading the llama-cpp-python {VERSION} sdist (it vendors llama.cpp)")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={VERSION}", "-d", tmp], check=True, stdout=sys.stderr)
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
@@ -91,5 +91,5 @@ def _unpack_sdist(root: Path) -> None:
             tar.extractall(root, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
