@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgevl.bench.gguf_files import parse_spec
 from edgevl.bench.llama import CONTEXT, LlamaLogError, command, parse_log
 from edgevl.bench.llama_build import VERSION, is_built
 
@@ -40,6 +41,13 @@ def test_the_command_bounds_the_context_and_asks_for_timings():
     assert cmd[cmd.index("-c") + 1] == str(CONTEXT)
     assert cmd[cmd.index("-lv") + 1] == "4"
     assert cmd[cmd.index("--mmproj") + 1] == "mmproj.gguf"
+
+
+def test_gguf_specs_name_the_text_type_and_the_projector():
+    assert parse_spec("Q8_0") == ("Q8_0", "F16")  # llama.cpp's usual F16 projector
+    assert parse_spec("F32:F32") == ("F32", "F32")
+    with pytest.raises(SystemExit, match="Q3_K"):
+        parse_spec("Q3_K")
 
 
 @pytest.mark.skipif(not is_built(), reason=f"llama.cpp {VERSION} is not built in the cache (a first "
