@@ -17,16 +17,22 @@ from edgevl.bench.llama_build import VERSION, is_built
 DATA = Path(__file__).parent / "data"
 
 
-def test_parses_a_recorded_log_of_todays_llama_mtmd_cli():
-    # recorded from llama-mtmd-cli of llama-cpp-python 0.3.36's llama.cpp, tiny checkpoint, -n 16 -lv 4
-    rec = parse_log((DATA / "llama-mtmd-cli-tiny.log").read_text())
-    assert rec["vision_ms"] == 553.0  # "mtmd batch encoding done in 553 ms"
-    assert rec["ttft_ms"] == 1189.11  # the prompt eval, image encode included
-    assert rec["prefill_ms"] == pytest.approx(1189.11 - 553)
-    assert rec["prompt_tokens"] == 240
+# recorded from llama-mtmd-cli of llama-cpp-python 0.3.36's llama.cpp, 448² caption image, -n 16 -lv 4:
+# (file, vision ms, prompt eval ms, prompt tokens, eval ms over 15 runs)
+RECORDED = [("llama-mtmd-cli-tiny.log", 553.0, 1189.11, 240, 279.34),
+            ("llama-mtmd-cli-2b-f32.log", 15733.0, 41054.40, 240, 46711.84)]  # 2B F32 + F16 mmproj
+
+
+@pytest.mark.parametrize(("name", "vision", "prompt", "n_prompt", "eval_ms"), RECORDED)
+def test_parses_a_recorded_log_of_todays_llama_mtmd_cli(name, vision, prompt, n_prompt, eval_ms):
+    rec = parse_log((DATA / name).read_text())
+    assert rec["vision_ms"] == vision  # "mtmd batch encoding done in N ms"
+    assert rec["ttft_ms"] == prompt  # the prompt eval, image encode included
+    assert rec["prefill_ms"] == pytest.approx(prompt - vision)
+    assert rec["prompt_tokens"] == n_prompt
     assert rec["output_tokens"] == 16  # 15 eval runs after the prompt's own token
-    assert rec["decode_tokens_per_s"] == pytest.approx(15 / 0.27934)
-    assert rec["total_ms"] == pytest.approx(1189.11 + 279.34)
+    assert rec["decode_tokens_per_s"] == pytest.approx(15 / (eval_ms / 1000))
+    assert rec["total_ms"] == pytest.approx(prompt + eval_ms)
 
 
 def test_a_log_without_the_timing_report_is_an_error_that_says_why():
