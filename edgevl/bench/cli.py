@@ -32,8 +32,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--quick", action="store_true", help="2 runs, 8 tokens, the first task and video: a smoke test")
     p.add_argument("--out", default=None, help="output folder (default: artifacts/bench/<time>)")
-    p.add_argument("--llama-cpp", default=None, help="llama-mtmd-cli binary, to compare on the same machine")
-    p.add_argument("--gguf", action="append", default=[], help="NAME=MODEL.gguf (several allowed, with --mmproj)")
+    p.add_argument("--llama-cpp", default=None,
+                   help="compare with llama.cpp on the same machine: a llama-mtmd-cli binary, or `auto` to "
+                        "build llama.cpp into the cache once and convert the checkpoint to GGUF F32, Q8_0 and "
+                        "Q4_K_M (+ F16 mmproj)")
+    p.add_argument("--gguf", action="append", default=[],
+                   help="NAME=MODEL.gguf (several allowed, with --mmproj); with `--llama-cpp auto`: "
+                        "TEXT[:MMPROJ] types to convert to and run (default F32, Q8_0, Q4_K_M, each with an "
+                        "F16 projector), e.g. --gguf F32 --gguf F32:F32")
     p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
     from edgevl.bench.load import add_load_arguments
 
@@ -68,12 +74,19 @@ def run_bench(args: argparse.Namespace) -> int:
         if err:
             failures[backend] = err
     if args.llama_cpp:
-        from edgevl.bench.llama import run_llama
+        from edgevl.bench.llama import LlamaLogError, run_llama
+        from edgevl.bench.tasks import TASKS
 
-        for spec in args.gguf:
-            name, gguf = spec.split("=", 1)
-            records += run_llama(args.llama_cpp, name, gguf, args.mmproj, args.tasks.split(","), args.size,
-                                 args.runs, args.max_tokens, args.threads)
+        # llama-mtmd-cli is compared on the image tasks; it takes no clip here
+        image_tasks = [t for t in args.tasks.split(",") if t in TASKS]
+        for name, binary, gguf, mmproj in _llama_inputs(args):
+            print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
+            try:
+                records += run_llama(binary, name, gguf, mmproj, image_tasks, args.size,
+                                     args.runs, args.max_tokens, args.threads)
+            except LlamaLogError as e:
+                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
+                failures[f"llama.cpp-{name}"] = str(e)
     report = summarize(records, args, failures)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
@@ -81,6 +94,18 @@ def run_bench(args: argparse.Namespace) -> int:
     print(markdown(report))
     print(f"\nwrote {out}/bench.json, bench.md, bench.png", file=sys.stderr)
     return 0 if not failures else 1
+
+
+def _llama_inputs(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
+    """[(name, llama-mtmd-cli, text GGUF, mmproj GGUF)]: as given, or built and converted (`auto`)."""
+    if args.llama_cpp != "auto":
+        return [(*spec.split("=", 1), args.mmproj) for spec in args.gguf]
+    from edgevl.bench.gguf_files import TEXT_TYPES, ensure_gguf
+    from edgevl.bench.llama_build import ensure_llama_cpp, source_dir
+
+    bins = ensure_llama_cpp()
+    runs = ensure_gguf(Path(args.model), source_dir(), bins, tuple(args.gguf) or TEXT_TYPES)
+    return [(name, str(bins / "llama-mtmd-cli"), str(text), str(mmproj)) for name, text, mmproj in runs]
 
 
 def _run_worker(backend: str, cmd: list[str], records: list[dict]) -> str | None:

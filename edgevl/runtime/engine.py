@@ -69,8 +69,11 @@ class OrtEngine:
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
         graphs = self.manifest["graphs"]
-        self.model = OnnxModel(self.config, *(open_session(self.folder / graphs[g], self.options)
-                                              for g in ("vision", "embed", "decoder")))
+        # decoder first: prepacking its largest weight (the lm_head) briefly holds it twice, and that
+        # transient must not stack on a vision tower already resident (it set fp32's peak RSS)
+        decoder = open_session(self.folder / graphs["decoder"], self.options)
+        vision = open_session(self.folder / graphs["vision"], self.options)
+        self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder)
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
                            max_len=self.options.max_context, budget_bytes=self.options.kv_cache_mb * 2**20,
