@@ -195,3 +195,30 @@ def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
         assert ok[-1].usage.completion_tokens == 2  # the vision thread is free again
     finally:
         e.close()
+
+
+def test_concurrent_conversations_each_keep_their_prefix(tiny_onnx):
+    """Four clients ask about four pictures at once, then again: each finds its own cached prompt
+    (a row is free before its caller hears the end, and a common template start does not steal it)."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=4))
+    try:
+        def ask(c: int, n: int) -> GenerationRequest:
+            return GenerationRequest([Message("user", [ImagePart(make_image(112, 112, seed=50 + c)),
+                                                       TextPart("Describe this picture.")])],
+                                     SamplingParams(max_new_tokens=n, ignore_eos=True))
+
+        def together(reqs: list[GenerationRequest]) -> list[FinishEvent]:
+            out: list = [None] * len(reqs)
+            ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, list(e.generate(reqs[i]))[-1]))
+                  for i in range(len(reqs))]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+            return out
+
+        together([ask(c, 1) for c in range(4)])
+        again = together([ask(c, 8) for c in range(4)])
+        assert [f.timings.prefix_reused_tokens for f in again] == [f.usage.prompt_tokens - 1 for f in again]
+    finally:
+        e.close()

@@ -272,18 +272,18 @@ class BatchLoop:
 
     # ---- leaving -----------------------------------------------------------------------------
     def _emit(self, w: Work, events: list[Event]) -> None:
-        for ev in events:
-            w.events.put(ev)
-        if w.seq.finished:
+        if w.seq.finished:  # the row is free before the caller hears the end, so its next turn finds it
             self._leave(w)
             self._count("cancelled" if w.seq.reason == "cancelled" else "finished")
             self._count("generated_tokens", len(w.seq.generated))
+        for ev in events:
+            w.events.put(ev)
 
     def _fail(self, w: Work, error: BaseException) -> None:
         w.seq.finished = True
-        w.events.put(error)
         self._leave(w)
         self._count("errors")
+        w.events.put(error)
 
     def _leave(self, w: Work) -> None:
         if w in self.active:

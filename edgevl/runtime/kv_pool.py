@@ -71,8 +71,8 @@ class KVPool:
     # ---- rows ------------------------------------------------------------------------------
     def acquire(self, keys: np.ndarray, needed: int) -> tuple[int, int] | None:
         """A row for a prompt whose token keys are `keys` and that may grow to `needed` tokens:
-        the idle row sharing the longest prefix (its KV is reused), else the emptiest, least recently
-        used one. → (row, reused tokens), or None while the budget or the rows are taken."""
+        the idle row sharing the longest prefix (its KV is reused) when that is most of what the row
+        holds, else an empty row, else the emptiest, least recently used one. → (row, reused tokens), or None while the budget or the rows are taken."""
         with self._lock:
             idle = [i for i, r in enumerate(self.rows) if not r.running]
             if not idle:
@@ -83,7 +83,15 @@ class KVPool:
                 n = min(c.size, keys.size) if self.prefix_cache else 0
                 return int(np.argmin(np.append(c[:n] == keys[:n], False)))
 
-            best = max(idle, key=lambda i: (shared(i), -self.rows[i].content.size, -self.rows[i].last_used))
+            has_empty = any(self.rows[i].content.size == 0 for i in idle)
+
+            def worth(i: int) -> int:
+                # a row whose cache would mostly be overwritten is kept for its own conversation while an
+                # empty row exists (a common template start is not worth another turn's cache)
+                n = shared(i)
+                return n if n * 2 >= self.rows[i].content.size or not has_empty else 0
+
+            best = max(idle, key=lambda i: (worth(i), -self.rows[i].content.size, -self.rows[i].last_used))
             reuse = min(shared(best), keys.size - 1)  # at least one token must run to produce logits
             # room: everything held except what the chosen row holds now, plus the newcomer
             others = self.used_tokens() - self._held(self.rows[best])
