@@ -72,7 +72,8 @@ class KVPool:
     def acquire(self, keys: np.ndarray, needed: int) -> tuple[int, int] | None:
         """A row for a prompt whose token keys are `keys` and that may grow to `needed` tokens:
         the idle row sharing the longest prefix (its KV is reused) when that is most of what the row
-        holds, else an empty row, else the emptiest, least recently used one. → (row, reused tokens), or None while the budget or the rows are taken."""
+        holds, else an empty row, else the emptiest, least recently used one.
+        → (row, reused tokens), or None while the budget or the rows are taken."""
         with self._lock:
             idle = [i for i, r in enumerate(self.rows) if not r.running]
             if not idle:
