@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def clip_image(seed: int, size: int) -> Image.Image:
+def picture(seed: int, size: int) -> Image.Image:
     """A distinct picture per seed: shapes and colours at random places on a gradient."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size]
@@ -97,7 +97,7 @@ async def scenario(base: str, model: str, name: str, clients: int, rounds: int, 
     prompt = "Describe this picture in detail."
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
         if name == "long":  # cache each client's image and prompt first
-            images = [data_url(clip_image(seed0 + c, size)) for c in range(clients)]
+            images = [data_url(picture(seed0 + c, size)) for c in range(clients)]
             await asyncio.gather(*(chat(client, url, model, im, prompt, 1) for im in images))
         t0 = time.perf_counter()
 
@@ -105,16 +105,16 @@ async def scenario(base: str, model: str, name: str, clients: int, rounds: int, 
             out = []
             if name == "short":
                 for r in range(rounds):
-                    out.append(await chat(client, url, model, data_url(clip_image(seed0 + 100 * r + c, size)),
+                    out.append(await chat(client, url, model, data_url(picture(seed0 + 100 * r + c, size)),
                                           prompt, 64))
             elif name == "long":
                 out.append(await chat(client, url, model, images[c], prompt, 256))
             else:  # big: the last client is a 1024² newcomer arriving while the others stream
                 if c == clients - 1:
                     await asyncio.sleep(3.0)
-                    out.append(await chat(client, url, model, data_url(clip_image(seed0 + c, 1024)), prompt, 16))
+                    out.append(await chat(client, url, model, data_url(picture(seed0 + c, 1024)), prompt, 16))
                 else:
-                    out.append(await chat(client, url, model, data_url(clip_image(seed0 + c, size)), prompt, 256))
+                    out.append(await chat(client, url, model, data_url(picture(seed0 + c, size)), prompt, 256))
             return out
 
         streams = [s for group in await asyncio.gather(*(one_client(c) for c in range(clients))) for s in group]
@@ -180,8 +180,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def servers(args: argparse.Namespace, clients: int) -> list[tuple[str, list[str], str, str]]:
-    """(name, command, health path, model name) of every server to drive at this concurrency."""
+def servers(args: argparse.Namespace, clients: int) -> list[tuple[str, list[str], str, int]]:
+    """(name, command, health path, port) of every server to drive at this concurrency."""
     out = []
     for precision in args.precisions.split(","):
         port = free_port()
@@ -189,13 +189,13 @@ def servers(args: argparse.Namespace, clients: int) -> list[tuple[str, list[str]
                                             "--precision", precision, "--threads", str(args.threads),
                                             "--port", str(port), "--max-batch", str(max(clients, args.max_batch)),
                                             "--queue-size", "64", *args.server_args.split()],
-                    "/api/health", str(port)))
+                    "/api/health", port))
     for spec in args.gguf if args.llama_server else []:
         name, gguf = spec.split("=", 1)
         port = free_port()
         out.append((f"llama.cpp-{name}", [args.llama_server, "-m", gguf, "--mmproj", args.mmproj, "-np", str(clients),
                                           "-c", str(4096 * clients), "-t", str(args.threads), "--port", str(port),
-                                          "--host", "127.0.0.1"], "/health", str(port)))
+                                          "--host", "127.0.0.1"], "/health", port))
     return out
 
 
@@ -208,7 +208,7 @@ def run_load(args: argparse.Namespace) -> int:
     for n in levels:
         for name, cmd, health, port in servers(args, n):
             print(f"[load] {name}, {n} client(s): starting", file=sys.stderr, flush=True)
-            srv = Server(cmd, int(port), name, out / f"{name}-{n}.log")
+            srv = Server(cmd, port, name, out / f"{name}-{n}.log")
             try:
                 srv.wait_ready(health)
                 base = f"http://127.0.0.1:{port}"

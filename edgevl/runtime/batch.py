@@ -5,9 +5,10 @@
     each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
                    its KV rows (rows lo..hi of the pool; idle rows in between run a harmless
                    dummy token past their content)
-                2. admit: one unit of newcomer work — one image through the vision tower, or
-                   one prompt chunk of at most `prefill_chunk` tokens — so running streams
-                   keep flowing while a long prompt is read
+                2. admit: one prompt chunk (at most `prefill_chunk` tokens) of the oldest
+                   newcomer whose images are encoded, so running streams keep flowing while a
+                   long prompt is read; images and clips go through the vision tower on a
+                   thread of their own, one at a time, while the loop keeps decoding
                 3. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
     events of each sequence ─► its own queue ─► the generate() iterator of its caller
@@ -27,8 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgevl.preprocess.image import ImagePatches
+from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.kv_pool import KVPool
-from edgevl.runtime.model import OnnxModel
+from edgevl.runtime.model import OnnxModel, RunHandle
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
@@ -70,7 +73,7 @@ class BatchLoop:
         self._closed = False
         # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
         self._vision_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision")
-        self._vision: tuple[Work, int, concurrent.futures.Future, object] | None = None
+        self._vision: tuple[Work, int, concurrent.futures.Future, RunHandle] | None = None
         self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
         self._thread.start()
 
@@ -205,7 +208,7 @@ class BatchLoop:
             return False
         return True
 
-    def _encode(self, patches, handle) -> tuple[ImageFeatures, float]:
+    def _encode(self, patches: ImagePatches | VideoPatches, handle: RunHandle) -> tuple[ImageFeatures, float]:
         t0 = time.perf_counter()
         return self.model.encode_image(patches, handle), (time.perf_counter() - t0) * 1000
 

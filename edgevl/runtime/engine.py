@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -158,6 +157,7 @@ class OrtEngine:
     def close(self) -> None:
         self.loop.close()
         self.vision_cache.clear()
+        self.pool.close()
 
     def generate(self, request: GenerationRequest) -> Iterator[Event]:
         t_start = time.perf_counter()
@@ -183,10 +183,7 @@ class OrtEngine:
         self.loop.submit(work)
         try:
             while True:
-                try:
-                    ev = work.events.get(timeout=1.0)
-                except queue.Empty:
-                    continue
+                ev = work.events.get()  # the loop always ends a Work with a FinishEvent or an error
                 if isinstance(ev, BaseException):
                     raise ev
                 yield ev
