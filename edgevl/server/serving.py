@@ -29,11 +29,25 @@ from edgevl.types import FinishEvent, GenerationRequest, TokenEvent, VideoPart
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
 
+def _nonempty(value: str, what: str, param: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(f"the {what} is empty", f"invalid_{what}", param)
+
+
+def _base64_bytes(value: str, what: str, param: str) -> bytes:
+    """The bytes of a base64 string or data URL."""
+    m = _DATA_URL.match(value)
+    payload = value[m.end():] if m else value
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(f"the {what} is not valid base64: {e}", "invalid_base64", param) from e
+
+
 async def load_image(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
     """A base64 string, data URL or (with --allow-remote-images) http(s) URL → decoded RGB picture
     and its bytes, or a 4xx ApiError saying why."""
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError("the image is empty", "invalid_image", param)
+    _nonempty(value, "image", param)
     scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", value, re.I)
     if scheme and scheme.group(1).lower() not in ("http", "https"):
         raise ApiError(f"{scheme.group(1)}:// image URLs are not supported; send base64, a data URL or http(s)",
@@ -44,28 +58,17 @@ async def load_image(value: str, settings: Settings, param: str = "image") -> tu
                            "send the image as base64 or a data URL", "remote_image_refused", param)
         data = await fetch_image(value, settings, param)
     else:
-        m = _DATA_URL.match(value)
-        payload = value[m.end():] if m else value
-        try:
-            data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ApiError(f"the image is not valid base64: {e}", "invalid_base64", param) from e
+        data = _base64_bytes(value, "image", param)
     return decode_image(data, settings.max_input_pixels), data  # ImageError → 4xx by type
 
 
-def _payload(value: str, what: str, param: str) -> bytes:
-    """The bytes of a base64 string or data URL; remote URLs are refused (clips are not fetched)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(f"the {what} is empty", f"invalid_{what}", param)
+def _video_bytes(value: str, param: str) -> bytes:
+    """The bytes of a base64 clip or data URL; clip URLs are not fetched."""
+    _nonempty(value, "video", param)
     if value.startswith(("http://", "https://")):
-        raise ApiError(f"{what} URLs are not fetched by this server; send the {what} as base64 or a data URL",
-                       f"remote_{what}_refused", param)
-    m = _DATA_URL.match(value)
-    payload = value[m.end():] if m else value
-    try:
-        return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(f"the {what} is not valid base64: {e}", "invalid_base64", param) from e
+        raise ApiError("video URLs are not fetched by this server; send the video as base64 or a data URL",
+                       "remote_video_refused", param)
+    return _base64_bytes(value, "video", param)
 
 
 def video_limits(settings: Settings) -> VideoLimits:
@@ -76,7 +79,7 @@ async def video_from_base64(value: str, state, param: str, fps: float | None = N
                             max_frames: int | None = None) -> VideoPart:
     """A clip → sampled frames, decoded off the event loop (a clip takes tens of milliseconds or more).
     `max_frames` was checked against the server's limit by the caller, who knows its field's name."""
-    data = _payload(value, "video", param)
+    data = _video_bytes(value, param)
     cfg: VideoConfig = state.video_config
     try:
         return await asyncio.to_thread(decode_video, data, cfg, video_limits(state.settings), fps, max_frames)
