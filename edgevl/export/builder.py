@@ -36,9 +36,15 @@ class QuantSpec:
 
 
 class GraphBuilder:
-    def __init__(self, name: str, out_dir: Path, quant: QuantSpec | None = None):
+    def __init__(self, name: str, out_dir: Path, quant: QuantSpec | None = None, bf16_weights: bool = False):
+        """`bf16_weights`: an fp32 MatMul weight that bfloat16 holds exactly (every weight of a bf16
+        checkpoint, which is how Qwen ships) is stored as bf16 and widened by a Cast in front of its
+        MatMul: the same numbers in half the memory. The Cast runs on every call, so this suits a
+        graph whose weights each meet hundreds of rows per run (the vision tower), not decoding."""
         self.name = name
         self.quant = quant
+        self.bf16_weights = bf16_weights
+        self.widened = 0  # weights stored as bf16
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -60,16 +66,17 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
-    def init(self, name: str, arr: np.ndarray) -> str:
+    def init(self, name: str, arr: np.ndarray, elem: int | None = None) -> str:
+        """An initializer; `elem` overrides the element type the array's bytes are read as (bf16)."""
         arr = np.require(arr, requirements="C")  # ascontiguousarray would make scalars 1-d
-        if arr.nbytes < 1024:
+        if arr.nbytes < 1024 and elem is None:
             self.initializers.append(numpy_helper.from_array(arr, name))
             return name
         pad = -self._offset % _ALIGN
         self._data.write(b"\0" * pad)
         self._offset += pad
         self._data.write(arr.tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+        t = TensorProto(name=name, data_type=elem or helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(arr.nbytes))):
             e = t.external_data.add()
@@ -97,7 +104,7 @@ class GraphBuilder:
         """y = x @ w.T + b for a torch-layout weight (out, in); quantized as the graph is, or as told."""
         spec = self.quant if quant == "default" else quant
         if spec is None:
-            y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], f"{name}/MatMul")
+            y = self.op("MatMul", [x, self.fp32_weight(f"{name}.weight", w.T.astype(np.float32), x)], f"{name}/MatMul")
             if b is not None:
                 y = self.op("Add", [y, self.init(f"{name}.bias", b.astype(np.float32))], f"{name}/Add")
             return y
@@ -119,8 +126,31 @@ class GraphBuilder:
         return self.op("MatMulNBits", ins, f"{name}/MatMulNBits", domain=MS, K=k, N=n,
                        bits=spec.bits, block_size=spec.block_size, accuracy_level=spec.accuracy_level)
 
+    def fp32_weight(self, name: str, w: np.ndarray, x: str) -> str:
+        """An fp32 (K, N) weight for `x @ w`, stored as bf16 behind a Cast when the builder keeps bf16
+        and that is exact. The Cast must wait for `x`: ONNX Runtime orders nodes without inputs
+        first, and every weight widened up front would hold the whole tower in fp32 again. So the
+        bf16 weight goes through a Reshape to its own shape computed from x's, which makes it wait."""
+        bits = np.ascontiguousarray(w).view(np.uint32)
+        if not self.bf16_weights or np.any(bits & 0xFFFF):
+            return self.init(name, w)
+        self.widened += 1
+        # K + 0·x[0] as an int: a data dependency (optimizers merge shape-only ones across layers)
+        first = self.op("Slice", [self.reshape(x, [-1], f"{name}/Flat"), self.const([0]), self.const([1])],
+                        f"{name}/First")
+        zero = self.op("Mul", [self.op("Cast", [first], f"{name}/AsInt", to=INT64), self.const([0])],
+                       f"{name}/Zero")
+        k = self.op("Add", [zero, self.const([w.shape[0]])], f"{name}/InDim")
+        shape = self.op("Concat", [k, self.const([w.shape[1]])], f"{name}/KN", axis=0)
+        stored = self.reshape_to(self.init(f"{name}_bf16", (bits >> 16).astype(np.uint16), BFLOAT16), shape,
+                                 f"{name}/AfterInput")
+        return self.op("Cast", [stored], f"{name}/Cast", to=FLOAT)
+
     def reshape(self, x: str, shape: list[int], name: str) -> str:
-        return self.op("Reshape", [x, self.const(shape)], name)
+        return self.reshape_to(x, self.const(shape), name)
+
+    def reshape_to(self, x: str, shape: str, name: str) -> str:
+        return self.op("Reshape", [x, shape], name)
 
     def rope_tables(self, cos: str, sin: str, head_dim: int, name: str, batch_shape_of: str | None = None
                     ) -> tuple[str, str, str]:
@@ -158,4 +188,4 @@ class GraphBuilder:
         return path
 
 
-FLOAT, INT64, INT32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+FLOAT, INT64, INT32, BFLOAT16 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BFLOAT16

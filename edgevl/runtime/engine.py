@@ -71,7 +71,8 @@ class OrtEngine:
         # decoder first: prepacking its largest weight (the lm_head) briefly holds it twice, and that
         # transient must not stack on a vision tower already resident (it set fp32's peak RSS)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
-        vision = open_session(self.folder / graphs["vision"], self.options)
+        vision = open_session(self.folder / graphs["vision"], self.options,
+                              bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder)
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,

@@ -33,8 +33,11 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
     return so
 
 
-def open_session(path: Path, options: EngineOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
+def open_session(path: Path, options: EngineOptions, bf16_weights: bool = False) -> ort.InferenceSession:
+    """`bf16_weights`: the graph widens bf16 weights at run time (GraphBuilder.fp32_weight); constant
+    folding would widen them all once at load and keep them, undoing the saving."""
+    return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["ConstantFolding"] if bf16_weights else None)
 
 
 class RunHandle:
