@@ -22,7 +22,9 @@ METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "vision_ms
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Qwen3-VL checkpoint folder (default: the demo model)")
     p.add_argument("--backends", default="transformers,edgevl-fp32,edgevl-int8,edgevl-int4",
-                   help="comma-separated: transformers, edgevl-fp32, edgevl-int8, edgevl-int4")
+                   help="comma-separated: transformers, edgevl-fp32, edgevl-int8, edgevl-int4, or edgevl@DIR "
+                        "(an exported folder as it is, e.g. one made by an older exporter); a backend "
+                        "named twice runs twice, alternating with the others, its runs pooled")
     p.add_argument("--tasks", default="caption,ocr,chart,video",
                    help="caption, ocr, chart (448² images) and video (a generated 4 s clip of 448² frames)")
     p.add_argument("--size", type=int, default=448, help="image side in pixels (the headline is 448)")

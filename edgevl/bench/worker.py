@@ -64,6 +64,8 @@ def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache
     from edgevl.export import is_exported
     from edgevl.runtime.loader import exported_dir_for, load_engine
 
+    if backend.startswith("edgevl@"):  # an exported folder as it is: an older export against today's
+        return load_engine(backend.removeprefix("edgevl@"), EngineOptions(**opts), warmup=True)
     precision = backend.removeprefix("edgevl-")
     target = exported_dir_for(Path(model), precision)
     if not is_exported(model) and not is_exported(target):

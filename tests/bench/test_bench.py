@@ -42,6 +42,18 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_export_folder_runs_beside_todays_export_and_a_repeated_backend_pools_its_runs(tmp_path, tiny_checkpoint,
+                                                                                           tiny_onnx):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--model", str(tiny_checkpoint), "--runs", "1",
+                        "--max-tokens", "4", "--pixel-sweep", "64",
+                        "--backends", f"edgevl-int8,edgevl@{tiny_onnx},edgevl-int8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = {row["backend"]: row["runs"] for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert runs == {"edgevl-int8": 2, f"edgevl@{tiny_onnx}": 1}
+
+
 def test_load_mode_drives_the_server_with_concurrent_streams(tmp_path, tiny_checkpoint):
     out = tmp_path / "load"
     r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--load", "1,2", "--model", str(tiny_checkpoint),
