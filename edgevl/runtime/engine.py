@@ -68,8 +68,8 @@ class OrtEngine:
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
         graphs = self.manifest["graphs"]
-        # decoder first: prepacking its largest weight (the lm_head) briefly holds it twice, and that
-        # transient must not stack on a vision tower already resident (it set fp32's peak RSS)
+        # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
+        # while the process is small (an int8 vision tower is prepacked too; fp32's stays mapped)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
         vision = open_session(self.folder / graphs["vision"], self.options,
                               bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
