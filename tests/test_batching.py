@@ -197,6 +197,51 @@ def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
         e.close()
 
 
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:
+        return e
+
+
+def test_a_request_that_breaks_admission_fails_alone_and_the_loop_serves_on(tiny_onnx, monkeypatch):
+    """A fault injected into the KV pool for one request: that caller gets the error, its row goes
+    back, the requests before and after it are answered (the loop thread must not die)."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefix_cache=False))
+    try:
+        acquire = e.pool.acquire
+
+        def faulty(keys, needed):
+            if needed == 777:  # the one request asking for 777 - prompt tokens
+                got = acquire(keys, needed)
+                e.pool.release(got[0])
+                raise RuntimeError("injected admission fault")
+            return acquire(keys, needed)
+
+        monkeypatch.setattr(e.pool, "acquire", faulty)
+
+        def ask(max_new: int) -> list:
+            return list(e.generate(GenerationRequest([Message("user", [TextPart("hi")])],
+                                                     SamplingParams(max_new_tokens=max_new, ignore_eos=True))))
+
+        def outcome(max_new: int) -> list | BaseException:
+            result: list = []  # the loop dying would leave the caller waiting: never wait forever here
+            t = threading.Thread(target=lambda: result.append(_try(lambda: ask(max_new))), daemon=True)
+            t.start()
+            t.join(60)
+            assert result, "the caller was left waiting"
+            return result[0]
+
+        assert outcome(3)[-1].usage.completion_tokens == 3
+        n_prompt = e.count_prompt_tokens(GenerationRequest([Message("user", [TextPart("hi")])]))
+        err = outcome(777 - n_prompt)
+        assert isinstance(err, RuntimeError) and "injected" in str(err)
+        assert outcome(4)[-1].usage.completion_tokens == 4
+        assert e.cache_stats()["running"] == e.cache_stats()["prefilling"] == 0
+    finally:
+        e.close()
+
+
 def test_concurrent_conversations_each_keep_their_prefix(tiny_onnx):
     """Four clients ask about four pictures at once, then again: each finds its own cached prompt
     (a row is free before its caller hears the end, and a common template start does not steal it)."""

@@ -124,12 +124,19 @@ class BatchLoop:
             self._emit(w, w.seq.cancel())
         while self.waiting and len(self.active) < self.max_batch:
             w = self.waiting[0]
-            got = self.pool.acquire(w.prompt.keys, w.needed)
-            if got is None:
-                return
+            try:
+                got = self.pool.acquire(w.prompt.keys, w.needed)
+                if got is None:
+                    return
+                w.row, w.prefilled = got
+                self.pool.advance(w.row, w.prompt.keys[:w.prefilled])
+            except Exception as e:  # a bug admitting one request ends that request, not the loop
+                self.waiting.popleft()
+                if w.row >= 0:
+                    self.pool.release(w.row)
+                self._fail(w, e)
+                continue
             self.waiting.popleft()
-            w.row, w.prefilled = got
-            self.pool.advance(w.row, w.prompt.keys[:w.prefilled])
             w.seq.timings.queue_ms = (time.perf_counter() - w.t_submit) * 1000
             w.seq.timings.prefix_reused_tokens = w.prefilled
             self._count("prefix_reused_tokens", w.prefilled)
