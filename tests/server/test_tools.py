@@ -130,6 +130,15 @@ def test_forced_call_arguments_stream_in_fragments_and_match_the_whole_answer(cl
     assert (call.function.name, call.function.arguments) == ("search", arguments)
 
 
+def test_a_forced_call_cut_short_by_max_tokens_is_the_same_streamed_or_whole(client):
+    kw = {"model": "m", "messages": ASK, "tools": [SEARCH_TOOL], "tool_choice": "required", "max_tokens": 30,
+          "temperature": 1.0, "seed": 5}
+    calls, finish, _ = _ask(client, True, **kw)
+    whole, whole_finish, content = _ask(client, False, **kw)
+    assert finish == whole_finish == "length" and content is None  # the header was out: it stays a call
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c["name"], c["arguments"]) for c in whole]
+
+
 def test_tool_choice_none_and_bad_tools_are_refused_or_honoured(client):
     r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
