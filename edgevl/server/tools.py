@@ -1,4 +1,5 @@
-"""Tool calls in the checkpoint's own format: the grammar that forces them, the parser that finds them.
+"""Tool calls in the checkpoint's own format: the grammar that forces them, the parser that finds them
+(whole, or piece by piece as they are written when the grammar forced them).
 
 Qwen3-VL's chat template lists the tools in the system turn and asks for each call as
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``; that text is what the model
