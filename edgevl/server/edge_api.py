@@ -50,9 +50,10 @@ async def lines(state, events: AsyncIterator, extra: Extra, splitter: ToolCallSp
     parts: list[str] = []
     async for ev in events:
         if isinstance(ev, TokenEvent):
+            # this API's calls go whole on the last line (splitter.calls), never piece by piece
             text = splitter.feed(ev.text)[0] if splitter else ev.text
         elif isinstance(ev, Done):
-            text = splitter.flush() if splitter else ""
+            text = splitter.flush()[0] if splitter else ""
         if text:
             parts.append(text)
             yield TokenLine(token=text)

@@ -44,7 +44,7 @@ from edgevl.server.serving import (
     video_from_base64,
     video_from_frames_base64,
 )
-from edgevl.server.tools import ToolCallSplitter
+from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
 
@@ -133,7 +133,6 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
 async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | None, logprobs: bool,
                   include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
     cid, created, model = completion_id(), now(), state.info.model_name
-    n_calls = 0
     held: list[TokenLogprob] = []
 
     def chunk(delta: Delta, finish: str | None = None, **extra) -> ChatCompletionChunk:
@@ -142,33 +141,34 @@ async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | Non
         return ChatCompletionChunk(id=cid, created=created, model=model, **extra,
                                    choices=[ChunkChoice(delta=delta, logprobs=lp, finish_reason=finish)])
 
-    def calls_delta(calls: list) -> list[ToolCallDelta] | None:
-        nonlocal n_calls
-        out = [ToolCallDelta(index=n_calls + k, id=call_id(), type="function",
-                             function=FunctionDelta(name=c.name, arguments=c.arguments)) for k, c in enumerate(calls)]
-        n_calls += len(out)
-        return out or None
-
     yield chunk(Delta(role="assistant", content=""))
     async for ev in events:
         if isinstance(ev, TokenEvent):
             if ev.logprob is not None:
                 held.append(_logprob(state.engine, ev))
-            text, calls = splitter.feed(ev.text) if splitter else (ev.text, [])
-            if text or calls or held:
-                yield chunk(Delta(content=text or None, tool_calls=calls_delta(calls)))
+            text, pieces = splitter.feed(ev.text) if splitter else (ev.text, [])
+            if text or pieces or held:
+                yield chunk(Delta(content=text or None, tool_calls=_calls_delta(pieces)))
         elif isinstance(ev, Done):
-            tail = splitter.flush() if splitter else ""
+            tail, pieces = splitter.flush() if splitter else ("", [])
             reason = _FINISH[ev.finish.finish_reason]
-            if n_calls and reason == "stop":
+            if splitter and splitter.calls and reason == "stop":
                 reason = "tool_calls"
-            yield chunk(Delta(content=tail or None), reason, timings=ev.timings)
+            yield chunk(Delta(content=tail or None, tool_calls=_calls_delta(pieces)), reason, timings=ev.timings)
             if include_usage:
                 u = ev.usage
                 yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=OpenAIUsage(
                     prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
                     prompt_tokens_details=PromptTokensDetails(image_tokens=u.image_tokens,
                                                               video_tokens=u.video_tokens)))
+
+
+def _calls_delta(pieces: list[CallPiece]) -> list[ToolCallDelta] | None:
+    """A call's header carries its id (the only time it is sent); a fragment only its index."""
+    return [ToolCallDelta(index=p.index, id=call_id(), type="function",
+                          function=FunctionDelta(name=p.name, arguments=p.arguments)) if p.name is not None
+            else ToolCallDelta(index=p.index, function=FunctionDelta(arguments=p.arguments))
+            for p in pieces] or None
 
 
 def _logprob(engine, ev: TokenEvent) -> TokenLogprob:
@@ -183,7 +183,7 @@ def _logprob(engine, ev: TokenEvent) -> TokenLogprob:
 async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
     """The whole answer, from the chunks the stream would have sent."""
     text: list[str] = []
-    calls: list[ToolCallOut] = []
+    calls: dict[int, ToolCallOut] = {}
     logprobs: list[TokenLogprob] | None = None
     first = last = usage = None
     finish = "stop"
@@ -193,14 +193,25 @@ async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
         for ch in c.choices:
             last = c
             text.append(ch.delta.content or "")
-            calls += [ToolCallOut(id=d.id or call_id(), function=FunctionCall(name=d.function.name or "",
-                                                                               arguments=d.function.arguments or ""))
-                      for d in ch.delta.tool_calls or []]
+            for d in ch.delta.tool_calls or []:
+                _merge(calls, d)
             if ch.logprobs is not None:
                 logprobs = (logprobs or []) + (ch.logprobs.content or [])
             finish = ch.finish_reason or finish
     content = "".join(text)
-    message = AssistantMessage(content=None if calls and not content.strip() else content, tool_calls=calls or None)
+    message = AssistantMessage(content=None if calls and not content.strip() else content,
+                               tool_calls=[calls[i] for i in sorted(calls)] or None)
     return ChatCompletion(id=first.id, created=first.created, model=first.model, usage=usage, timings=last.timings,
                           choices=[Choice(message=message, finish_reason=finish,
                                           logprobs=ChoiceLogprobs(content=logprobs) if logprobs is not None else None)])
+
+
+def _merge(calls: dict[int, ToolCallOut], d: ToolCallDelta) -> None:
+    """One streamed call delta into the calls so far, as a client does: by index, the id and name from
+    the call's first delta, its arguments the concatenation of all."""
+    call = calls.get(d.index)
+    if call is None:
+        calls[d.index] = ToolCallOut(id=d.id or call_id(), function=FunctionCall(
+            name=d.function.name or "", arguments=d.function.arguments or ""))
+    else:
+        call.function.arguments += d.function.arguments or ""

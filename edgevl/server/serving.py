@@ -127,7 +127,9 @@ async def prepare_tools(state, req: GenerationRequest, body: Tooling) -> ToolCal
         grammar = call_grammar(req.tools, None if mode == "required" else mode, parallel, *markers)
         budget = max(1, req.params.max_new_tokens - TAIL_TOKENS)
         req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
-    return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1)
+    # only a grammar guarantees a block is a call, so only then may its arguments stream before it closes
+    return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1,
+                            stream_arguments=body.forces_tool_call())
 
 
 @dataclass

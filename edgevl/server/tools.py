@@ -1,4 +1,5 @@
-"""Tool calls in the checkpoint's own format: the grammar that forces them, the parser that finds them.
+"""Tool calls in the checkpoint's own format: the grammar that forces them, the parser that finds them
+(whole, or piece by piece as they are written when the grammar forced them).
 
 Qwen3-VL's chat template lists the tools in the system turn and asks for each call as
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``; that text is what the model
@@ -9,6 +10,7 @@ when a later request carries them in its history).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from edgevl.schema import has_finite_instance
@@ -71,36 +73,67 @@ def parse_call(block: str) -> ParsedCall | None:
 
 
 @dataclass
+class CallPiece:
+    """A part of the `index`-th call, as OpenAI streams it: the header (`name` set) or a fragment of the
+    arguments text (`name` None). A call is one header and any fragments after it, in order; the
+    header's `arguments` and the fragments concatenate to the call's whole arguments text."""
+
+    index: int
+    arguments: str
+    name: str | None = None
+
+
+@dataclass
+class _OpenCall:
+    """A constrained call whose header is out: its arguments are sent as they are written."""
+
+    index: int
+    name: str
+    start: int  # where the arguments begin in the block's text
+    sent: str = ""  # the arguments text sent so far
+
+
+# the block as the grammar writes it, up to the arguments' value (whitespace left free for safety)
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
+
+
+@dataclass
 class ToolCallSplitter:
     """Separates streamed text into free text and tool calls. Text that might be the start of a
-    ``<tool_call>`` is held back until it is known not to be; a block that does not parse as a
-    call of a known tool is given back as text, as the model wrote it."""
+    ``<tool_call>`` is held back until it is known not to be.
+
+    Without a grammar (`stream_arguments` false, tool_choice auto) a block is held until it closes:
+    one that does not parse as a call of a known tool is given back as text, as the model wrote it,
+    and a call comes out whole (header and arguments in one piece), because text streamed as a call
+    could not be taken back. Under the tool-call grammar (`stream_arguments` true) every block is a
+    call, so its header goes out as soon as the name is known and its arguments as they are written,
+    as the model wrote them."""
 
     names: set[str]
     max_calls: int = 64  # parallel_tool_calls false: 1, and a second block stays text
+    stream_arguments: bool = False
     pending: str = ""
     in_call: bool = False
     calls: list[ParsedCall] = field(default_factory=list)
+    current: _OpenCall | None = None
+    after_call: bool = False  # the "\n" between a call and what follows may come in the next piece
 
-    def feed(self, piece: str) -> tuple[str, list[ParsedCall]]:
-        """→ (text safe to show now, calls completed by this piece)."""
+    def feed(self, piece: str) -> tuple[str, list[CallPiece]]:
+        """→ (text safe to show now, the pieces of calls this piece made known)."""
         self.pending += piece
-        text, done = "", []
+        text, out = "", []
         while True:
             if self.in_call:
                 end = self.pending.find(CLOSE)
                 if end < 0:
-                    return text, done
+                    return text, out + self._stream()
                 block, self.pending = self.pending[:end], self.pending[end + len(CLOSE):]
                 self.in_call = False
-                call = parse_call(block.strip())
-                if call is not None and call.name in self.names and len(self.calls) < self.max_calls:
-                    done.append(call)
-                    self.calls.append(call)
-                    self.pending = self.pending.removeprefix("\n")
-                else:
-                    text += OPEN + block + CLOSE
+                shown, pieces = self._close(block)
+                text, out = text + shown, out + pieces
                 continue
+            if self.after_call and self.pending:
+                self.pending, self.after_call = self.pending.removeprefix("\n"), False
             start = self.pending.find(OPEN)
             if start >= 0:
                 text += self.pending[:start]
@@ -110,13 +143,89 @@ class ToolCallSplitter:
             keep = _partial_suffix(self.pending, OPEN)
             text += self.pending[:len(self.pending) - keep]
             self.pending = self.pending[len(self.pending) - keep:]
-            return text, done
+            return text, out
 
-    def flush(self) -> str:
-        """At the end: whatever was held (an unfinished block is text)."""
+    def flush(self) -> tuple[str, list[CallPiece]]:
+        """At the end: whatever was held. An unfinished block is text, unless its header is out:
+        then the rest of its arguments goes out as written (cut short, as OpenAI's are at length)."""
+        if self.current is not None:
+            block = self.pending[:len(self.pending) - _partial_suffix(self.pending, CLOSE)]
+            self.pending, self.in_call = "", False
+            return "", self._finish(block)
         out = (OPEN if self.in_call else "") + self.pending
         self.pending, self.in_call = "", False
+        return out, []
+
+    def _close(self, block: str) -> tuple[str, list[CallPiece]]:
+        """A block has closed: the end of a streamed call, a whole call, or text."""
+        header = self._open(block)
+        if self.current is not None:
+            self.after_call = True
+            return "", header + self._finish(block)
+        call = parse_call(block.strip())
+        if call is None or call.name not in self.names or len(self.calls) >= self.max_calls:
+            return OPEN + block + CLOSE, []
+        self.calls.append(call)
+        self.after_call = True
+        return "", [CallPiece(len(self.calls) - 1, call.arguments, call.name)]
+
+    def _stream(self) -> list[CallPiece]:
+        """Inside an unclosed block: the header once the name is known, then what more of the
+        arguments is sure to be theirs."""
+        out = self._open(self.pending)
+        call = self.current
+        if call is None:
+            return out
+        text = self.pending[call.start:]
+        text = text[:len(text) - _partial_suffix(text, CLOSE)].lstrip()
+        sure = _without_last_brace(text)
+        if len(sure) > len(call.sent):
+            out.append(CallPiece(call.index, sure[len(call.sent):]))
+            call.sent = sure
         return out
+
+    def _open(self, block: str) -> list[CallPiece]:
+        """The header of a constrained call, once `block` shows its name (and only once)."""
+        if not self.stream_arguments or self.current is not None or len(self.calls) >= self.max_calls:
+            return []
+        m = _HEAD.match(block)
+        if m is None:
+            return []
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            return []
+        if name not in self.names:
+            return []  # not for streaming: the block is judged whole when it closes
+        self.current = _OpenCall(len(self.calls), name, m.end())
+        return [CallPiece(self.current.index, "", name)]
+
+    def _finish(self, block: str) -> list[CallPiece]:
+        """The streamed call's last fragment: its arguments end where the outer object's brace
+        begins, when what precedes that brace is a whole object; otherwise the block was cut short
+        and its arguments are all that was written."""
+        call, self.current = self.current, None
+        body = block[call.start:].strip()
+        args = _without_last_brace(body)
+        if not (body.endswith("}") and _is_object(args)):
+            args = body
+        self.calls.append(ParsedCall(call.name, args))
+        rest = args[len(call.sent):]
+        return [CallPiece(call.index, rest)] if rest else []
+
+
+def _without_last_brace(text: str) -> str:
+    """`text` less what may yet be the outer object's closing brace (a `}` could close the arguments
+    or the call: only the block's close tells) and the whitespace around it."""
+    text = text.rstrip()
+    return text[:-1].rstrip() if text.endswith("}") else text
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -19,7 +19,14 @@ ZOOM = {"type": "object", "properties": {"factor": {"type": "integer", "minimum"
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "zoom", "description": "Zoom the camera", "parameters": ZOOM}}]
-SCHEMAS = {"get_weather": WEATHER, "zoom": ZOOM}
+SEARCH = {"type": "object", "properties": {
+    "query": {"type": "string", "maxLength": 24}, "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+    "filters": {"type": "object", "properties": {"lang": {"enum": ["en", "fr"]}, "safe": {"type": "boolean"}},
+                "required": ["lang", "safe"], "additionalProperties": False}},
+    "required": ["query", "limit", "filters"], "additionalProperties": False}
+SEARCH_TOOL = {"type": "function", "function": {"name": "search", "description": "Search the web",
+                                                "parameters": SEARCH}}
+SCHEMAS = {"get_weather": WEATHER, "zoom": ZOOM, "search": SEARCH}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -89,6 +96,49 @@ def test_round_trip_through_a_tool_message(client, stream, choice):
         assert text
 
 
+def _streamed_deltas(client, **kw) -> tuple[dict[int, list], str | None]:
+    """Every tool-call delta of a streamed answer, by call index, and the finish reason."""
+    deltas: dict[int, list] = {}
+    finish = None
+    for c in client.chat.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                deltas.setdefault(d.index, []).append(d)
+    return deltas, finish
+
+
+@pytest.mark.parametrize("tools,choice", [
+    ([SEARCH_TOOL], "required"),
+    ([*TOOLS, SEARCH_TOOL], {"type": "function", "function": {"name": "search"}}),
+])
+def test_forced_call_arguments_stream_in_fragments_and_match_the_whole_answer(client, tools, choice):
+    kw = {"model": "m", "messages": ASK, "tools": tools, "tool_choice": choice, "max_tokens": 200,
+          "temperature": 1.0, "seed": 5, "parallel_tool_calls": False}
+    deltas, finish = _streamed_deltas(client, **kw)
+    assert finish == "tool_calls" and sorted(deltas) == [0]
+    head, *rest = deltas[0]
+    assert head.id.startswith("call_") and head.type == "function"
+    assert head.function.name == "search" and head.function.arguments == ""
+    assert all(d.id is None and d.function.name is None and d.function.arguments for d in rest)
+    assert len(rest) > 1  # written piece by piece, not in one delta at the end
+    arguments = "".join(d.function.arguments for d in rest)
+    jsonschema.validate(json.loads(arguments), SEARCH)
+    whole = client.chat.completions.create(**kw)
+    call, = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+    assert (call.function.name, call.function.arguments) == ("search", arguments)
+
+
+def test_a_forced_call_cut_short_by_max_tokens_is_the_same_streamed_or_whole(client):
+    kw = {"model": "m", "messages": ASK, "tools": [SEARCH_TOOL], "tool_choice": "required", "max_tokens": 30,
+          "temperature": 1.0, "seed": 5}
+    calls, finish, _ = _ask(client, True, **kw)
+    whole, whole_finish, content = _ask(client, False, **kw)
+    assert finish == whole_finish == "length" and content is None  # the header was out: it stays a call
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c["name"], c["arguments"]) for c in whole]
+
+
 def test_tool_choice_none_and_bad_tools_are_refused_or_honoured(client):
     r = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
@@ -122,7 +172,7 @@ def test_the_splitter_separates_text_from_calls_across_pieces():
         t, c = s.feed(text[i:i + 3])
         shown += t
         calls += c
-    shown += s.flush()
+    shown += s.flush()[0]
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("zoom", {"factor": 2})]
     assert shown.startswith("Sure.\n") and "other" in shown and shown.endswith(" done <tool")
     assert "factor" not in shown
