@@ -99,7 +99,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
         past_k = b.input(f"past_key_values.{i}.key", FLOAT, ["batch", nkv, "max_len", hd])
         past_v = b.input(f"past_key_values.{i}.value", FLOAT, ["batch", nkv, "max_len", hd])
-        a, pk, pv = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
+        a, _, _ = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
                          f"{n}/attn/GroupQueryAttention", domain=MS,
                          out_names=[f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))

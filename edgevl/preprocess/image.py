@@ -18,7 +18,6 @@ from edgevl.types import InputError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_INPUT_PIXELS = 40_000_000  # what we agree to decode at all (the resize comes after)
-DEFAULT_MAX_PIXELS = 1024 * 1024  # what the vision encoder sees by default: a CPU budget
 
 
 class ImageError(InputError):

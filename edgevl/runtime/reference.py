@@ -8,7 +8,6 @@ video processor's steps (reference_video.py), the tokenizer, and the pads expand
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -185,13 +184,3 @@ class TransformersEngine:
                 # positions continue from the prompt's MRoPE offset, which the model kept
                 out = self.model(input_ids=torch.tensor([[seq.last_token]]), cache=out.cache, use_cache=True)
 
-
-def torch_available() -> bool:
-    if os.environ.get("EDGEVL_NO_TORCH"):
-        return False
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True

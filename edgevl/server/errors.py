@@ -25,10 +25,6 @@ class ApiError(Exception):
         self.message, self.code, self.param, self.headers = message, code, param, headers or {}
 
 
-class Unauthorized(ApiError):
-    status, type = 401, "authentication_error"
-
-
 class PayloadTooLarge(ApiError):
     status = 413
 
