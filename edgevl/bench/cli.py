@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "vision_ms", "prefill_ms", "prompt_tokens",
+METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "preprocess_ms", "vision_ms", "prefill_ms",
+           "prompt_tokens",
            "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
 
 
@@ -207,15 +208,17 @@ def _fmt(s: dict, digits: int = 0) -> str:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| backend | task | image | TTFT ms | total ms | decode tok/s | frames decode ms | vision ms | prefill ms | "
+        "| backend | task | image | TTFT ms | total ms | decode tok/s | frames decode ms | preprocess ms | vision ms | "
+        "prefill ms | "
         "prompt tok | out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(report["rows"], key=lambda r: (r["size"], r["task"], r["backend"])):
         vs = r.get("vs_transformers", {})
         lines.append(
             f"| {r['backend']} | {r['task']} | {r['size']}² | {_fmt(r['ttft_ms'])} | {_fmt(r['total_ms'])} | "
-            f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['decode_ms'])} | {_fmt(r['vision_ms'])} | "
+            f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['decode_ms'])} | {_fmt(r['preprocess_ms'])} | "
+            f"{_fmt(r['vision_ms'])} | "
             f"{_fmt(r['prefill_ms'])} | "
             f"{r['prompt_tokens']['median']:.0f} | {r['output_tokens']['median']:.0f} | "
             f"{r['peak_rss_mb']['median']:.0f} | {r['cpu_util']['median'] * 100:.0f}% | "
@@ -224,7 +227,7 @@ def markdown(report: dict) -> str:
     lines.append("Cells: median (mean ± std). TTFT/decode vs ref: ratio to the transformers eager fp32 "
                  "reference in the same run (TTFT lower is better, decode higher is better). The video task: "
                  "a generated 4 s clip of the given frame size, sampled at the model's 2 fps; its TTFT = frames "
-                 "decode + vision + prefill.")
+                 "decode + preprocess (resize to the model's grid, patches) + vision + prefill.")
     if report["repeat_image"]:
         lines += ["", "| backend | task | first ask TTFT ms | same image again TTFT ms | ratio |",
                   "|---|---|---|---|---|"]

@@ -120,7 +120,7 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
         "task": task, "size": size, "ttft_ms": tm.ttft_ms + (decode_ms or 0),
         "total_ms": (tm.total_ms or wall * 1000) + (decode_ms or 0), "decode_ms": decode_ms,
         "video_tokens": fin.usage.video_tokens or None,
-        "decode_tokens_per_s": tm.tokens_per_s,
+        "decode_tokens_per_s": tm.tokens_per_s, "preprocess_ms": tm.preprocess_ms,
         # transformers runs vision and prompt in one forward: no separate vision time to report
         "vision_ms": None if isinstance(engine, _reference_type()) else tm.vision_ms, "prefill_ms": tm.prefill_ms,
         "prompt_tokens": fin.usage.prompt_tokens, "output_tokens": fin.usage.completion_tokens,

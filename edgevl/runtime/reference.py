@@ -172,9 +172,11 @@ class TransformersEngine:
                        self.special_ids, t0, n_image_tokens=ids.count(self.ckpt.config.image_token_id),
                        n_video_tokens=ids.count(self.ckpt.config.raw.get("video_token_id")))
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
+        t_model = time.perf_counter()
+        seq.timings.preprocess_ms = (t_model - t0) * 1000
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)
-            seq.timings.prefill_ms = (time.perf_counter() - t0) * 1000  # vision and prompt run as one forward
+            seq.timings.prefill_ms = (time.perf_counter() - t_model) * 1000  # vision and prompt: one forward
             while True:
                 events = seq.accept(out.logits[0, -1].float().numpy())
                 yield from events
