@@ -40,6 +40,8 @@ def test_fp32_vision_keeps_the_checkpoints_bf16_weights(tiny_onnx):
         assert types[stored] == TensorProto.BFLOAT16
     # decoding meets each weight once per token: the decoder keeps fp32 (prepacked) weights
     assert TensorProto.BFLOAT16 not in _initializer_types(tiny_onnx / "decoder.onnx").values()
+    # the token table: rows are gathered, then widened; only the rows a prompt uses are ever read
+    assert list(_initializer_types(tiny_onnx / "embed.onnx").values()) == [TensorProto.BFLOAT16]
 
 
 def _linear_graph(tmp_path, w: np.ndarray) -> tuple[GraphBuilder, ort.InferenceSession]:

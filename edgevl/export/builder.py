@@ -131,8 +131,8 @@ class GraphBuilder:
         and that is exact. The Cast must wait for `x`: ONNX Runtime orders nodes without inputs
         first, and every weight widened up front would hold the whole tower in fp32 again. So the
         bf16 weight goes through a Reshape to its own shape computed from x's, which makes it wait."""
-        bits = np.ascontiguousarray(w).view(np.uint32)
-        if not self.bf16_weights or np.any(bits & 0xFFFF):
+        bits = bf16_bits(w) if self.bf16_weights else None
+        if bits is None:
             return self.init(name, w)
         self.widened += 1
         # K + 0·x[0] as an int: a data dependency (optimizers merge shape-only ones across layers)
@@ -142,8 +142,7 @@ class GraphBuilder:
                        f"{name}/Zero")
         k = self.op("Add", [zero, self.const([w.shape[0]])], f"{name}/InDim")
         shape = self.op("Concat", [k, self.const([w.shape[1]])], f"{name}/KN", axis=0)
-        stored = self.reshape_to(self.init(f"{name}_bf16", (bits >> 16).astype(np.uint16), BFLOAT16), shape,
-                                 f"{name}/AfterInput")
+        stored = self.reshape_to(self.init(f"{name}_bf16", bits, BFLOAT16), shape, f"{name}/AfterInput")
         return self.op("Cast", [stored], f"{name}/Cast", to=FLOAT)
 
     def reshape(self, x: str, shape: list[int], name: str) -> str:
@@ -186,6 +185,12 @@ class GraphBuilder:
         path = self.out_dir / f"{self.name}.onnx"
         onnx.save_model(model, str(path))
         return path
+
+
+def bf16_bits(w: np.ndarray) -> np.ndarray | None:
+    """An fp32 array's bfloat16 bits (uint16), or None when bf16 cannot hold it exactly."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    return None if np.any(bits & 0xFFFF) else (bits >> 16).astype(np.uint16)
 
 
 FLOAT, INT64, INT32, BFLOAT16 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BFLOAT16

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgevl.checkpoint import ModelConfig, Weights
-from edgevl.export.builder import FLOAT, INT32, INT64, MS, GraphBuilder, QuantSpec
+from edgevl.export.builder import BFLOAT16, FLOAT, INT32, INT64, MS, GraphBuilder, QuantSpec, bf16_bits
 from edgevl.export.quantize import quantize_per_channel_int8
 
 # ONNX Runtime prepacks a weight while its memory-mapped original is still resident, so for a
@@ -54,6 +54,10 @@ def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: st
                  "/model/embed_tokens/Dequantize")
     elif precision == "fp16":
         rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16)), ids],
+                    "/model/embed_tokens/Gather")
+        x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
+    elif (bits := bf16_bits(embed)) is not None:  # fp32 from a bf16 checkpoint: the same rows, half the file
+        rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight_bf16", bits, BFLOAT16), ids],
                     "/model/embed_tokens/Gather")
         x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
     else:
