@@ -7,6 +7,7 @@ import pytest
 
 from edgevl.preprocess import positions as P
 from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
+from edgevl.runtime.model import OnnxModel
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent
 from tests import clips
 from tests.conftest import make_image
@@ -53,11 +54,15 @@ def test_pixels_grid_ids_and_positions_match_transformers(engine, reference, cas
     np.testing.assert_array_equal(mine, theirs[:, 0].numpy())
 
 
-def test_vision_per_frame_group_matches_the_video_tower(engine, reference):
-    """One run per frame group gives what transformers' tower gives for the whole clip (grid_t > 1)."""
+@pytest.mark.parametrize("together", [True, False], ids=["groups as one batch", "a run per group"])
+def test_vision_per_frame_group_matches_the_video_tower(engine, reference, together):
+    """The clip's frame groups in one batched run (as exported now) or one run per group (how graphs
+    exported before ran) give what transformers' tower gives for the whole clip (grid_t > 1)."""
     msgs = CASES["clip alone"]
     ours = engine.prompts.build(GenerationRequest(msgs))
-    feats = engine.model.encode_image(ours.patches[0])
+    assert engine.model.groups_together
+    m = engine.model
+    feats = OnnxModel(m.config, m.vision, m.embed, m.decoder, groups_together=together).encode_image(ours.patches[0])
     ref = reference.processor(msgs)
     assert ref["video_grid_thw"][0, 0] > 1
     with torch.no_grad():

@@ -75,6 +75,7 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
         # graphs whose weights are stored as bf16 and widened at run time (GraphBuilder.fp32_weight)
         "bf16_weight_graphs": ["vision"] if vb.widened else [],
+        "vision_runs_frame_groups_together": True,  # cos/sin of one group, patches of all
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -1,8 +1,9 @@
 """The Qwen3-VL vision tower as one ONNX graph: patches of one image → embeddings + DeepStack.
 
-One image per run: attention is full within an image, so no cu_seqlens masking is needed, and
-each image's result can be cached on its own. Position tables (rotary cos/sin, bilinear taps
-into the learnt position grid) are computed on the host (preprocess/positions.py).
+One image per run, or all frame groups of one clip as a batch: attention is full within an image
+(a group), so no cu_seqlens masking is needed, and each image's result can be cached on its own.
+Position tables (rotary cos/sin, bilinear taps into the learnt position grid) are computed on the
+host (preprocess/positions.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
                 "/visual/pos_embed/Mul")
     pos = b.op("ReduceSum", [taps, b.const([1])], "/visual/pos_embed/ReduceSum", keepdims=0)
     x = b.op("Add", [x, pos], "/visual/pos_embed/Add")
-    rope = b.rope_tables(cos, sin, hd, "/visual/rotary")
+    # A clip's frame groups run as one batch, attention within each group: `cos`/`sin` hold one
+    # group's rows (P), the patches all groups' (G·P), so G = rows / P.
+    ids, cos_c, sin_c = b.rope_tables(cos, sin, hd, "/visual/rotary")
+    per_group = b.op("Shape", [cos], "/visual/groups/Rows", start=0, end=1)
+    n_groups = b.op("Div", [b.op("Shape", [pixels], "/visual/groups/Patches", start=0, end=1), per_group],
+                    "/visual/groups/Count")
+    rope = (b.op("Expand", [ids, b.op("Concat", [n_groups, per_group], "/visual/groups/IdsShape", axis=0)],
+                 "/visual/groups/position_ids"), cos_c, sin_c)
+    grouped = b.op("Concat", [n_groups, per_group, b.const([vh])], "/visual/groups/Shape", axis=0)
 
     deepstack: list[str] = []
     for i in range(v.depth):
@@ -45,7 +54,7 @@ def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
         qkv = b.linear(h, w.get(f"{bp}.attn.qkv.weight"), w.get(f"{bp}.attn.qkv.bias"), f"{n}/attn/qkv")
         qkv = b.reshape(qkv, [0, 3, heads, hd], f"{n}/attn/qkv/Reshape")
         q, k, val = b.op("Split", [qkv], f"{n}/attn/Split", n_out=3, axis=1, num_outputs=3)
-        q3, k3, v3 = (b.reshape(t, [1, -1, vh], f"{n}/attn/{nm}/Batch")
+        q3, k3, v3 = (b.reshape_to(t, grouped, f"{n}/attn/{nm}/Batch")
                       for t, nm in ((q, "q"), (k, "k"), (val, "v")))
         q3 = b.rope(q3, rope, heads, f"{n}/attn/q")
         k3 = b.rope(k3, rope, heads, f"{n}/attn/k")

@@ -73,7 +73,8 @@ class OrtEngine:
         decoder = open_session(self.folder / graphs["decoder"], self.options)
         vision = open_session(self.folder / graphs["vision"], self.options,
                               bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
-        self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder)
+        self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
+                               groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")))
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
                            max_len=self.options.max_context, budget_bytes=self.options.kv_cache_mb * 2**20,

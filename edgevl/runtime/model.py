@@ -52,8 +52,9 @@ class RunHandle:
 
 class OnnxModel:
     def __init__(self, config: ModelConfig, vision: ort.InferenceSession, embed: ort.InferenceSession,
-                 decoder: ort.InferenceSession):
+                 decoder: ort.InferenceSession, groups_together: bool = False):
         self.config = config
+        self.groups_together = groups_together  # the vision graph takes a clip's frame groups as a batch
         self.vision, self.embed, self.decoder = vision, embed, decoder
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
@@ -63,17 +64,17 @@ class OnnxModel:
         return RunHandle()
 
     def encode_image(self, patches: ImagePatches | VideoPatches, handle: RunHandle | None = None) -> ImageFeatures:
-        """An image's features, or a clip's: one vision run per frame group (its attention stays
-        within the group, as transformers' does), rows concatenated in time order."""
+        """An image's features, or a clip's: its frame groups in one vision run as a batch (attention
+        stays within each group, as transformers' does; graphs exported before that, one run per
+        group), rows in time order."""
         v = self.config.vision
         embeds, deep = [], []
-        for group in patches.groups():
-            cos, sin = pos.vision_cos_sin(group.grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
-                                          v.spatial_merge_size)
-            idx, wts = pos.vision_pos_interpolation(group.grid_thw, v.num_position_embeddings,
-                                                    v.spatial_merge_size)
+        for part in [patches] if self.groups_together else patches.groups():
+            cos, sin = pos.vision_cos_sin(part.groups()[0].grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                          v.spatial_merge_size)  # one group's rows: the graph repeats them
+            idx, wts = pos.vision_pos_interpolation(part.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
             try:
-                outs = self.vision.run(None, {"pixel_values": group.pixel_values, "pos_idx": idx,
+                outs = self.vision.run(None, {"pixel_values": part.pixel_values, "pos_idx": idx,
                                               "pos_weights": wts, "cos": cos, "sin": sin},
                                        handle.options if handle else None)
             except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
