@@ -54,15 +54,18 @@ def test_pixels_grid_ids_and_positions_match_transformers(engine, reference, cas
     np.testing.assert_array_equal(mine, theirs[:, 0].numpy())
 
 
-@pytest.mark.parametrize("together", [True, False], ids=["groups as one batch", "a run per group"])
-def test_vision_per_frame_group_matches_the_video_tower(engine, reference, together):
-    """The clip's frame groups in one batched run (as exported now) or one run per group (how graphs
-    exported before ran) give what transformers' tower gives for the whole clip (grid_t > 1)."""
+@pytest.mark.parametrize("together, cap", [(True, 10**9), (True, 1), (False, 10**9)],
+                         ids=["groups as one batch", "batches capped at one group", "a run per group"])
+def test_vision_per_frame_group_matches_the_video_tower(engine, reference, together, cap):
+    """The clip's frame groups in one batched run (as exported now), in batches capped in rows, or
+    one run per group (how graphs exported before ran) give what transformers' tower gives for the
+    whole clip (grid_t > 1)."""
     msgs = CASES["clip alone"]
     ours = engine.prompts.build(GenerationRequest(msgs))
     assert engine.model.groups_together
     m = engine.model
-    feats = OnnxModel(m.config, m.vision, m.embed, m.decoder, groups_together=together).encode_image(ours.patches[0])
+    feats = OnnxModel(m.config, m.vision, m.embed, m.decoder, groups_together=together,
+                      max_run_rows=cap).encode_image(ours.patches[0])
     ref = reference.processor(msgs)
     assert ref["video_grid_thw"][0, 0] > 1
     with torch.no_grad():

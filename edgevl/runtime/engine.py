@@ -74,7 +74,8 @@ class OrtEngine:
         vision = open_session(self.folder / graphs["vision"], self.options,
                               bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
-                               groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")))
+                               groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")),
+                               max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
                            max_len=self.options.max_context, budget_bytes=self.options.kv_cache_mb * 2**20,

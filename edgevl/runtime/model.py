@@ -52,9 +52,10 @@ class RunHandle:
 
 class OnnxModel:
     def __init__(self, config: ModelConfig, vision: ort.InferenceSession, embed: ort.InferenceSession,
-                 decoder: ort.InferenceSession, groups_together: bool = False):
+                 decoder: ort.InferenceSession, groups_together: bool = False, max_run_rows: int = 4096):
         self.config = config
         self.groups_together = groups_together  # the vision graph takes a clip's frame groups as a batch
+        self.max_run_rows = max_run_rows  # patches per vision run when batching frame groups
         self.vision, self.embed, self.decoder = vision, embed, decoder
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
@@ -64,18 +65,24 @@ class OnnxModel:
         return RunHandle()
 
     def encode_image(self, patches: ImagePatches | VideoPatches, handle: RunHandle | None = None) -> ImageFeatures:
-        """An image's features, or a clip's: its frame groups in one vision run as a batch (attention
-        stays within each group, as transformers' does; graphs exported before that, one run per
-        group), rows in time order."""
+        """An image's features, or a clip's: its frame groups run as batches (attention stays within
+        each group, as transformers' does) of at most `max_run_rows` patches, so a clip's vision
+        activations stay within a largest image's; graphs exported before batches run one group at
+        a time. Rows in time order."""
         v = self.config.vision
+        groups = patches.groups()
+        per_group = groups[0].pixel_values.shape[0]
+        per_run = max(1, self.max_run_rows // per_group) if self.groups_together else 1
+        # one group's rotary rows (the graph repeats them); position taps for every patch
+        cos, sin = pos.vision_cos_sin(groups[0].grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                      v.spatial_merge_size)
+        idx, wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
         embeds, deep = [], []
-        for part in [patches] if self.groups_together else patches.groups():
-            cos, sin = pos.vision_cos_sin(part.groups()[0].grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
-                                          v.spatial_merge_size)  # one group's rows: the graph repeats them
-            idx, wts = pos.vision_pos_interpolation(part.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
+        for first in range(0, len(groups), per_run):
+            rows = slice(first * per_group, min(len(groups), first + per_run) * per_group)
             try:
-                outs = self.vision.run(None, {"pixel_values": part.pixel_values, "pos_idx": idx,
-                                              "pos_weights": wts, "cos": cos, "sin": sin},
+                outs = self.vision.run(None, {"pixel_values": patches.pixel_values[rows], "pos_idx": idx[rows],
+                                              "pos_weights": wts[rows], "cos": cos, "sin": sin},
                                        handle.options if handle else None)
             except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
                 raise EngineError(f"vision encoder failed: {e}") from e
