@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "preprocess_ms", "vision_ms", "prefill_ms",
-           "prompt_tokens",
-           "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
+           "prompt_tokens", "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,8 +208,7 @@ def _fmt(s: dict, digits: int = 0) -> str:
 def markdown(report: dict) -> str:
     lines = [
         "| backend | task | image | TTFT ms | total ms | decode tok/s | frames decode ms | preprocess ms | vision ms | "
-        "prefill ms | "
-        "prompt tok | out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
+        "prefill ms | prompt tok | out tok | peak RSS MB | CPU | energy J | TTFT vs ref | decode vs ref |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(report["rows"], key=lambda r: (r["size"], r["task"], r["backend"])):
@@ -218,8 +216,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['backend']} | {r['task']} | {r['size']}² | {_fmt(r['ttft_ms'])} | {_fmt(r['total_ms'])} | "
             f"{_fmt(r['decode_tokens_per_s'], 1)} | {_fmt(r['decode_ms'])} | {_fmt(r['preprocess_ms'])} | "
-            f"{_fmt(r['vision_ms'])} | "
-            f"{_fmt(r['prefill_ms'])} | "
+            f"{_fmt(r['vision_ms'])} | {_fmt(r['prefill_ms'])} | "
             f"{r['prompt_tokens']['median']:.0f} | {r['output_tokens']['median']:.0f} | "
             f"{r['peak_rss_mb']['median']:.0f} | {r['cpu_util']['median'] * 100:.0f}% | "
             f"{_fmt(r['energy_j'], 1)} | {vs.get('ttft', '')} | {vs.get('decode', '')} |")

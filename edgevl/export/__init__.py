@@ -50,7 +50,7 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         # fp32 vision keeps the checkpoint's bf16 weights as they are: 0.75 GB less for the 2B
         vb = GraphBuilder("vision", out, PRECISIONS[vision_precision], bf16_weights=vision_precision == "fp32")
         build_vision(vb, ckpt.config, weights)
-        vb.save("Qwen3-VL vision tower, one image per run")
+        vb.save("Qwen3-VL vision tower: one image, or a clip's frame groups as a batch, per run")
         db = GraphBuilder("decoder", out, PRECISIONS[precision])
         build_decoder(db, ckpt.config, weights, lm_head=PRECISIONS[lm_head_precision])
         db.save("Qwen3-VL language model with GroupQueryAttention KV cache and DeepStack")

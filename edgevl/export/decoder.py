@@ -52,14 +52,13 @@ def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: st
         x = b.op("Mul", [b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT),
                          b.op("Unsqueeze", [row_scale, b.const([-1])], "/model/embed_tokens/Unsqueeze")],
                  "/model/embed_tokens/Dequantize")
-    elif precision == "fp16":
-        rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16)), ids],
-                    "/model/embed_tokens/Gather")
-        x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
-    elif (bits := bf16_bits(embed)) is not None:  # fp32 from a bf16 checkpoint: the same rows, half the file
-        rows = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight_bf16", bits, BFLOAT16), ids],
-                    "/model/embed_tokens/Gather")
-        x = b.op("Cast", [rows], "/model/embed_tokens/Cast", to=FLOAT)
+    elif precision == "fp16" or (bits := bf16_bits(embed)) is not None:
+        # a narrow table widened after the lookup: fp16 as asked, or fp32 from a bf16 checkpoint
+        # (the same rows, half the file)
+        table = (b.init(f"{lm}.embed_tokens.weight_fp16", embed.astype(np.float16)) if precision == "fp16"
+                 else b.init(f"{lm}.embed_tokens.weight_bf16", bits, BFLOAT16))
+        x = b.op("Cast", [b.op("Gather", [table, ids], "/model/embed_tokens/Gather")], "/model/embed_tokens/Cast",
+                 to=FLOAT)
     else:
         x = b.op("Gather", [b.init(f"{lm}.embed_tokens.weight", embed), ids], "/model/embed_tokens/Gather")
     b.output(x, "inputs_embeds", FLOAT, ["batch", "seq", h])
