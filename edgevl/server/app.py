@@ -21,7 +21,7 @@ from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
 from edgevl.server import detect_api, edge_api, errors, openai_api
-from edgevl.server.errors import error_body
+from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
 from edgevl.server.scheduler import Scheduler
@@ -126,13 +126,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get(
                 "x-api-key", "")
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-                resp = JSONResponse(error_body("a valid API key is required (Authorization: Bearer KEY)",
-                                               "authentication_error", "invalid_api_key"), 401)
+                resp = error_response(endpoint, "a valid API key is required (Authorization: Bearer KEY)",
+                                      "authentication_error", "invalid_api_key", None, 401)
                 return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body:
-            resp = JSONResponse(error_body(f"the body is {int(length)} bytes; the limit is {max_body}",
-                                           "invalid_request_error", "payload_too_large"), 413)
+            resp = error_response(endpoint, f"the body is {int(length)} bytes; the limit is {max_body}",
+                                  "invalid_request_error", "payload_too_large", None, 413)
             return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         resp = await call_next(request)
         return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)

@@ -1,8 +1,11 @@
-"""One error shape everywhere: {"error": {"message", "type", "param", "code"}}, one status table."""
+"""One status table, and each API's own error shape: OpenAI's {"error": {"message", "type", "param", "code"}}
+by default; a dialect mounted under a path prefix registers its shape (`register_shape`), and every
+error under that prefix (validation, auth, body size, engine faults) is rendered in it."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +55,30 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# (message, type, code, param, status) → the body a dialect's clients expect
+Shape = Callable[[str, str, str, "str | None", int], dict]
+_SHAPES: list[tuple[str, Shape]] = []
+
+
+def register_shape(prefix: str, shape: Shape) -> None:
+    """Errors for paths under `prefix` are rendered by `shape` (the longest matching prefix wins)."""
+    _SHAPES.append((prefix, shape))
+    _SHAPES.sort(key=lambda p: -len(p[0]))
+
+
+def error_response(path: str, message: str, type_: str, code: str, param: str | None, status: int,
+                   headers: dict | None = None) -> JSONResponse:
+    """The error in the shape of the API that `path` belongs to."""
+    for prefix, shape in _SHAPES:
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return JSONResponse(shape(message, type_, code, param, status), status, headers=headers)
+    return JSONResponse(error_body(message, type_, code, param), status, headers=headers)
+
+
+def render(path: str, err: ApiError) -> JSONResponse:
+    return error_response(path, err.message, err.type, err.code, err.param, err.status, err.headers or None)
+
+
 def as_api_error(exc: Exception) -> ApiError:
     """Typed exceptions from below the server → the API's error, by type only."""
     if isinstance(exc, ApiError):
@@ -70,35 +97,34 @@ def as_api_error(exc: Exception) -> ApiError:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=exc.headers)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return render(request.url.path, exc)
 
     @app.exception_handler(InputError)
-    async def _input(_: Request, exc: InputError) -> JSONResponse:
-        e = as_api_error(exc)
-        return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return render(request.url.path, as_api_error(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {msg}", "invalid_request_error",
-                                           "invalid_json"), 400)
+            return error_response(request.url.path, f"the body is not valid JSON: {msg}", "invalid_request_error",
+                                  "invalid_json", None, 400)
         where = ".".join(loc)
-        return JSONResponse(error_body(f"{where}: {msg}" if where else msg, "invalid_request_error",
-                                       "invalid_parameter", where or None), 400)
+        return error_response(request.url.path, f"{where}: {msg}" if where else msg, "invalid_request_error",
+                              "invalid_parameter", where or None, 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(request.url.path, str(exc.detail), "invalid_request_error", code, None, exc.status_code,
+                              getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _other(request: Request, exc: Exception) -> JSONResponse:
         e = as_api_error(exc)
         if e.status >= 500:
             logging.getLogger("edgevl.server").error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status)
+        return render(request.url.path, e)
