@@ -61,6 +61,8 @@ def run_bench(args: argparse.Namespace) -> int:
         first = args.tasks.split(",")[0]
         args.runs, args.max_tokens = 2, 8
         args.tasks = first + (",video" if "video" in args.tasks.split(",")[1:] else "")
+    if args.llama_cpp not in (None, "auto") and (not args.gguf or any("=" not in g for g in args.gguf)):
+        raise SystemExit("--llama-cpp BIN needs --gguf NAME=MODEL.gguf (one or more) and --mmproj")
     out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = args.pixel_sweep or str(args.size)
@@ -76,19 +78,11 @@ def run_bench(args: argparse.Namespace) -> int:
         if err:
             failures[backend] = err
     if args.llama_cpp:
-        from edgevl.bench.llama import LlamaLogError, run_llama
-        from edgevl.bench.tasks import TASKS
-
-        # llama-mtmd-cli is compared on the image tasks; it takes no clip here
-        image_tasks = [t for t in args.tasks.split(",") if t in TASKS]
-        for name, binary, gguf, mmproj in _llama_inputs(args):
-            print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
-            try:
-                records += run_llama(binary, name, gguf, mmproj, image_tasks, args.size,
-                                     args.runs, args.max_tokens, args.threads)
-            except LlamaLogError as e:
-                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
-                failures[f"llama.cpp-{name}"] = str(e)
+        try:
+            _run_llama_backends(args, [int(s) for s in sizes.split(",")], records, failures)
+        except Exception as e:  # whatever fails here, the rows already measured are written below
+            print(f"[bench] llama.cpp FAILED: {e!r}", file=sys.stderr)
+            failures["llama.cpp"] = repr(e)[:2000]
     report = summarize(records, args, failures)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
@@ -98,10 +92,30 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
+def _run_llama_backends(args: argparse.Namespace, sizes: list[int], records: list[dict],
+                        failures: dict[str, str]) -> None:
+    """llama.cpp on the same pictures, prompts and token counts as edgevl's rows: every task and every
+    size of the sweep."""
+    from edgevl.bench.llama import LlamaLogError, run_llama
+    from edgevl.bench.tasks import TASKS
+
+    # llama-mtmd-cli is compared on the image tasks; it takes no clip here
+    image_tasks = [t for t in args.tasks.split(",") if t in TASKS]
+    for name, binary, gguf, mmproj in _llama_inputs(args):
+        print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
+        for size in sizes:
+            try:
+                records += run_llama(binary, name, gguf, mmproj, image_tasks, size, args.runs, args.max_tokens,
+                                     args.threads)
+            except LlamaLogError as e:
+                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
+                failures[f"llama.cpp-{name}@{size}"] = str(e)
+
+
 def _llama_inputs(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
     """[(name, llama-mtmd-cli, text GGUF, mmproj GGUF)]: as given, or built and converted (`auto`)."""
     if args.llama_cpp != "auto":
-        return [(*spec.split("=", 1), args.mmproj) for spec in args.gguf]
+        return [(name, args.llama_cpp, gguf, args.mmproj) for name, gguf in (s.split("=", 1) for s in args.gguf)]
     from edgevl.bench.gguf_files import TEXT_TYPES, ensure_gguf
     from edgevl.bench.llama_build import ensure_llama_cpp, source_dir
 
