@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgevl.ops.bandwidth import decode_ceiling
+
 METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "preprocess_ms", "vision_ms", "prefill_ms",
            "prompt_tokens", "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
 
@@ -66,7 +68,11 @@ def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = args.pixel_sweep or str(args.size)
-    records: list[dict] = []
+    from edgevl.ops.bandwidth import read_bandwidth_gbs
+
+    bandwidth = read_bandwidth_gbs(args.threads)  # before any backend loads: a quiet machine's figure
+    print(f"[bench] read bandwidth {bandwidth:.1f} GB/s", file=sys.stderr, flush=True)
+    records: list[dict] = [{"event": "bandwidth", "gbs": bandwidth}]
     failures: dict[str, str] = {}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         cmd = [sys.executable, "-m", "edgevl.bench.worker", "--backend", backend, "--model", args.model,
@@ -169,6 +175,13 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
         rows.append(row)
     repeats = [r for r in records if r.get("event") == "repeat"]
     constraint = [r for r in records if r.get("event") == "constraint"]
+    bandwidth = next((r["gbs"] for r in records if r.get("event") == "bandwidth"), None)
+    walls = [r for r in records if r.get("event") == "wall"]
+    for w in walls:
+        ceiling = decode_ceiling(bandwidth, w["bytes_per_step"]) if bandwidth and w["bytes_per_step"] else None
+        w.update(ceiling_tokens_per_s=ceiling,
+                 share_1=w["tokens_per_s_1"] / ceiling if ceiling else None,
+                 share_each=w["tokens_per_s_each"] / ceiling if ceiling else None)
     for r in repeats:
         r["ratio"] = r["repeat_ttft_ms"] / r["first_ttft_ms"] if r["first_ttft_ms"] else None
     ref = {(r["task"], r["size"]): r for r in rows if r["backend"] == "transformers"}
@@ -184,6 +197,7 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
         "command": "edgevl bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "edgevl bench",
         "machine": machine(), "model": args.model, "runs": args.runs, "max_tokens": args.max_tokens,
         "rows": rows, "repeat_image": repeats, "constraint_overhead": constraint, "failures": failures,
+        "read_bandwidth_gbs": bandwidth, "memory_wall": walls,
         "energy": "RAPL" if any(r.get("energy_j") is not None for r in records) else "n/a (no readable RAPL counters)",
     }
 
@@ -250,6 +264,19 @@ def markdown(report: dict) -> str:
         for r in report["constraint_overhead"]:
             lines.append(f"| {r['backend']} | {r['free_tokens_per_s']:.1f} | {r['constrained_tokens_per_s']:.1f} | "
                          f"{r['overhead'] * 100:.1f}% |")
+    if report.get("memory_wall"):
+        bw = report["read_bandwidth_gbs"]
+        lines += ["", f"Memory wall (read bandwidth {bw:.1f} GB/s here, `edgevl doctor`'s measure): a decode step "
+                  "reads every decoder weight once, so tokens/s ≤ bandwidth ÷ bytes per step. Text-only answers; "
+                  "a batch of 4 started together.", "",
+                  "| backend | GB per step | ceiling tok/s | batch 1 tok/s | share | batch 4 tok/s each | share | "
+                  "step of 4 ÷ step of 1 |", "|---|---|---|---|---|---|---|---|"]
+        for w in report["memory_wall"]:
+            pct = lambda x: f"{x * 100:.0f}%" if x is not None else "n/a"  # noqa: E731
+            gb = f"{w['bytes_per_step'] / 1e9:.2f}" if w["bytes_per_step"] else "n/a"
+            ceiling = f"{w['ceiling_tokens_per_s']:.1f}" if w["ceiling_tokens_per_s"] else "n/a"
+            lines.append(f"| {w['backend']} | {gb} | {ceiling} | {w['tokens_per_s_1']:.1f} | {pct(w['share_1'])} | "
+                         f"{w['tokens_per_s_each']:.1f} | {pct(w['share_each'])} | {w['step_cost_vs_1']:.2f}× |")
     lines += ["", f"Energy: {report['energy']}. Machine: {json.dumps(report['machine'])}"]
     if report["failures"]:
         lines += ["", "Failed backends: " + ", ".join(report["failures"])]

@@ -11,8 +11,11 @@ import glob
 import json
 import os
 import resource
+import statistics
 import sys
+import threading
 import time
+from pathlib import Path
 
 from edgevl.bench.clip import make_clip
 from edgevl.bench.tasks import TASKS, VIDEO_PROMPT, VIDEO_SECONDS
@@ -131,6 +134,43 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
     }
 
 
+def decoder_bytes(backend: str, model: str) -> int | None:
+    """Bytes of weights a decode step reads: the decoder graph's (its lm_head included; the token
+    table is read one row per token, so embed.onnx is left out)."""
+    if backend.startswith("edgevl@"):
+        folder = Path(backend.removeprefix("edgevl@"))
+    else:
+        from edgevl.export import is_exported
+        from edgevl.runtime.loader import exported_dir_for
+
+        folder = Path(model) if is_exported(model) else exported_dir_for(Path(model), backend.removeprefix("edgevl-"))
+    data = folder / "decoder.onnx.data"
+    return data.stat().st_size if data.is_file() else None
+
+
+def _decode_speed(engine, max_tokens: int, seed: int) -> float:
+    """Decode tokens/s of one text-only answer (a short prompt: the steps are decode steps)."""
+    req = GenerationRequest([Message("user", [TextPart(f"Count to a hundred, slowly. ({seed})")])],
+                            SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
+    fin = next(ev for ev in engine.generate(req) if isinstance(ev, FinishEvent))
+    return fin.timings.tokens_per_s
+
+
+def decode_wall(engine, max_tokens: int, batch: int = 4) -> dict:
+    """Decode speed of one sequence alone and per sequence in a batched step of `batch` (all
+    started together, so their decode steps overlap): the step of `batch` costs one/each × a step of one."""
+    one = statistics.median(_decode_speed(engine, max_tokens, i) for i in range(3))
+    speeds: list[float] = []
+    threads = [threading.Thread(target=lambda i=i: speeds.append(_decode_speed(engine, max_tokens, 100 + i)))
+               for i in range(batch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    each = statistics.median(speeds)
+    return {"batch": batch, "tokens_per_s_1": one, "tokens_per_s_each": each, "step_cost_vs_1": one / each}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", required=True)
@@ -156,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 rec = measure(engine, task, size, args.max_tokens)
                 emit({"event": "run", "backend": args.backend, "run": i, **rec})
+    if args.backend.startswith("edgevl"):  # the memory wall: bytes per step, speed alone and in a batch of 4
+        emit({"event": "wall", "backend": args.backend, "bytes_per_step": decoder_bytes(args.backend, args.model),
+              **decode_wall(engine, max(16, args.max_tokens))})
     if args.repeat_image and args.backend.startswith("edgevl"):
         # a chat about one picture: the second question finds the image's embeddings and the
         # prompt's KV cache (system + image) already computed

@@ -38,6 +38,15 @@ def test_quick_bench_writes_json_markdown_and_chart(tmp_path, tiny_checkpoint):
     assert all(r["cache_hits"] == 1 or r["prefix_reused_tokens"] > 0 for r in report["repeat_image"])
     assert {r["backend"] for r in report["constraint_overhead"]} == {"edgevl-fp32", "edgevl-int8"}
     assert "cpu" in report["machine"] and "onnxruntime" in report["machine"]
+    assert report["read_bandwidth_gbs"] > 0.1
+    assert {w["backend"] for w in report["memory_wall"]} == {"edgevl-fp32", "edgevl-int8"}
+    wall = {w["backend"]: w for w in report["memory_wall"]}
+    # int8 weights are about a quarter of fp32's: fewer bytes per step, a higher ceiling
+    assert 0 < wall["edgevl-int8"]["bytes_per_step"] < wall["edgevl-fp32"]["bytes_per_step"]
+    for w in wall.values():
+        assert w["ceiling_tokens_per_s"] == report["read_bandwidth_gbs"] * 1e9 / w["bytes_per_step"]
+        assert w["share_1"] == w["tokens_per_s_1"] / w["ceiling_tokens_per_s"] and w["tokens_per_s_each"] > 0
+    assert "| step of 4 ÷ step of 1 |" in (out / "bench.md").read_text()
     assert (out / "bench.md").read_text().startswith("| backend |")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
