@@ -8,7 +8,8 @@ Each layer: RMSNorm → q/k/v (one projection, split) → per-head RMSNorm on q,
 GroupQueryAttention over a KV buffer that is shared between past and present (the engine binds
 one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU
 (gate and up one projection, split).
-Only the last position's logits are computed: the prompt's lm_head cost is one row, not S.
+Only the last position's logits are computed (the last `num_logits`, for a jump-forward draft): the
+prompt's lm_head cost is one row, not S.
 The lm_head is cut into vocabulary slices (LM_HEAD_SLICE_ROWS) whose logits are concatenated.
 Batched: several sequences decode in one run (batch rows, one token each), each with its own
 length in `seqlens_k`; a prompt chunk runs as a batch of one.
@@ -139,8 +140,11 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         else:
             x = b.op("Add", [x, d], f"{n}/residual")
 
-    last = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])],
-                "/model/last_position")
+    # the last `num_logits` positions of each row (1 but for a jump-forward draft, whose every
+    # position is checked against the model's own choice)
+    n_logits = b.input("num_logits", INT64, [1])
+    last = b.op("Slice", [x, b.op("Neg", [n_logits], "/model/last_positions/Neg"), b.const([np.iinfo(np.int64).max]),
+                          b.const([1])], "/model/last_position")
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
     last = b.reshape(last, [-1, h], "/lm_head/Flatten")
@@ -148,7 +152,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     slices = [b.linear(last, head[r:r + LM_HEAD_SLICE_ROWS], None, f"/lm_head/slice{i}", quant=head_spec)
               for i, r in enumerate(range(0, head.shape[0], LM_HEAD_SLICE_ROWS))]
     logits = slices[0] if len(slices) == 1 else b.op("Concat", slices, "/lm_head/Concat", axis=-1)
-    b.output(logits, "logits", FLOAT, ["batch", t.vocab_size])
+    b.output(logits, "logits", FLOAT, ["rows", t.vocab_size])  # rows = batch * num_logits, row-major
 
 
 def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float,

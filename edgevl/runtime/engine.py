@@ -45,7 +45,7 @@ from edgevl.types import (
     Timings,
 )
 
-_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses",
+_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
           "prefix_reused_tokens", "generated_tokens")
 
 
@@ -85,7 +85,7 @@ class OrtEngine:
         self._stats_lock = threading.Lock()
         self._grammar = None
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
-                              self.options.prefill_chunk, self.stats, self._stats_lock)
+                              self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:

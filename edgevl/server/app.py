@@ -178,7 +178,7 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
                       lambda k=key: st.scheduler.counts[k])
-    for key in ("cancelled", "finished", "errors"):
+    for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",

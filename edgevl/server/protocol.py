@@ -210,6 +210,7 @@ class Timings(BaseModel):
     queue_ms: float = 0.0
     vision_cache_hits: int = 0
     prefix_reused_tokens: int = 0
+    forced_tokens: int = 0  # answer tokens checked in a jump-forward draft (still the model's own choices)
 
 
 class PredictResponse(BaseModel):
