@@ -28,7 +28,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "(an exported folder as it is, e.g. one made by an older exporter); a backend "
                         "named twice runs twice, alternating with the others, its runs pooled")
     p.add_argument("--tasks", default="caption,ocr,chart,video",
-                   help="caption, ocr, chart (448² images) and video (a generated 4 s clip of 448² frames)")
+                   help="caption, ocr, chart (448² images), video (a generated 4 s clip of 448² frames), and the "
+                        "structured receipt (JSON schema) and detect (boxes); name a backend X and "
+                        "X:no-jump-forward to compare jump-forward on and off")
     p.add_argument("--size", type=int, default=448, help="image side in pixels (the headline is 448)")
     p.add_argument("--pixel-sweep", default=None, help="e.g. 224,448,672,896: latency curve instead of tasks")
     p.add_argument("--runs", type=int, default=20, help="measured runs per task, after a warm-up")
@@ -105,8 +107,8 @@ def _run_llama_backends(args: argparse.Namespace, sizes: list[int], records: lis
     from edgevl.bench.llama import LlamaLogError, run_llama
     from edgevl.bench.tasks import TASKS
 
-    # llama-mtmd-cli is compared on the image tasks; it takes no clip here
-    image_tasks = [t for t in args.tasks.split(",") if t in TASKS]
+    # llama-mtmd-cli is compared on the free-text image tasks; it takes no clip or schema here
+    image_tasks = [t for t in args.tasks.split(",") if t in TASKS and TASKS[t].schema is None]
     for name, binary, gguf, mmproj in _llama_inputs(args):
         print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
         for size in sizes:
@@ -184,6 +186,7 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
                  share_each=w["tokens_per_s_each"] / ceiling if ceiling else None)
     for r in repeats:
         r["ratio"] = r["repeat_ttft_ms"] / r["first_ttft_ms"] if r["first_ttft_ms"] else None
+    jump = _jump_forward(rows, groups)
     ref = {(r["task"], r["size"]): r for r in rows if r["backend"] == "transformers"}
     for r in rows:
         base = ref.get((r["task"], r["size"]))
@@ -197,9 +200,31 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
         "command": "edgevl bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "edgevl bench",
         "machine": machine(), "model": args.model, "runs": args.runs, "max_tokens": args.max_tokens,
         "rows": rows, "repeat_image": repeats, "constraint_overhead": constraint, "failures": failures,
-        "read_bandwidth_gbs": bandwidth, "memory_wall": walls,
+        "read_bandwidth_gbs": bandwidth, "memory_wall": walls, "jump_forward": jump,
         "energy": "RAPL" if any(r.get("energy_j") is not None for r in records) else "n/a (no readable RAPL counters)",
     }
+
+
+def _jump_forward(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[dict]:
+    """Each structured task of a backend beside the same backend with jump-forward off: the whole
+    answer's time, and whether every run's answer was the same text."""
+    from edgevl.bench.worker import NO_JUMP_FORWARD
+
+    out = []
+    for r in rows:
+        off = (r["backend"] + NO_JUMP_FORWARD, r["task"], r["size"])
+        if off not in groups or "text" not in groups[off][0]:
+            continue
+        on_runs = sorted(groups[(r["backend"], r["task"], r["size"])], key=lambda x: x["run"])
+        off_runs = sorted(groups[off], key=lambda x: x["run"])
+        t_off = statistics.median(x["total_ms"] for x in off_runs)
+        out.append({"backend": r["backend"], "task": r["task"], "size": r["size"],
+                    "total_ms": r["total_ms"]["median"], "total_ms_without": t_off,
+                    "ratio": _ratio(r["total_ms"]["median"], t_off),
+                    "forced_tokens": statistics.median(x["forced_tokens"] for x in on_runs),
+                    "output_tokens": r["output_tokens"]["median"],
+                    "same_output": [x["text"] for x in on_runs] == [x["text"] for x in off_runs]})
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -264,6 +289,13 @@ def markdown(report: dict) -> str:
         for r in report["constraint_overhead"]:
             lines.append(f"| {r['backend']} | {r['free_tokens_per_s']:.1f} | {r['constrained_tokens_per_s']:.1f} | "
                          f"{r['overhead'] * 100:.1f}% |")
+    if report.get("jump_forward"):
+        lines += ["", "| backend | task | image | whole answer ms | without jump-forward | ratio | tokens | "
+                  "of them from drafts | same answers |", "|---|---|---|---|---|---|---|---|---|"]
+        for j in report["jump_forward"]:
+            lines.append(f"| {j['backend']} | {j['task']} | {j['size']}² | {j['total_ms']:.0f} | "
+                         f"{j['total_ms_without']:.0f} | {j['ratio']} | {j['output_tokens']:.0f} | "
+                         f"{j['forced_tokens']:.0f} | {'yes' if j['same_output'] else 'NO'} |")
     if report.get("memory_wall"):
         bw = report["read_bandwidth_gbs"]
         lines += ["", f"Memory wall (read bandwidth {bw:.1f} GB/s here, `edgevl doctor`'s measure): a decode step "

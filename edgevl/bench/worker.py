@@ -56,8 +56,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+NO_JUMP_FORWARD = ":no-jump-forward"  # a backend name's suffix: the same export with jump-forward off
+
+
 def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache: bool = False):
-    opts = dict(intra_op_threads=threads, prefix_cache=prefix_cache, vision_cache_entries=vision_cache)
+    opts = dict(intra_op_threads=threads, prefix_cache=prefix_cache, vision_cache_entries=vision_cache,
+                jump_forward=not backend.endswith(NO_JUMP_FORWARD))
+    backend = backend.removesuffix(NO_JUMP_FORWARD)
     if backend == "transformers":
         from edgevl.runtime.reference import TransformersEngine
 
@@ -105,6 +110,7 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
     else:
         part = ImagePart(image if image is not None else TASKS[task].draw(size))
         prompt = prompt or TASKS[task].prompt
+        schema = schema if schema is not None else TASKS[task].schema
     req = GenerationRequest([Message("user", [part, TextPart(prompt)])],
                             SamplingParams(max_new_tokens=max_tokens, ignore_eos=True, temperature=0.0))
     if schema is not None:
@@ -130,7 +136,9 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
         "cpu_util": (time.process_time() - c0) / wall / (os.cpu_count() or 1),
         "energy_j": (e1 - e0) / 1e6 if e0 is not None and e1 is not None and e1 >= e0 else None,
         "peak_rss_mb": peak_rss_mb(), "vision_cache_hits": tm.vision_cache_hits,
-        "prefix_reused_tokens": tm.prefix_reused_tokens,
+        "prefix_reused_tokens": tm.prefix_reused_tokens, "forced_tokens": tm.forced_tokens,
+        # a structured answer's text: the same with jump-forward on and off, which the report checks
+        **({"text": fin.text} if schema is not None else {}),
     }
 
 
@@ -196,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 rec = measure(engine, task, size, args.max_tokens)
                 emit({"event": "run", "backend": args.backend, "run": i, **rec})
-    if args.backend.startswith("edgevl"):  # the memory wall: bytes per step, speed alone and in a batch of 4
+    # the memory wall: bytes per step, speed alone and in a batch of 4
+    if args.backend.startswith("edgevl") and not args.backend.endswith(NO_JUMP_FORWARD):
         emit({"event": "wall", "backend": args.backend, "bytes_per_step": decoder_bytes(args.backend, args.model),
               **decode_wall(engine, max(16, args.max_tokens))})
-    if args.repeat_image and args.backend.startswith("edgevl"):
+    if args.repeat_image and args.backend.startswith("edgevl") and not args.backend.endswith(NO_JUMP_FORWARD):
         # a chat about one picture: the second question finds the image's embeddings and the
         # prompt's KV cache (system + image) already computed
         engine = load(args.backend, args.model, args.threads, vision_cache=4, prefix_cache=True)

@@ -121,3 +121,19 @@ def test_load_mode_reports_a_peer_server_that_fails_to_start_and_goes_on(tmp_pat
     assert [(x["server"], x["scenario"]) for x in report["rows"]] == [("edgevl-fp32", "short")]
     [failure] = report["failures"]
     assert failure["server"] == "llama.cpp-Q8_0" and failure["scenario"] == "start" and failure["server_exited"]
+
+
+def test_structured_tasks_compare_jump_forward_on_and_off_in_one_run(tmp_path, tiny_checkpoint):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--model", str(tiny_checkpoint), "--runs", "2",
+                        "--max-tokens", "48", "--tasks", "receipt,detect", "--pixel-sweep", "96",
+                        "--backends", "edgevl-fp32,edgevl-fp32:no-jump-forward", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "bench.json").read_text())
+    jump = {j["task"]: j for j in report["jump_forward"]}
+    assert set(jump) == {"receipt", "detect"}
+    for j in jump.values():
+        assert j["same_output"] and j["backend"] == "edgevl-fp32" and j["total_ms_without"] > 0
+    assert sum(j["forced_tokens"] for j in jump.values()) > 0
+    assert "| without jump-forward |" in (out / "bench.md").read_text()
