@@ -11,7 +11,18 @@ import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgevl.types import SamplingParams
 
@@ -302,6 +313,9 @@ class ContentPart(BaseModel):
     video_url: VideoURL | str | None = None
     video: list[str] | None = Field(None, description="frames the client sampled, as image data URLs")
     fps: float | None = Field(None, gt=0, le=240, description="for 'video' frame lists: frames per second")
+    cache_control: dict[str, Any] | None = Field(
+        None, description="accepted, no effect: a prompt-caching hint (Anthropic's, sent on by litellm); "
+        "the KV cache of a conversation's earlier turns is reused automatically")
 
     @model_validator(mode="after")
     def _fields(self) -> ContentPart:
@@ -319,20 +333,72 @@ class ContentPart(BaseModel):
         return ImageURL(url=self.image_url) if isinstance(self.image_url, str) else self.image_url
 
 
+_PARTS = TypeAdapter(list[ContentPart])
+
+
+class FunctionCallIn(FunctionCall):
+    """A call in the history as a client sends it back: the openai SDK's `parse()` adds its own
+    reading of the arguments, which describes them and is dropped."""
+
+    parsed_arguments: Any = Field(None, description="accepted, no effect: the client's parse of `arguments`")
+
+
+class ToolCallIn(ToolCallOut):
+    """A call in an assistant message of the history: our own reply's call, echoed back."""
+
+    index: int | None = Field(None, description="accepted, no effect: the position a streamed delta gave it")
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
+    """One message. Fields that only describe a message and that clients echo back with our own replies
+    (`name`, `refusal`, `annotations`, `audio: null`, `function_call: null`, `tool_calls[].index`) are
+    accepted and dropped before the chat template, which shows none of them."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[ToolCallOut] | None = Field(None, description="assistant turns: the calls it made")
+    name: str | None = Field(None, max_length=256, description="accepted, no effect: the chat template shows "
+                             "no participant names")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant turns: the calls it made")
     tool_call_id: str | None = Field(None, description="tool turns: the call this answers")
+    refusal: str | None = Field(None, description="assistant turns: a refusal in place of content, read as its "
+                                "text when there is no content")
+    annotations: list[Any] | None = Field(None, description="accepted, no effect: citations of a reply")
+    audio: Any = Field(None, description="null only: this server makes no audio replies to refer to")
+    function_call: Any = Field(None, description="null only: the deprecated form of tool_calls")
+    parsed: Any = Field(None, description="accepted, no effect: the openai SDK's parse of a reply's content")
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        # a list is validated as parts alone, so that a bad part is named by its own place
+        # (messages.0.content.0.foo), not by the union's other branch (messages.0.content.str)
+        if isinstance(v, list):
+            return _PARTS.validate_python(v, context=info.context)
+        if v is not None and not isinstance(v, str):
+            raise ValueError("must be a string or a list of content parts")
+        return handler(v)
+
+    @field_validator("audio", "function_call")
+    @classmethod
+    def _null_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            raise ValueError("audio replies are not supported (text only); send null" if info.field_name == "audio"
+                             else "the deprecated function_call is not supported; use tool_calls")
+        return v
 
     @model_validator(mode="after")
     def _roles(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
+        if self.refusal is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry a refusal")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs tool_call_id")
+        if self.content is None and self.refusal is not None:
+            self.content = self.refusal
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
         return self
@@ -399,6 +465,13 @@ class ChatCompletionRequest(Sampling, Tooling):
             raise ValueError(REFUSED[info.field_name])
         return v
 
+    @field_validator("stream_options")
+    @classmethod
+    def _streamed(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # `stream` is declared first, so it is in data
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
     @field_validator("n")
     @classmethod
     def _one(cls, v: int | None) -> int | None:
@@ -454,19 +527,28 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
-class FunctionDelta(BaseModel):
+class _Sparse(BaseModel):
+    """A delta: keys that are absent are left out, as OpenAI sends them (a null would read as a value,
+    and the openai SDK's stream helper refuses a null `type` after the first delta)."""
+
+    @model_serializer(mode="wrap")
+    def _present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Sparse):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionDelta
 
 
-class Delta(BaseModel):
+class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
