@@ -37,6 +37,19 @@ def _limit(info: ValidationInfo, name: str, default: int) -> int:
     return int(ctx.get(name, default))
 
 
+def _by_shape(v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo,
+              shapes: dict[type, TypeAdapter], expected: str) -> Any:
+    """A union field validated as the one branch the value's JSON type selects: pydantic reports a
+    failed union once per branch (`messages.0.content.str`), so an error would name the wrong
+    branch instead of the value's own place (`messages.0.content.0.foo`)."""
+    if v is None:
+        return handler(v)
+    for kind, adapter in shapes.items():
+        if isinstance(v, kind):
+            return adapter.validate_python(v, context=info.context)
+    raise ValueError(f"must be {expected}")
+
+
 class Sampling(BaseModel):
     """Fields shared by every generating endpoint."""
 
@@ -101,6 +114,7 @@ class NamedToolChoice(BaseModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+_TOOL_CHOICE = {str: TypeAdapter(Literal["none", "auto", "required"]), dict: TypeAdapter(NamedToolChoice)}
 
 
 class Tooling(BaseModel):
@@ -109,6 +123,11 @@ class Tooling(BaseModel):
     tools: list[ToolSpec] | None = Field(None, max_length=64)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _TOOL_CHOICE, "'none', 'auto', 'required' or a named function")
 
     @model_validator(mode="after")
     def _tools(self) -> Tooling:
@@ -304,6 +323,10 @@ class VideoURL(BaseModel):
     max_frames: int | None = Field(None, ge=2, description="frames read at most (server limit applies)")
 
 
+_STR = TypeAdapter(str)
+_URLS = {"image_url": {str: _STR, dict: TypeAdapter(ImageURL)}, "video_url": {str: _STR, dict: TypeAdapter(VideoURL)}}
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -316,6 +339,11 @@ class ContentPart(BaseModel):
     cache_control: dict[str, Any] | None = Field(
         None, description="accepted, no effect: a prompt-caching hint (Anthropic's, sent on by litellm); "
         "the KV cache of a conversation's earlier turns is reused automatically")
+
+    @field_validator("image_url", "video_url", mode="wrap")
+    @classmethod
+    def _url(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _URLS[info.field_name], "an object with 'url', or a URL string")
 
     @model_validator(mode="after")
     def _fields(self) -> ContentPart:
@@ -334,6 +362,7 @@ class ContentPart(BaseModel):
 
 
 _PARTS = TypeAdapter(list[ContentPart])
+_STOP = {str: _STR, list: TypeAdapter(list[str])}
 
 
 class FunctionCallIn(FunctionCall):
@@ -373,13 +402,7 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="wrap")
     @classmethod
     def _content(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
-        # a list is validated as parts alone, so that a bad part is named by its own place
-        # (messages.0.content.0.foo), not by the union's other branch (messages.0.content.str)
-        if isinstance(v, list):
-            return _PARTS.validate_python(v, context=info.context)
-        if v is not None and not isinstance(v, str):
-            raise ValueError("must be a string or a list of content parts")
-        return handler(v)
+        return _by_shape(v, handler, info, {str: _STR, list: _PARTS}, "a string or a list of content parts")
 
     @field_validator("audio", "function_call")
     @classmethod
@@ -464,6 +487,11 @@ class ChatCompletionRequest(Sampling, Tooling):
         if v is not None and v != {}:
             raise ValueError(REFUSED[info.field_name])
         return v
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _STOP, "a string or a list of strings")
 
     @field_validator("stream_options")
     @classmethod

@@ -282,6 +282,22 @@ def test_an_unknown_key_in_a_content_part_is_named_by_its_place(server):
     assert err["param"] == "messages.0.content" and "string or a list" in err["message"]
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "uuid": "1"}}]}]},
+     "messages.0.content.0.image_url.uuid"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+     "messages.0.content.0.image_url"),
+    ({"messages": ASK, "tools": [SHIP], "tool_choice": "bogus"}, "tool_choice"),
+    ({"messages": ASK, "tools": [SHIP], "tool_choice": {"type": "function", "function": {"name": 1}}},
+     "tool_choice.function.name"),
+    ({"messages": ASK, "stop": ["a", 3]}, "stop.1"),
+    ({"messages": ASK, "stop": 5}, "stop"),
+])
+def test_other_unions_name_the_value_s_own_place(server, body, param):
+    err = _error(_post(server, body))
+    assert err["param"] == param and "literal" not in err["message"] and "ImageURL" not in err["message"]
+
+
 def test_cache_control_on_a_content_part_is_accepted_with_no_effect(server):
     part = {"type": "text", "text": "hi"}
     cached = [{"role": "user", "content": [{**part, "cache_control": {"type": "ephemeral"}}]}]
