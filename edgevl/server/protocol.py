@@ -430,7 +430,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: bool | None = None  # null: unset, as clients that send every optional key write it
 
 
 # OpenAI request fields this server does not serve, and why; anything else unknown is refused too
