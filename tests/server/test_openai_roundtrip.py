@@ -183,7 +183,7 @@ def _strict(model: type[BaseModel], name: str) -> dict:
 def test_the_sdk_stream_helper_with_a_forced_call(client, choice):
     tools = [_strict(Parcel, "ship"), _strict(Route, "route")]
     kw = {"model": "m", "messages": ASK, "tools": tools, "tool_choice": choice, "max_tokens": 200, "seed": 6,
-          "temperature": 1.0, "parallel_tool_calls": False}
+          "temperature": 1.0, "parallel_tool_calls": False, "stream_options": {"include_usage": True}}
     with client.chat.completions.stream(**kw) as stream:
         done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
         final = stream.get_final_completion()
@@ -193,6 +193,10 @@ def test_the_sdk_stream_helper_with_a_forced_call(client, choice):
     assert isinstance(call.function.parsed_arguments, MODELS[call.function.name])
     if isinstance(choice, dict):
         assert call.function.name == "route"
+    # the helper's message carries `parsed` and `parsed_arguments`: it goes back as it is
+    again = client.chat.completions.create(model="m", tools=tools, max_tokens=2, messages=[
+        *ASK, final.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "done"}])
+    assert again.usage.prompt_tokens > final.usage.prompt_tokens
 
 
 def test_the_sdk_stream_helper_with_text(client):
