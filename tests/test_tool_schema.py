@@ -11,7 +11,8 @@ from edgevl.server.tools import call_schema
 ADDRESS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
 PARCEL = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
-          "properties": {"to": {"$ref": "#/$defs/Address"}, "note": {"const": {"$ref": "#/not/a/pointer"}}},
+          "properties": {"to": {"$ref": "#/$defs/Address"}, "note": {"const": {"$ref": "#/not/a/pointer"}},
+                         "default": {"$ref": "#/$defs/Address"}},  # a property's name, not the keyword
           "required": ["to"], "$defs": {"Address": ADDRESS}}
 TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}  # recursive, finite
 # another tool whose definition has the same name and another shape
@@ -30,6 +31,8 @@ def test_refs_resolve_inside_the_wrapper(only):
     jsonschema.validate(ship, schema)
     with pytest.raises(jsonschema.ValidationError):  # the ref reached Address: its own keys are checked
         jsonschema.validate({"name": "ship", "arguments": {"to": {"zip": 1}}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "ship", "arguments": {"to": {"city": "Oslo"}, "default": {"zip": 1}}}, schema)
     if only is None:
         jsonschema.validate({"name": "route", "arguments": {"via": {"zip": 7}}}, schema)
         with pytest.raises(jsonschema.ValidationError):  # route's Address, not ship's

@@ -48,20 +48,29 @@ def call_schema(tools: list[dict], only: str | None = None) -> dict:
     return wrapped[0] if len(wrapped) == 1 else {"anyOf": wrapped}
 
 
-_DATA = frozenset({"const", "enum", "default", "examples"})
+_DATA = frozenset({"const", "enum", "default", "examples"})  # instance data, not schemas: left as it is
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})  # name → schema
 
 
 def _rebase(node: object, base: str) -> object:
-    """`node` with every local `$ref` ("#...") pointing under `base`, a JSON pointer from the new root."""
+    """`node` with every local JSON-pointer `$ref` ("#" or "#/...") pointing under `base`, a pointer
+    from the new root. A dialect tag (`$schema`) is the root's alone, so it is dropped."""
     if isinstance(node, list):
         return [_rebase(x, base) for x in node]
     if not isinstance(node, dict):
         return node
-    # instance data (const, enum, defaults, examples) is left as it is; a dialect tag is the root's alone
-    out = {k: v if k in _DATA else _rebase(v, base) for k, v in node.items()
-           if not (k == "$schema" and isinstance(v, str))}
+    out: dict = {}
+    for key, value in node.items():
+        if key == "$schema" and isinstance(value, str):
+            continue
+        if key in _DATA:
+            out[key] = value
+        elif key in _NAMED and isinstance(value, dict):  # its keys are names, whatever they spell
+            out[key] = {name: _rebase(schema, base) for name, schema in value.items()}
+        else:
+            out[key] = _rebase(value, base)
     ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = "#" + base + ref[1:]
     return out
 
