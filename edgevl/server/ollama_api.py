@@ -72,7 +72,8 @@ router = APIRouter(prefix="/api", tags=["ollama"], route_class=SafeRoute)
 
 
 def shape(message: str, type_: str, code: str, param: str | None, status: int) -> dict:
-    return {"error": message}
+    """Ollama's error is one string: it names the field itself when the message does not."""
+    return {"error": message if param is None or param in message else f"{param}: {message}"}
 
 
 for _path in PATHS:
