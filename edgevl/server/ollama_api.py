@@ -330,4 +330,4 @@ def _refuse(name: str):
 for _name in ("pull", "push", "create", "copy", "embed", "embeddings"):
     router.add_api_route(f"/{_name}", _refuse(_name), methods=["POST"], responses={400: {}})
 router.add_api_route("/delete", _refuse("delete"), methods=["DELETE"], responses={400: {}})
-router.add_api_route("/blobs/{digest}", _refuse("blobs"), methods=["POST", "HEAD"], responses={400: {}})
+router.add_api_route("/blobs/{digest}", _refuse("blobs"), methods=["POST"], responses={400: {}})
