@@ -96,10 +96,12 @@ def _thinking(state, body: Common) -> bool:
                    "think")
 
 
-async def _images(values: list[str], state, param: str, count: list[int]) -> list[ImagePart]:
-    count[0] += len(values)
-    if count[0] > state.settings.max_images:
-        raise ApiError(f"more than {state.settings.max_images} images", "too_many_images", param)
+def _count_images(n: int, state, param: str) -> None:
+    if n > state.settings.max_images:
+        raise ApiError(f"{n} images; the limit is {state.settings.max_images}", "too_many_images", param)
+
+
+async def _images(values: list[str], state, param: str) -> list[ImagePart]:
     return [ImagePart((await load_image(v, state.settings, f"{param}.{i}"))[0]) for i, v in enumerate(values)]
 
 
@@ -148,11 +150,12 @@ async def chat(body: ChatRequest, http: Request):
     _thinking(state, body)
     if not body.messages:
         return _loaded(make)
-    count = [0]
+    _count_images(sum(len(m.images or []) for m in body.messages), state, "messages")
     messages = []
     for i, m in enumerate(body.messages):
-        parts: list = await _images(m.images or [], state, f"messages.{i}.images", count)
-        parts.append(TextPart(m.content))
+        parts: list = await _images(m.images or [], state, f"messages.{i}.images")
+        if m.content or not parts:
+            parts.append(TextPart(m.content))
         calls = [EngineToolCall(c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
                  for c in m.tool_calls or []]
         messages.append(Message(m.role, parts, calls))
@@ -177,7 +180,8 @@ async def generate(body: GenerateRequest, http: Request):
     _thinking(state, body)
     if not body.prompt.strip() and not body.images:
         return _loaded(make)
-    parts: list = await _images(body.images or [], state, "images", [0])
+    _count_images(len(body.images or []), state, "images")
+    parts: list = await _images(body.images or [], state, "images")
     if body.prompt:
         parts.append(TextPart(body.prompt))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [Message("user", parts)]

@@ -122,6 +122,16 @@ class Options(BaseModel):
                               frequency_penalty=self.frequency_penalty or 0.0, **d)
 
 
+class NullIsUnset(BaseModel):
+    """A field sent as null is taken as not sent, as Ollama's Go server reads it (its Go client sends
+    `"options": null` and `"messages": null` for fields it leaves empty)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class ToolCallFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -141,7 +151,7 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(NullIsUnset):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
@@ -171,7 +181,7 @@ Format = Literal["", "json"] | dict[str, Any]
 Think = bool | Literal["high", "medium", "low"]
 
 
-class Common(BaseModel):
+class Common(NullIsUnset):
     """What /api/chat and /api/generate share."""
 
     model_config = ConfigDict(extra="forbid")
@@ -352,7 +362,7 @@ class Running(BaseModel):
     models: list[RunningModel]
 
 
-class ShowRequest(BaseModel):
+class ShowRequest(NullIsUnset):
     model_config = ConfigDict(extra="forbid")
 
     model: str = ""

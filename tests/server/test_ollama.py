@@ -81,6 +81,21 @@ def test_streams_ndjson_by_default_as_ollama_does(server):
             "eval_count", "eval_duration"} <= set(lines[-1])
 
 
+def test_what_ollamas_go_client_sends_nulls_and_empty_strings_for_unset_fields(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi", "images": None}], "options": None,
+                "format": "", "stream": None, "tools": None, "keep_alive": None}
+        with c.stream("POST", "/api/chat", json=chat) as r:  # stream null: Ollama's default, a stream
+            assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+            assert json.loads(list(r.iter_lines())[-1])["done"] is True
+        gen = {"model": "m", "prompt": "hi", "suffix": "", "system": "", "template": "", "context": None,
+               "options": {"num_predict": 2}, "format": "", "stream": False}
+        r = c.post("/api/generate", json=gen)
+        assert r.status_code == 200 and r.json()["done"] is True
+        assert c.post("/api/chat", json={"model": "m", "messages": None, "stream": False}).json()["done_reason"] \
+            == "load"
+
+
 def test_format_json_schema_output_validates(client):
     schema = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 12},
                                                "count": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -216,6 +231,9 @@ def test_errors_in_ollamas_shape_with_what_to_do_instead(client, server):
     with pytest.raises(ollama.ResponseError) as e:  # not a picture (valid base64, though)
         client.chat(model="m", messages=[{"role": "user", "content": "hi", "images": ["aGVsbG8gd29ybGQ="]}])
     assert e.value.status_code == 400 and "cannot decode image" in e.value.error and "0x" not in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="m", messages=[{"role": "user", "content": "hi", "images": ["aGVsbG8="] * 9}])
+    assert e.value.status_code == 400 and "limit is 8" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="m", messages=[{"role": "user", "content": "hi"}], think=True)
     assert e.value.status_code == 400 and "does not support thinking" in e.value.error
