@@ -68,7 +68,26 @@ _REFUSED = {
 PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version",
          *(f"/api/{name}" for name in _REFUSED))
 
-router = APIRouter(prefix="/api", tags=["ollama"], route_class=SafeRoute)
+
+
+class OllamaRoute(SafeRoute):
+    """Ollama reads every body as JSON, whatever its Content-Type: the curl examples of its API
+    reference send none (so curl says form-urlencoded), and they should work here as written."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def as_json(request: Request) -> Response:
+            if "json" not in request.headers.get("content-type", ""):
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+                request = Request(scope, request.receive)
+            return await handler(request)
+
+        return as_json
+
+
+router = APIRouter(prefix="/api", tags=["ollama"], route_class=OllamaRoute)
 
 
 def shape(message: str, type_: str, code: str, param: str | None, status: int) -> dict:

@@ -94,6 +94,10 @@ def test_what_ollamas_go_client_sends_nulls_and_empty_strings_for_unset_fields(s
         assert r.status_code == 200 and r.json()["done"] is True
         assert c.post("/api/chat", json={"model": "m", "messages": None, "stream": False}).json()["done_reason"] \
             == "load"
+        # `curl -d '{...}'` as in Ollama's API reference: no JSON content type, read as JSON all the same
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        r = c.post("/api/generate", content=json.dumps(gen), headers=form)
+        assert r.status_code == 200 and r.json()["done"] is True
 
 
 def test_format_json_schema_output_validates(client):
