@@ -93,6 +93,7 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     constraint: Constraint | None = None
     tools: list[dict] | None = None  # OpenAI-style tool specs, shown to the model by the chat template
+    max_context: int | None = None  # this request's context window (prompt + answer); None = the engine's
 
 
 @dataclass

@@ -170,9 +170,10 @@ class OrtEngine:
         prompt = self.prompts.build(request)
         timings.preprocess_ms = (time.perf_counter() - t_start) * 1000
         n_prompt = int(prompt.ids.size)
-        room = self.options.max_context - n_prompt
+        window = min(self.options.max_context, request.max_context or self.options.max_context)
+        room = window - n_prompt
         if room < 1:
-            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {self.options.max_context}",
+            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {window}",
                              code="context_length_exceeded")
         max_new = max(1, min(request.params.max_new_tokens, room))
         if not self.pool.fits_ever(n_prompt + max_new):

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
-from edgevl.server import detect_api, edge_api, errors, openai_api
+from edgevl.server import detect_api, edge_api, errors, ollama_api, openai_api
 from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(edge_api.router)
     app.include_router(detect_api.router)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "max_prompt_chars": settings.max_context * 8}
     max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -145,7 +146,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # Ollama's clients probe HEAD /
     async def index() -> Response:
         page = WEB / "index.html"
         if page.is_file():
