@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 
+from edgevl.preprocess.image import ImageError
 from edgevl.server.errors import ApiError, NotFound, as_api_error
 from edgevl.server.response_store import ResponseStore, StoredResponse
 from edgevl.server.responses_protocol import (
@@ -84,10 +85,10 @@ async def create_response(body: ResponsesRequest, http: Request):
     messages = await _messages(body.instructions, history, new, state)
     req = GenerationRequest(messages, params, max_pixels=body.max_pixels)
     fmt = body.format()
-    if body.forces_tool_call() and fmt.type != "text":
-        raise ApiError("text.format cannot be combined with a forced tool call", "invalid_request", "text.format")
     splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
-    if fmt.type != "text":
+    # with a call forced, this turn's answer is that call and holds no text for a format to shape: agents send
+    # both (the format is for the final answer, turns later), so the format is kept and has nothing to constrain
+    if fmt.type != "text" and not body.forces_tool_call():
         req.constraint = await constraint_for(state, fmt.schema_, params.max_new_tokens)
     run = state.runner.start(req)
     response = _skeleton(body, state, stored=body.store and store.capacity > 0)
@@ -170,7 +171,11 @@ async def _messages(instructions: str | None, history: list[InputItem], new: lis
         n_images += 1
         if n_images > s.max_images:
             raise ApiError(f"more than {s.max_images} images in the conversation", "too_many_images", where)
-        img, _ = await load_image(part.image_url or "", s, f"{where}.image_url")
+        try:
+            img, _ = await load_image(part.image_url or "", s, f"{where}.image_url")
+        except ImageError as e:  # 4xx by type; the param says which part of the request
+            e.param = e.param or f"{where}.image_url"
+            raise
         return ImagePart(img, part.max_pixels())
 
     for where, item in [("previous_response_id", it) for it in history] + [

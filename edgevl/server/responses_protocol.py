@@ -18,10 +18,12 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from edgevl.server.protocol import LIMITS, LOW_DETAIL_PIXELS, Sampling, Timings
 
@@ -247,6 +249,14 @@ class ResponsesRequest(Sampling):
     truncation: Literal["disabled"] | None = Field(None, description="disabled only: a prompt too long is a 400")
     user: str | None = Field(None, max_length=256, description="accepted; nothing is monitored")
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plain_locations(cls, data: Any, handler: Any) -> ResponsesRequest:
+        try:
+            return handler(data)
+        except ValidationError as e:
+            raise _plain(e) from None
+
     @field_validator(*REFUSED)
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
@@ -336,6 +346,23 @@ class ResponsesRequest(Sampling):
 
     def format(self) -> TextFormat:
         return (self.text.format if self.text else None) or TextFormat(type="text")
+
+
+_TAGS = {"str", "message", "function_call", "function_call_output", "input_text", "input_image", "output_text",
+         "refusal"}
+
+
+def _plain(e: ValidationError) -> ValidationError:
+    """Errors located as a client reads its request (`input.0.content.1`), not by pydantic's union branches
+    (`input.list[tagged-union[...]].0.message...`); a value that is a list is not also told it is no string."""
+    errors = e.errors()
+    chose_list = [x for x in errors if not any(seg == "str" for seg in x["loc"])]
+    details: list[InitErrorDetails] = []
+    for x in chose_list or errors:
+        loc = tuple(seg for seg in x["loc"] if not (isinstance(seg, str) and (seg in _TAGS or "[" in seg)))
+        msg = x["msg"].removeprefix("Value error, ")
+        details.append({"type": PydanticCustomError(x["type"], msg), "loc": loc, "input": x.get("input")})
+    return ValidationError.from_exception_data(e.title, details)
 
 
 def _limits() -> dict:
