@@ -47,6 +47,7 @@ from edgevl.server.responses_protocol import (
     StreamEvent,
     TextDelta,
     TextDone,
+    ToolChoiceFunction,
     TopLogprob,
     item_id,
     now,
@@ -56,7 +57,7 @@ from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import named_sse
-from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
+from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
 log = logging.getLogger("edgevl.server")
@@ -91,7 +92,7 @@ async def create_response(body: ResponsesRequest, http: Request):
     if fmt.type != "text" and not body.forces_tool_call():
         req.constraint = await constraint_for(state, fmt.schema_, params.max_new_tokens)
     run = state.runner.start(req)
-    response = _skeleton(body, state, stored=body.store and store.capacity > 0)
+    response = _skeleton(body, state.info.model_name, params, stored=body.store and store.capacity > 0)
     conversation = history + new
 
     def keep(final: Response) -> None:
@@ -130,16 +131,15 @@ def _not_stored(response_id: str) -> NotFound:
     return NotFound(f"no stored response {response_id!r}", "not_found", "response_id")
 
 
-def _skeleton(body: ResponsesRequest, state, stored: bool) -> Response:
+def _skeleton(body: ResponsesRequest, model: str, params: SamplingParams, stored: bool) -> Response:
     """The Response as created: the request's settings echoed, no output yet."""
     fmt = body.format().model_dump(by_alias=True, exclude_none=True)
-    choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
-    p = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens)
-    return Response(id=response_id(), created_at=now(), model=state.info.model_name, instructions=body.instructions,
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, ToolChoiceFunction) else body.tool_choice
+    return Response(id=response_id(), created_at=now(), model=model, instructions=body.instructions,
                     max_output_tokens=body.max_output_tokens, metadata=body.metadata or {},
                     parallel_tool_calls=body.parallel_tool_calls is not False,
-                    previous_response_id=body.previous_response_id, store=stored, temperature=p.temperature,
-                    top_p=p.top_p, text={"format": fmt}, tool_choice=choice or ("auto" if body.tools else "none"),
+                    previous_response_id=body.previous_response_id, store=stored, temperature=params.temperature,
+                    top_p=params.top_p, text={"format": fmt}, tool_choice=choice or "auto",
                     tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
                     top_logprobs=body.top_logprobs, user=body.user, service_tier=body.service_tier or "default")
 

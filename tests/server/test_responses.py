@@ -186,7 +186,7 @@ def test_previous_response_id_reads_only_the_new_tokens(server, client):
     assert third.usage.input_tokens_details.image_tokens == first.usage.input_tokens_details.image_tokens
 
 
-def test_get_and_delete_a_stored_response(client):
+def test_get_and_delete_a_stored_response(server, client):
     r = client.responses.create(model="m", input="hi", max_output_tokens=3, metadata={"ticket": "42"}, user="u1")
     got = client.responses.retrieve(r.id)
     assert (got.id, got.output_text, got.metadata, got.status, got.user) == (r.id, r.output_text, {"ticket": "42"},
@@ -197,6 +197,9 @@ def test_get_and_delete_a_stored_response(client):
         with pytest.raises(openai.NotFoundError) as e:
             action(r.id)
         assert set(e.value.body) == ERROR_KEYS and e.value.body["code"] == "not_found"
+    # counted by route, not by id: ids asked for never grow the metrics
+    assert server.metric("edgevl_requests_total", 'endpoint="/v1/responses/{response_id}",status="404"') >= 2
+    assert r.id not in httpx.get(server.url + "/metrics", timeout=10).text
 
 
 def test_store_false_keeps_nothing(client):
