@@ -156,6 +156,14 @@ def test_function_call_round_trip_with_forced_tool_choice(client):
     assert e.value.body["param"] == "input.1.call_id"
 
 
+def test_tool_choice_none_lists_the_tools_but_calls_none(client):
+    plain = client.responses.create(model="m", input="Weather?", max_output_tokens=4, temperature=0)
+    none = client.responses.create(model="m", input="Weather?", tools=[WEATHER], tool_choice="none",
+                                   max_output_tokens=4, temperature=0)
+    assert none.usage.input_tokens > plain.usage.input_tokens  # the template shows the tools to the model
+    assert [o.type for o in none.output] == ["message"] and none.tool_choice == "none"
+
+
 def test_forced_call_streams_its_arguments(client):
     with client.responses.stream(model="m", input="Weather?", tools=[WEATHER], tool_choice="required",
                                  max_output_tokens=64) as s:
@@ -181,6 +189,11 @@ def test_previous_response_id_reads_only_the_new_tokens(server, client):
     assert second.model_extra["timings"]["prefix_reused_tokens"] == reused
     assert server.metric("edgevl_prefix_reused_tokens_total") - before >= reused
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens - 2
+    # the same conversation given back by the client (the answer as an output_text part): the same prompt
+    given_back = client.responses.create(model="m", store=False, max_output_tokens=4, temperature=0, input=[
+        *_image_input(5), first.output[0].model_dump(exclude_none=True),
+        {"role": "user", "content": "And the colours?"}])
+    assert given_back.usage.input_tokens == second.usage.input_tokens
     # a third turn continues the second's whole conversation (its image included) without resending it
     third = client.responses.create(model="m", previous_response_id=second.id, input="Thanks.", max_output_tokens=2)
     assert third.usage.input_tokens_details.image_tokens == first.usage.input_tokens_details.image_tokens
@@ -192,6 +205,8 @@ def test_get_and_delete_a_stored_response(server, client):
     assert (got.id, got.output_text, got.metadata, got.status, got.user) == (r.id, r.output_text, {"ticket": "42"},
                                                                              r.status, "u1")
     assert got.store is True
+    again = httpx.get(f"{server.url}/v1/responses/{r.id}", params={"stream": "true"}, timeout=10)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "stream"
     client.responses.delete(r.id)
     for action in (client.responses.retrieve, client.responses.delete):
         with pytest.raises(openai.NotFoundError) as e:
