@@ -70,6 +70,19 @@ def test_create_with_an_image(client):
     assert low.usage.input_tokens_details.image_tokens < high.usage.input_tokens_details.image_tokens
 
 
+def test_the_same_greedy_question_answers_as_on_chat_completions(client):
+    """One engine: the same conversation through both OpenAI dialects is the same prompt and answer."""
+    chat = client.chat.completions.create(model="m", max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64(seed=7)}},
+            {"type": "text", "text": "What is in this picture?"}]}])
+    r = client.responses.create(model="m", instructions="Be terse.", input=_image_input(7), max_output_tokens=12,
+                                temperature=0)
+    assert r.output_text == chat.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+
+
 def test_streamed_events_follow_the_responses_sequence_and_equal_the_whole(client):
     kw = dict(model="m", input=_image_input(1), max_output_tokens=10, temperature=0.9, extra_body={"seed": 42})
     whole = client.responses.create(**kw)
