@@ -92,7 +92,7 @@ async def create_response(body: ResponsesRequest, http: Request):
     if fmt.type != "text" and not body.forces_tool_call():
         req.constraint = await constraint_for(state, fmt.schema_, params.max_new_tokens)
     run = state.runner.start(req)
-    response = _skeleton(body, state.info.model_name, params, stored=body.store and store.capacity > 0)
+    response = _skeleton(body, state.info.model_name, params, stored=body.store is not False and store.capacity > 0)
     conversation = history + new
 
     def keep(final: Response) -> None:
@@ -214,7 +214,9 @@ async def _messages(instructions: str | None, history: list[InputItem], new: lis
 class _Builder:
     """Engine events → Responses stream events, in one place. Output items open as their first
     piece arrives (a message with one output_text part, or a function call) and close when the next
-    one opens or the answer ends; the Response keeps every item, so the last event carries it whole."""
+    one opens or the answer ends; the Response keeps every item, so the last event carries it whole.
+    A Thinking checkpoint's reasoning would be one more kind of item, opened and closed the same way
+    (a `reasoning` item streamed as response.reasoning_text.delta events, before the message)."""
 
     def __init__(self, response: Response, splitter: ToolCallSplitter | None, logprobs_from=None):
         self.response = response

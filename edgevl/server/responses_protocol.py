@@ -239,8 +239,8 @@ class ResponsesRequest(Sampling):
     reasoning: ReasoningConfig | None = None
     safety_identifier: str | None = Field(None, max_length=256, description="accepted; nothing is monitored")
     service_tier: Literal["auto", "default"] | None = Field(None, description="there is one tier")
-    store: bool = Field(True, description="keep the response for GET and previous_response_id")
-    stream: bool = False
+    store: bool | None = Field(True, description="keep the response for GET and previous_response_id (null: true)")
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     text: TextConfig | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
