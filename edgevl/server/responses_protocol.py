@@ -209,7 +209,7 @@ REFUSED = {
     "context_management": "context compaction is not supported",
 }
 # what `include` may name: logprobs are served; there is no reasoning, so nothing encrypted to include;
-# input image URLs are kept with the stored response as sent
+# a stored response's input keeps its image URLs as sent, so asking for them changes nothing
 INCLUDABLE = {"message.output_text.logprobs", "reasoning.encrypted_content", "message.input_image.image_url"}
 BUILTIN_TOOL = "only function tools are supported (no built-in tools such as web_search or file_search)"
 
