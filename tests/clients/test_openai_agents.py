@@ -32,7 +32,7 @@ class Report(BaseModel):
     reading: Reading
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def agent(base_url: str, model: str) -> tuple[Agent, list[str]]:
     set_tracing_disabled(True)  # no trace upload to OpenAI's servers
     calls: list[str] = []
@@ -43,6 +43,7 @@ def agent(base_url: str, model: str) -> tuple[Agent, list[str]]:
         calls.append(city)
         return "21 C"
 
+    # a fresh client per test: each run has its own event loop, and an async client keeps its first
     chat = OpenAIChatCompletionsModel(model=model, openai_client=AsyncOpenAI(base_url=base_url, api_key="unused",
                                                                             max_retries=0))
     agent = Agent(name="weather", instructions="Report the weather.", tools=[weather], output_type=Report,
@@ -59,13 +60,11 @@ def _check(result, calls: list[str]) -> None:
 
 def test_a_function_tool_and_an_output_type(agent):
     agent, calls = agent
-    calls.clear()
     _check(Runner.run_sync(agent, "What is the weather in Paris?", max_turns=3), calls)
 
 
 def test_streamed(agent):
     agent, calls = agent
-    calls.clear()
 
     async def run():
         result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=3)
