@@ -34,7 +34,8 @@ def _llm(base_url: str, model: str, max_tokens: int, **kw) -> ChatOpenAI:
 
 
 def _picture(image_url: str, text: str) -> HumanMessage:
-    return HumanMessage(content=[{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}])
+    return HumanMessage(content=[{"type": "text", "text": text},
+                                 {"type": "image_url", "image_url": {"url": image_url}}])
 
 
 def test_bind_tools_round_trip(base_url, model, image_url):
