@@ -4,7 +4,7 @@ JSON_SCHEMA mode (response_format), and its re-ask loop after a validation error
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 instructor = pytest.importorskip("instructor")
 openai = pytest.importorskip("openai")
@@ -13,20 +13,24 @@ MODES = ["TOOLS", "JSON_SCHEMA"]
 
 
 class Colour(BaseModel):
-    name: str = Field(max_length=12)
+    # closed (additionalProperties false): an open schema lets the demo model write keys of its own
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=8)
     share: int = Field(ge=0, le=100)
 
 
 class Scene(BaseModel):
-    title: str = Field(max_length=24)
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(max_length=12)
     main: Colour
-    others: list[Colour] = Field(max_length=2)
+    others: list[Colour] = Field(max_length=1)
 
 
 class Counted(BaseModel):
     """A scene whose first validation fails, so that instructor has to ask again."""
 
-    title: str = Field(max_length=24)
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(max_length=12)
     main: Colour
 
     @field_validator("title")

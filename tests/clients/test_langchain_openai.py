@@ -4,7 +4,7 @@ model (its json_schema and function_calling methods), and a stream that reports 
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 pytest.importorskip("langchain_openai")
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage  # noqa: E402
@@ -19,11 +19,14 @@ def zoom(factor: int) -> str:
 
 
 class Shelf(BaseModel):
+    # closed (additionalProperties false): an open schema lets the demo model write keys of its own
+    model_config = ConfigDict(extra="forbid")
     label: str = Field(max_length=16)
     items: int = Field(ge=0, le=50)
 
 
 class Store(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=20)
     top_shelf: Shelf
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 pytest.importorskip("agents")
 from agents import (  # noqa: E402
@@ -23,11 +23,14 @@ from openai import AsyncOpenAI  # noqa: E402
 
 
 class Reading(BaseModel):
+    # closed (additionalProperties false): an open schema lets the demo model write keys of its own
+    model_config = ConfigDict(extra="forbid")
     value: int = Field(ge=-50, le=50)
     unit: str = Field(max_length=4)
 
 
 class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     city: str = Field(max_length=20)
     reading: Reading
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 openai = pytest.importorskip("openai")
 
 
 class Address(BaseModel):
+    # closed (additionalProperties false): an open schema lets the demo model write keys of its own
+    model_config = ConfigDict(extra="forbid")
     city: str = Field(max_length=20)
     zip_code: str = Field(max_length=8)
 
 
 class Place(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=20)
     address: Address
     floors: int = Field(ge=0, le=99)
@@ -25,6 +28,7 @@ class Place(BaseModel):
 class Zoom(BaseModel):
     """Zoom the camera."""
 
+    model_config = ConfigDict(extra="forbid")
     factor: int = Field(ge=1, le=8)
 
 

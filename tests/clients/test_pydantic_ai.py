@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 pytest.importorskip("pydantic_ai")
 from pydantic_ai import Agent, RunContext  # noqa: E402
@@ -18,11 +18,14 @@ from pydantic_ai.settings import ModelSettings  # noqa: E402
 
 
 class Reading(BaseModel):
+    # closed (additionalProperties false): an open schema lets the demo model write keys of its own
+    model_config = ConfigDict(extra="forbid")
     value: int = Field(ge=-50, le=50)
     unit: str = Field(max_length=4)
 
 
 class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     city: str = Field(max_length=20)
     reading: Reading
 
