@@ -5,13 +5,14 @@ pydantic-ai's output tool), since the demo model cannot choose."""
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 pytest.importorskip("pydantic_ai")
 from pydantic_ai import Agent, RunContext  # noqa: E402
-from pydantic_ai.messages import ToolCallPart, ToolReturnPart  # noqa: E402
+from pydantic_ai.messages import BinaryContent, ToolCallPart, ToolReturnPart  # noqa: E402
 from pydantic_ai.models.openai import OpenAIChatModel  # noqa: E402
 from pydantic_ai.providers.openai import OpenAIProvider  # noqa: E402
 from pydantic_ai.settings import ModelSettings  # noqa: E402
@@ -35,7 +36,7 @@ def _tool_then_output(ctx: RunContext) -> ModelSettings:
     return {"tool_choice": ["weather"] if ctx.run_step <= 1 else "none"}
 
 
-def test_an_agent_with_a_tool_and_a_nested_output_streamed(base_url, model):
+def test_an_agent_with_a_tool_and_a_nested_output_streamed(base_url, model, image_url):
     chat = OpenAIChatModel(model, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
     agent = Agent(chat, output_type=Report, model_settings={"temperature": 0, "max_tokens": 120},
                   retries=1, instructions="Report the weather.")
@@ -49,7 +50,9 @@ def test_an_agent_with_a_tool_and_a_nested_output_streamed(base_url, model):
 
     async def run() -> tuple[list[Report], Report, list]:
         partial: list[Report] = []
-        async with agent.run_stream("What is the weather in Paris?", model_settings=_tool_then_output) as result:
+        photo = BinaryContent(base64.b64decode(image_url.split(",", 1)[1]), media_type="image/png")
+        prompt = ["What is the weather in the city in this photo?", photo]
+        async with agent.run_stream(prompt, model_settings=_tool_then_output) as result:
             async for out in result.stream_output(debounce_by=None):
                 partial.append(out)
             return partial, await result.get_output(), result.all_messages()
