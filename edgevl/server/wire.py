@@ -1,11 +1,12 @@
-"""The three wire formats. Each endpoint turns engine events into frames (pydantic models) once;
+"""The wire formats. Each endpoint turns engine events into frames (pydantic models) once;
 SSE and NDJSON send the frames as they come, and the JSON answer is folded from the same frames."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -50,3 +51,37 @@ def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
             yield (json.dumps({**_error(e), "done": True}, ensure_ascii=False) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)
+
+
+def sse_events(frames: AsyncIterator[BaseModel], error: Callable[[Exception], dict], ping: BaseModel | None = None,
+               ping_every_s: float = 10.0) -> StreamingResponse:
+    """Server-sent events named by each frame's `type` (`event: message_start` + `data: {...}`), as
+    Anthropic's stream is; no `[DONE]`. An error after the status line is an `event: error` whose data
+    `error(exc)` shapes. With `ping`, a ping is sent whenever no frame came for `ping_every_s`, so that
+    proxies keep the connection open while a long prompt is read."""
+
+    def event(name: str, data: str) -> bytes:
+        return f"event: {name}\ndata: {data}\n\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        it = aiter(frames)
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(it))
+                while ping is not None and not (await asyncio.wait({step}, timeout=ping_every_s))[0]:
+                    yield event(ping.type, ping.model_dump_json())  # type: ignore[attr-defined]
+                try:
+                    frame = await step
+                except StopAsyncIteration:
+                    return
+                yield event(frame.type, frame.model_dump_json())  # type: ignore[attr-defined]
+        except Exception as e:  # the status line is gone: the error travels in the stream's format
+            if as_api_error(e).status >= 500:
+                log.error("stream failed", exc_info=e)
+            yield event("error", json.dumps(error(e), ensure_ascii=False))
+        finally:  # the client left while a frame was awaited: stop the run behind it
+            if step is not None and not step.done():
+                step.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)
