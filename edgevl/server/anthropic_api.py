@@ -250,7 +250,7 @@ async def _events(state, events: AsyncIterator, splitter: ToolCallSplitter | Non
 
 async def _fold(events: AsyncIterator[StreamEvent]) -> AnthropicMessage:
     """The whole answer, from the events the stream would have sent (a tool_use block's input is its
-    JSON text parsed; cut short by max_tokens, as much of it as was written)."""
+    JSON text parsed; cut short by max_tokens, its whole values, as the SDK reads a streamed one)."""
     message: AnthropicMessage | None = None
     inputs: dict[int, str] = {}
     async for ev in events:

@@ -51,6 +51,23 @@ def test_image_and_text_answer_and_count_tokens(client):
     assert text_only.input_tokens < counted.input_tokens  # the picture's tokens are counted
 
 
+def test_output_format_consecutive_turns_thinking_disabled_and_metrics(client, server):
+    schema = {"type": "object", "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["digit"], "additionalProperties": False}
+    label = 'endpoint="/v1/messages",status="200"'
+    before = server.metric("edgevl_requests_total", label)
+    r = client.messages.create(model="m", max_tokens=40, messages=[{"role": "user", "content": "A digit?"}],
+                               extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}},
+                                           "thinking": {"type": "disabled"}})
+    jsonschema.validate(json.loads(r.content[0].text), schema)
+    assert server.metric("edgevl_requests_total", label) == before + 1
+    split = client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "Hello."},
+                                                              {"role": "user", "content": "Who are you?"}])
+    joined = client.messages.count_tokens(model="m", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hello."}, {"type": "text", "text": "Who are you?"}]}])
+    assert split.input_tokens == joined.input_tokens  # consecutive turns of one role are one turn
+
+
 def test_same_greedy_answer_as_openai_chat(client, server):
     """One engine: the same question through both dialects gives the same text and token counts."""
     img = png_b64(seed=3)
@@ -269,9 +286,83 @@ def test_too_hot_is_529_overloaded(locked):
         while httpx.get(locked.url + "/api/health").json()["thermal"]["level"] != "halted":
             assert time.monotonic() < end, "the governor did not halt"
             time.sleep(0.05)
-        with pytest.raises(anthropic.OverloadedError) as e:
+        with pytest.raises(anthropic.APIStatusError) as e:  # OverloadedError in newer SDKs
             client.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
         assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
         assert e.value.response.headers.get("retry-after")
     finally:
         locked.sensor.write_text("50000")
+
+
+def _run(pieces: list[str], splitter, finish: str = "stop", stop: str | None = None) -> tuple[list, object]:
+    """Text pieces as the engine would send them → Anthropic's events and the answer folded from them."""
+    import asyncio
+
+    from edgevl.server.anthropic_api import _events, _fold
+    from edgevl.server.serving import Done, timings_of, usage_of
+    from edgevl.types import FinishEvent, TokenEvent
+    from edgevl.types import Timings as EngineTimings
+    from edgevl.types import Usage as EngineUsage
+
+    fin = FinishEvent(finish, EngineUsage(7, len(pieces)), EngineTimings(), "".join(pieces), stop)
+
+    async def engine():
+        for p in pieces:
+            yield TokenEvent(p, 0)
+        yield Done(fin, usage_of(fin), timings_of(fin))
+
+    class State:
+        class info:
+            model_name = "m"
+
+    async def both():
+        events = [e async for e in _events(State, engine(), splitter)]
+
+        async def again():
+            for e in events:
+                yield e.model_copy(deep=True)
+
+        return events, await _fold(again())
+
+    return asyncio.run(both())
+
+
+def test_blocks_open_in_order_and_whitespace_around_calls_opens_none():
+    from edgevl.server.tools import ToolCallSplitter
+
+    call = '<tool_call>\n{"name": "zoom", "arguments": {"factor": 2}}\n</tool_call>'
+    events, message = _run(["Sure", ", zooming.", "\n", call, "\n", " "],
+                           ToolCallSplitter({"zoom"}))
+    kinds = [(e.type, getattr(e, "index", None)) for e in events]
+    assert kinds[:2] == [("message_start", None), ("ping", None)]
+    assert [e.content_block.type for e in events if e.type == "content_block_start"] == ["text", "tool_use"]
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == "Sure, zooming.\n" and message.content[1].input == {"factor": 2}
+    assert message.stop_reason == "tool_use" and message.usage.input_tokens == 7
+    starts = [i for i, e in enumerate(events) if e.type == "content_block_start"]
+    stops = [i for i, e in enumerate(events) if e.type == "content_block_stop"]
+    assert starts[0] < stops[0] < starts[1] < stops[1]  # one block at a time
+
+    events, message = _run(["\n", call], ToolCallSplitter({"zoom"}))
+    assert [b.type for b in message.content] == ["tool_use"]  # the blank line before the call is no block
+    _, message = _run(["  "], None)
+    assert [(b.type, b.text) for b in message.content] == [("text", "  ")]  # a blank answer is still the answer
+    _, message = _run(["ab"], None, "stop", "STOP")
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "STOP")
+    _, message = _run(["ab"], None, "length")
+    assert message.stop_reason == "max_tokens"
+
+
+def test_a_call_cut_short_keeps_the_input_written_so_far():
+    """As the SDK's stream accumulator reads it: the whole values, not a string left open."""
+    from edgevl.server.tools import ToolCallSplitter
+
+    pieces = ['<tool_call>\n{"name": "zoom", "arguments": {"factor": 2, "note": "a', 'bc']
+    events, message = _run(pieces, ToolCallSplitter({"zoom"}, stream_arguments=True), "length")
+    assert message.stop_reason == "max_tokens"
+    (use,) = message.content
+    assert use.name == "zoom" and use.input == {"factor": 2}
+    from jiter import from_json  # what the anthropic SDK parses streamed input with
+
+    sent = "".join(e.delta.partial_json for e in events if e.type == "content_block_delta")
+    assert from_json(sent.encode(), partial_mode=True) == use.input
