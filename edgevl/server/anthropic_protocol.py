@@ -76,6 +76,8 @@ class ToolUseBlockParam(_Strict):
     name: str
     input: dict[str, Any]
     cache_control: CacheControl | None = None
+    caller: dict[str, Any] | None = Field(None, description="accepted: describes who made the call")
+    toolset_name: str | None = Field(None, description="accepted: describes the call")
 
 
 ResultContent = Annotated[TextBlockParam | ImageBlockParam, Field(discriminator="type")]

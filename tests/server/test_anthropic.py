@@ -126,7 +126,7 @@ def test_tool_round_trip_with_a_named_tool(client):
     (use,) = [b for b in r.content if b.type == "tool_use"]
     assert use.name == "get_weather" and use.id.startswith("toolu_")
     jsonschema.validate(use.input, WEATHER)
-    messages += [{"role": "assistant", "content": r.content},
+    messages += [{"role": "assistant", "content": [b.model_dump() for b in r.content]},  # as a client stores it
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                "content": "18 C, clear sky"}]}]
     answer = client.messages.create(model="m", max_tokens=8, tools=TOOLS, messages=messages,
