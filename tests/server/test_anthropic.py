@@ -213,6 +213,9 @@ def test_bad_requests_are_anthropic_shaped_400s(client, server):
         assert "0x" not in body["error"]["message"] and "Traceback" not in body["error"]["message"]
     r = httpx.post(server.url + "/v1/messages", content=b"{oops", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/messages", content=b" " * (5 * 2**20),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"  # the server runs with 4 MB
     r = httpx.post(server.url + "/v1/messages/nothing", json={})
     assert r.status_code == 404 and r.json() == {"type": "error", "error": {"type": "not_found_error",
                                                                            "message": "Not Found"}}
