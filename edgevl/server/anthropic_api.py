@@ -47,7 +47,7 @@ from edgevl.server.anthropic_protocol import (
     message_id,
     tool_use_id,
 )
-from edgevl.server.errors import ApiError, as_api_error
+from edgevl.server.errors import ApiError
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
 from edgevl.server.tools import CallPiece, ToolCallSplitter
@@ -145,12 +145,8 @@ async def messages(body: MessagesRequest, http: Request):
     run = state.runner.start(req)
     events = _events(state, state.runner.events("messages", run, http), splitter)
     if body.stream:
-        return sse_events(events, lambda e: error_shape(*_parts(as_api_error(e))), Ping())
+        return sse_events(events, error_shape, Ping())
     return await _fold(events)
-
-
-def _parts(err: ApiError) -> tuple:
-    return err.message, err.type, err.code, err.param, STATUSES.get(err.status, err.status)
 
 
 @router.post("/messages/count_tokens", response_model=TokenCount, responses={400: {}, 413: {}})

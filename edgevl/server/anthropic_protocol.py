@@ -22,8 +22,6 @@ from pydantic import (
 
 from edgevl.server.protocol import (
     FunctionSpec,
-    NamedFunction,
-    NamedToolChoice,
     Timings,
     Tooling,
     ToolSpec,
@@ -278,8 +276,8 @@ class CountTokensRequest(_Strict):
 def _choice(c: ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone | None) -> Any:
     if c is None:
         return None
-    if isinstance(c, ToolChoiceTool):
-        return NamedToolChoice(function=NamedFunction(name=c.name))
+    if isinstance(c, ToolChoiceTool):  # as JSON: Tooling validates each JSON shape as its own branch
+        return {"type": "function", "function": {"name": c.name}}
     return {"auto": "auto", "any": "required", "none": "none"}[c.type]
 
 
@@ -449,7 +447,7 @@ StreamEvent = MessageStart | ContentBlockStart | ContentBlockDelta | ContentBloc
 # Anthropic's error type for each status ("invalid_request_error" for any other 4xx)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-               504: "timeout_error", 529: "overloaded_error"}
+               503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 STATUSES = {503: 529}  # loading, draining or too hot: Anthropic's "overloaded", which its clients retry
 
 

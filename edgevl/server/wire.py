@@ -6,21 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from edgevl.server.errors import as_api_error, error_body
+from edgevl.server.errors import Shape, as_api_error, error_body
 
 log = logging.getLogger("edgevl.server")
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error(exc: Exception) -> dict:
+def _error(exc: Exception, shape: Shape | None = None) -> dict:
     err = as_api_error(exc)
     if err.status >= 500:
         log.error("stream failed", exc_info=exc)
+    if shape is not None:
+        return shape(err.message, err.type, err.code, err.param, err.status)
     return error_body(err.message, err.type, err.code, err.param)
 
 
@@ -39,8 +41,9 @@ def sse(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)
 
 
-def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """One JSON object per line; an error after the status line is the last line, with done: true."""
+def ndjson(frames: AsyncIterator[BaseModel], shape: Shape | None = None) -> StreamingResponse:
+    """One JSON object per line; an error after the status line is the last line, with done: true
+    (in `shape`, the API's own error shape, when given)."""
 
     async def body() -> AsyncIterator[bytes]:
 
@@ -48,16 +51,16 @@ def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
             async for frame in frames:
                 yield frame.model_dump_json().encode() + b"\n"
         except Exception as e:
-            yield (json.dumps({**_error(e), "done": True}, ensure_ascii=False) + "\n").encode()
+            yield (json.dumps({**_error(e, shape), "done": True}, ensure_ascii=False) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)
 
 
-def sse_events(frames: AsyncIterator[BaseModel], error: Callable[[Exception], dict], ping: BaseModel | None = None,
+def sse_events(frames: AsyncIterator[BaseModel], shape: Shape, ping: BaseModel | None = None,
                ping_every_s: float = 10.0) -> StreamingResponse:
     """Server-sent events named by each frame's `type` (`event: message_start` + `data: {...}`), as
-    Anthropic's stream is; no `[DONE]`. An error after the status line is an `event: error` whose data
-    `error(exc)` shapes. With `ping`, a ping is sent whenever no frame came for `ping_every_s`, so that
+    Anthropic's stream is; no `[DONE]`. An error after the status line is an `event: error` in the
+    API's `shape`. With `ping`, a ping is sent whenever no frame came for `ping_every_s`, so that
     proxies keep the connection open while a long prompt is read."""
 
     def event(name: str, data: str) -> bytes:
@@ -77,9 +80,7 @@ def sse_events(frames: AsyncIterator[BaseModel], error: Callable[[Exception], di
                     return
                 yield event(frame.type, frame.model_dump_json())  # type: ignore[attr-defined]
         except Exception as e:  # the status line is gone: the error travels in the stream's format
-            if as_api_error(e).status >= 500:
-                log.error("stream failed", exc_info=e)
-            yield event("error", json.dumps(error(e), ensure_ascii=False))
+            yield event("error", json.dumps(_error(e, shape), ensure_ascii=False))
         finally:  # the client left while a frame was awaited: stop the run behind it
             if step is not None and not step.done():
                 step.cancel()
