@@ -139,6 +139,7 @@ class FinishEvent:
     usage: Usage
     timings: Timings
     text: str = ""  # the whole answer, for non-streaming callers
+    stop_sequence: str | None = None  # the stop string that ended the answer, when one did
 
 
 Event = TokenEvent | FinishEvent

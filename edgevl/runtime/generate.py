@@ -132,14 +132,16 @@ class StopMatcher:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """→ (text safe to emit now, stopped)."""
         if not self.stops:
             return piece, False
         text = self.held + piece
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            cut, self.matched = min(hits, key=lambda h: h[0])
             self.held = ""
             return text[:cut], True
         keep = 0

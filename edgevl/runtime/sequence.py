@@ -132,5 +132,6 @@ class Sequence:
             if len(self.generated) > 1 and t.decode_ms > 0:
                 t.tokens_per_s = (len(self.generated) - 1) / (t.decode_ms / 1000)
         usage = Usage(self.n_prompt, len(self.generated), self.n_image_tokens, self.n_video_tokens)
-        events.append(FinishEvent(reason, usage, t, "".join(self._text)))
+        events.append(FinishEvent(reason, usage, t, "".join(self._text),
+                                  self._stops.matched if self._by_stop_string else None))
         return events

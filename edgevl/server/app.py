@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
-from edgevl.server import detect_api, edge_api, errors, ollama_api, openai_api, responses_api
+from edgevl.server import anthropic_api, detect_api, edge_api, errors, ollama_api, openai_api, responses_api
 from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "max_prompt_chars": settings.max_context * 8}
     max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -130,7 +131,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get(
                 "x-api-key", "")
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-                resp = error_response(endpoint, "a valid API key is required (Authorization: Bearer KEY)",
+                resp = error_response(endpoint, "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
                                       "authentication_error", "invalid_api_key", None, 401)
                 return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         length = request.headers.get("content-length")

@@ -61,20 +61,22 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 
 # (message, type, code, param, status) → the body a dialect's clients expect
 Shape = Callable[[str, str, str, "str | None", int], dict]
-_SHAPES: list[tuple[str, Shape]] = []
+_SHAPES: list[tuple[str, Shape, dict[int, int]]] = []
 
 
-def register_shape(prefix: str, shape: Shape) -> None:
-    """Errors for paths under `prefix` are rendered by `shape` (the longest matching prefix wins)."""
-    _SHAPES.append((prefix, shape))
+def register_shape(prefix: str, shape: Shape, statuses: dict[int, int] | None = None) -> None:
+    """Errors for paths under `prefix` are rendered by `shape` (the longest matching prefix wins);
+    `statuses` renumbers a status where that API's clients expect another (Anthropic's 529 for a 503)."""
+    _SHAPES.append((prefix, shape, statuses or {}))
     _SHAPES.sort(key=lambda p: -len(p[0]))
 
 
 def error_response(path: str, message: str, type_: str, code: str, param: str | None, status: int,
                    headers: dict | None = None) -> JSONResponse:
     """The error in the shape of the API that `path` belongs to."""
-    for prefix, shape in _SHAPES:
+    for prefix, shape, statuses in _SHAPES:
         if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            status = statuses.get(status, status)
             return JSONResponse(shape(message, type_, code, param, status), status, headers=headers)
     return JSONResponse(error_body(message, type_, code, param), status, headers=headers)
 

@@ -56,7 +56,7 @@ from edgevl.server.responses_protocol import (
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
 from edgevl.server.tools import CallPiece, ToolCallSplitter
-from edgevl.server.wire import named_sse
+from edgevl.server.wire import sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
@@ -102,7 +102,7 @@ async def create_response(body: ResponsesRequest, http: Request):
     builder = _Builder(response, splitter, state.engine if body.wants_logprobs() else None)
     events = builder.run(state.runner.events("responses", run, http), keep)
     if body.stream:
-        return named_sse(_guarded(builder, events))
+        return sse_events(_guarded(builder, events))
     final = None
     async for ev in events:
         final = ev

@@ -1,8 +1,9 @@
-"""The three wire formats. Each endpoint turns engine events into frames (pydantic models) once;
+"""The wire formats. Each endpoint turns engine events into frames (pydantic models) once;
 SSE and NDJSON send the frames as they come, and the JSON answer is folded from the same frames."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -55,12 +56,33 @@ def ndjson(frames: AsyncIterator[BaseModel], shape: Shape | None = None) -> Stre
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)
 
 
-def named_sse(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """Server-sent events named by each frame's `type` (`event: TYPE` before its data), as OpenAI's
-    Responses API sends them: no `[DONE]`, and the frames carry their own errors."""
+def sse_events(frames: AsyncIterator[BaseModel], shape: Shape | None = None, ping: BaseModel | None = None,
+               ping_every_s: float = 10.0) -> StreamingResponse:
+    """Server-sent events named by each frame's `type` (`event: message_start` + `data: {...}`), as
+    Anthropic's and OpenAI's Responses streams are; no `[DONE]`. An error after the status line is an
+    `event: error` in the API's `shape` (OpenAI's when None). With `ping`, a ping is sent whenever no
+    frame came for `ping_every_s`, so that proxies keep the connection open while a long prompt is read."""
+
+    def event(name: str, data: str) -> bytes:
+        return f"event: {name}\ndata: {data}\n\n".encode()
 
     async def body() -> AsyncIterator[bytes]:
-        async for frame in frames:
-            yield f"event: {frame.type}\ndata: ".encode() + frame.model_dump_json().encode() + b"\n\n"
+        it = aiter(frames)
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(it))
+                while ping is not None and not (await asyncio.wait({step}, timeout=ping_every_s))[0]:
+                    yield event(ping.type, ping.model_dump_json())  # type: ignore[attr-defined]
+                try:
+                    frame = await step
+                except StopAsyncIteration:
+                    return
+                yield event(frame.type, frame.model_dump_json())  # type: ignore[attr-defined]
+        except Exception as e:  # the status line is gone: the error travels in the stream's format
+            yield event("error", json.dumps(_error(e, shape), ensure_ascii=False))
+        finally:  # the client left while a frame was awaited: stop the run behind it
+            if step is not None and not step.done():
+                step.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)

@@ -39,8 +39,9 @@ def _operations(url: str) -> list:
 def test_every_operation_survives_generated_requests(fuzz_server):
     ops = _operations(fuzz_server.url)
     assert {op.path for op in ops} >= {"/api/predict", "/api/ocr", "/api/detect", "/api/health",
-                                       "/v1/chat/completions", "/v1/models", "/v1/responses",
-                                       "/v1/responses/{response_id}", *OLLAMA_PATHS}
+                                       "/v1/chat/completions", "/v1/models", *OLLAMA_PATHS,
+                                       "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+                                       "/v1/responses/{response_id}"}
     for op in ops:
         _check(op, SEEN.setdefault(f"{op.method.upper()} {op.path}", {}), fuzz_server.url)()
     print("fuzz statuses:", SEEN)
@@ -54,13 +55,21 @@ def _check(op, seen: dict[int, int], url: str):
         r = case.call(base_url=url, timeout=60)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (case.path, r.status_code, r.text[:300])
-        if r.status_code >= 400 and op.path in OLLAMA_PATHS:  # Ollama's shape: one string
-            assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str) and r.json()["error"]
-        elif r.status_code >= 400:
-            err = r.json()["error"]
-            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        if r.status_code >= 400:
+            _documented_error(op.path, r.json())
 
     return check
+
+
+def _documented_error(path: str, body: dict) -> None:
+    """Each API's own error shape: Ollama's one string, Anthropic's under /v1/messages, OpenAI's elsewhere."""
+    if path in OLLAMA_PATHS:
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    elif path.startswith("/v1/messages"):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+    else:
+        err = body["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
 
 
 def test_server_survived_the_fuzzing(fuzz_server):
@@ -158,6 +167,48 @@ def test_ollama_chat_with_formats_tools_and_options_never_5xx(fuzz_server):
 
     check()
     print("ollama chat statuses:", SEEN["ollama chat"])
+
+
+def test_messages_with_tools_images_and_streams_never_5xx(fuzz_server):
+    """Anthropic's /v1/messages past validation: random tools and tool choices, images in user turns
+    and in tool results, streamed or not."""
+    from hypothesis import strategies as st
+
+    from tests.server.conftest import png_b64
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png_b64(64, 48)}}
+    tools = st.lists(st.builds(lambda n, p: {"name": n, "input_schema": {"type": "object", "properties": {"x": p}}},
+                               st.sampled_from(["f", "g", "h"]), _schemas()), max_size=3)
+    choice = st.one_of(st.none(), st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"},
+                                                   {"type": "any", "disable_parallel_tool_use": True}]),
+                       st.sampled_from(["f", "g", "x"]).map(lambda n: {"type": "tool", "name": n}))
+    result = st.sampled_from([
+        [],
+        [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [image]}]}]])
+    body = st.fixed_dictionaries({
+        "model": st.just("m"), "tools": tools, "tool_choice": choice, "stream": st.booleans(),
+        "turns": result, "max_tokens": st.integers(1, 8), "stop_sequences": st.lists(st.text(max_size=3), max_size=2),
+        "system": st.one_of(st.none(), st.text(max_size=20))})
+
+    @given(b=body)
+    @settings(max_examples=int(os.environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(b: dict) -> None:
+        b = {k: v for k, v in b.items() if v is not None}
+        b["messages"] = [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}, *b.pop("turns")]
+        if not b["tools"]:
+            b.pop("tool_choice", None)
+        r = httpx.post(fuzz_server.url + "/v1/messages", json=b, timeout=60)
+        SEEN.setdefault("messages+tools", {}).setdefault(r.status_code, 0)
+        SEEN["messages+tools"][r.status_code] += 1
+        assert r.status_code < 500, (b, r.status_code, r.text[:300])
+        assert '"api_error"' not in r.text, r.text[:300]
+        if r.status_code >= 400:
+            _documented_error("/v1/messages", r.json())
+
+    check()
+    print("messages+tools statuses:", SEEN["messages+tools"])
 
 
 
