@@ -13,8 +13,8 @@ def _make_model(args: argparse.Namespace) -> int:
     from edgevl.make_model import make_model
 
     t0 = time.perf_counter()
-    out = make_model(args.size, args.out, seed=args.seed)
-    print(f"wrote a {args.size} Qwen3-VL checkpoint with random weights to {out} "
+    out = make_model(args.size, args.out, seed=args.seed, variant=args.variant)
+    print(f"wrote a {args.size} Qwen3-VL-{args.variant.capitalize()} checkpoint with random weights to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-model", help="write a Qwen3-VL checkpoint with random weights")
     m.add_argument("--size", choices=["tiny", "2b"], default="tiny")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--variant", choices=["instruct", "thinking"], default="instruct",
+                   help="thinking: Qwen3-VL-*-Thinking's chat template (answers open with <think>)")
     m.add_argument("out", help="output folder")
     m.set_defaults(func=_make_model)
 
