@@ -167,3 +167,20 @@ def test_instruct_checkpoints_never_think(engine):
     toks, fin = _run(engine, _question("<think> what is this?"), max_new_tokens=6, reasoning_budget=0)
     assert not engine.info().thinking and not any(t.reasoning for t in toks)
     assert fin.reasoning == "" and fin.usage.reasoning_tokens == 0 and fin.text
+
+
+def test_the_batch_loop_closes_each_thought_at_its_own_budget(thinking_engine):
+    """Answers decoded together keep their own budgets and the tokens they would have alone."""
+    import concurrent.futures
+
+    budgets = [2, 7, 0, 4]
+    alone = [_run(thinking_engine, _question(f"Question {b}"), max_new_tokens=12, reasoning_budget=b)
+             for b in budgets]
+    with concurrent.futures.ThreadPoolExecutor(len(budgets)) as pool:
+        together = list(pool.map(lambda b: _run(thinking_engine, _question(f"Question {b}"), max_new_tokens=12,
+                                                reasoning_budget=b), budgets))
+    for b, (toks, fin), (toks2, fin2) in zip(budgets, alone, together):
+        assert fin.usage.reasoning_tokens == fin2.usage.reasoning_tokens == b
+        assert [t.token_id for t in toks] == [t.token_id for t in toks2]
+        assert (fin.reasoning, fin.text) == (fin2.reasoning, fin2.text)
+    assert max(thinking_engine.loop.batch_sizes) > 1  # they did share decoder runs
