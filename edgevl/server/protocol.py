@@ -254,6 +254,8 @@ class DetectResponse(BaseModel):
     dropped: int = Field(..., description="objects the model wrote that did not make a valid box")
     image: ImageInfo
     text: str
+    reasoning: str | None = Field(None, description="a thinking model's thought, when it thought",
+                                  exclude_if=lambda v: v is None)
     finish_reason: str
     model: str
     usage: Usage
@@ -289,6 +291,8 @@ class DoneLine(BaseModel):
 
 class OcrResponse(BaseModel):
     text: str
+    reasoning: str | None = Field(None, description="a thinking model's thought, when it thought",
+                                  exclude_if=lambda v: v is None)
     finish_reason: str
     model: str
     usage: Usage

@@ -122,3 +122,13 @@ def test_instruct_answers_carry_no_thought(server):
     assert not any("reasoning_content" in (ch.choices[0].delta.model_extra or {}) for ch in chunks if ch.choices)
     answer = server.edge("/api/predict", {"prompt": "Hi", "max_tokens": 4})
     assert "reasoning" not in answer and answer["usage"]["reasoning_tokens"] == 0
+
+
+def test_ocr_and_detect_keep_the_thought_apart(thinking_server):
+    img = png_b64()
+    ocr = thinking_server.edge("/api/ocr", {"image": img, "max_tokens": 12, "reasoning_budget": 3})
+    assert ocr["reasoning"].strip() and ocr["usage"]["reasoning_tokens"] == 3 and "think>" not in ocr["text"]
+    found = thinking_server.edge("/api/detect", {"image": img, "query": "every car", "max_tokens": 256,
+                                                 "reasoning_budget": 4})
+    assert found["reasoning"].strip() and found["usage"]["reasoning_tokens"] == 4
+    assert json.loads(found["text"]) is not None and found["finish_reason"] == "stop"  # the boxes' JSON, whole
