@@ -47,6 +47,11 @@ def test_streamed_thought_comes_first_and_equals_the_whole_answer(client):
     assert "".join(t for t in thought if t) == whole.choices[0].message.model_extra["reasoning_content"]
     assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 10
+    with client.chat.completions.stream(**kw) as stream:  # the SDK's accumulating helper takes the extra field
+        text = "".join(e.delta for e in stream if e.type == "content.delta")
+        snapshot = stream.current_completion_snapshot.choices[0].message
+    assert text == snapshot.content == whole.choices[0].message.content
+    assert getattr(snapshot, "reasoning_content", None) == whole.choices[0].message.model_extra["reasoning_content"]
 
 
 def test_the_server_budget_applies_and_a_request_may_not_exceed_it(client, thinking_server):
