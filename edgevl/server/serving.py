@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import Request
 from PIL import Image
@@ -19,7 +20,7 @@ from edgevl.preprocess.image import decode_image
 from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
-from edgevl.server.protocol import Timings, Tooling, Usage
+from edgevl.server.protocol import Timings, Usage
 from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
@@ -123,7 +124,19 @@ async def constraint_for(state, schema: dict | None, params: SamplingParams):
     return await asyncio.to_thread(state.engine.json_constraint, schema, answer_room(state, params))
 
 
-async def prepare_tools(state, req: GenerationRequest, body: Tooling) -> ToolCallSplitter | None:
+class ToolRequest(Protocol):
+    """What a dialect's request says about tools (the chat request's Tooling, the Responses request)."""
+
+    parallel_tool_calls: bool | None
+
+    def tool_mode(self) -> str: ...  # none | auto | required | the one function's name
+
+    def forces_tool_call(self) -> bool: ...
+
+    def tool_dicts(self) -> list[dict] | None: ...  # in the chat shape: {"type": "function", "function": {...}}
+
+
+async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> ToolCallSplitter | None:
     """Lists the tools for the model (even with tool_choice none, as OpenAI does); a forced call
     (required, or a named function) constrains decoding to tool calls and nothing else.
     → what finds the calls in the answer (None when none are wanted)."""
@@ -220,4 +233,5 @@ def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
     return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
                    preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
                    prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
-                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens)
+                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
+                   forced_tokens=t.forced_tokens)
