@@ -611,7 +611,7 @@ class ToolCallDelta(_Sparse):
 class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # thinking models only
+    reasoning_content: str | None = None  # thinking models only
     tool_calls: list[ToolCallDelta] | None = None
 
 
