@@ -13,8 +13,8 @@ def _make_model(args: argparse.Namespace) -> int:
     from edgevl.make_model import make_model
 
     t0 = time.perf_counter()
-    out = make_model(args.size, args.out, seed=args.seed)
-    print(f"wrote a {args.size} Qwen3-VL checkpoint with random weights to {out} "
+    out = make_model(args.size, args.out, seed=args.seed, variant=args.variant)
+    print(f"wrote a {args.size} Qwen3-VL-{args.variant.capitalize()} checkpoint with random weights to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -48,7 +48,8 @@ def _predict(args: argparse.Namespace) -> int:
 
         model = demo_model_dir()
     options = EngineOptions(intra_op_threads=args.threads, precision=args.precision,
-                            max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels)
+                            max_pixels=args.max_pixels, max_video_pixels=args.max_video_pixels,
+                            reasoning_budget=args.reasoning_budget)
     engine = load_engine(model, options)
     info = engine.info()
     if info.random_weights:
@@ -82,9 +83,12 @@ def _predict(args: argparse.Namespace) -> int:
         if isinstance(ev, FinishEvent):
             t = ev.timings
             visual = f" ({ev.usage.video_tokens} of them video)" if ev.usage.video_tokens else ""
+            thought = f" ({ev.usage.reasoning_tokens} of them thinking)" if ev.usage.reasoning_tokens else ""
             print(f"\n[edgevl] {ev.finish_reason}: {ev.usage.prompt_tokens} prompt{visual} + "
-                  f"{ev.usage.completion_tokens} answer tokens; first token {t.ttft_ms:.0f} ms, "
+                  f"{ev.usage.completion_tokens} answer tokens{thought}; first token {t.ttft_ms:.0f} ms, "
                   f"{t.tokens_per_s:.1f} tokens/s, total {t.total_ms:.0f} ms", file=sys.stderr)
+        elif ev.reasoning:  # a thinking model's thought: beside the answer, so stdout is the answer alone
+            print(ev.text, end="", flush=True, file=sys.stderr)
         else:
             print(ev.text, end="", flush=True)
     return 0
@@ -115,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-model", help="write a Qwen3-VL checkpoint with random weights")
     m.add_argument("--size", choices=["tiny", "2b"], default="tiny")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--variant", choices=["instruct", "thinking"], default="instruct",
+                   help="thinking: Qwen3-VL-*-Thinking's chat template (answers open with <think>)")
     m.add_argument("out", help="output folder")
     m.set_defaults(func=_make_model)
 
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 for greedy (default: the checkpoint's generation_config.json)")
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--reasoning-budget", type=int, default=-1,
+                   help="thinking models: thought tokens at most, then it is closed (-1: no limit; 0: no thinking)")
     r.set_defaults(func=_predict)
 
     c = sub.add_parser("make-clip", help="write a synthetic clip (moving, changing shapes) for trying video")

@@ -58,6 +58,16 @@ SIZES: dict[str, dict] = {
 }
 VOCAB_SIZE = 151936
 
+# Qwen ships each size as Instruct and Thinking: the same architecture and tokenizer; the Thinking
+# template opens every answer with `<think>\n` (and reads `reasoning_content` back), and its
+# generation_config recommends a hotter sampler
+VARIANTS: dict[str, dict] = {
+    "instruct": dict(template="qwen3_vl_chat_template.jinja", name="Instruct",
+                     sampling={"top_k": 20, "top_p": 0.8, "temperature": 0.7}),
+    "thinking": dict(template="qwen3_vl_thinking_chat_template.jinja", name="Thinking",
+                     sampling={"top_k": 20, "top_p": 0.95, "temperature": 1.0}),
+}
+
 
 def make_config(size: str) -> dict:
     s = SIZES[size]
@@ -267,18 +277,22 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def make_model(size: str, out: str | Path, seed: int = 0) -> Path:
+def make_model(size: str, out: str | Path, seed: int = 0, variant: str = "instruct") -> Path:
+    """`variant`: "instruct" or "thinking" (Qwen3-VL-*-Thinking's chat template and sampling)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = make_config(size)
-    template = resources.files("edgevl.data").joinpath("qwen3_vl_chat_template.jinja").read_text()
+    v = VARIANTS[variant]
+    template = resources.files("edgevl.data").joinpath(v["template"]).read_text()
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
-        "eos_token_id": [151645, 151643], "top_k": 20, "top_p": 0.8,
-        "repetition_penalty": 1.0, "temperature": 0.7, "transformers_version": "4.57.0.dev0",
+        "eos_token_id": [151645, 151643], **v["sampling"],
+        "repetition_penalty": 1.0, "transformers_version": "4.57.0.dev0",
     }, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "size": {"longest_edge": 16777216, "shortest_edge": 65536},
@@ -313,7 +327,7 @@ def make_model(size: str, out: str | Path, seed: int = 0) -> Path:
     write_safetensors_bf16(out / "model.safetensors", specs,
                            lambda name, shape, kind: _random(rng, shape, kind, SIZES[size]))
     (out / "edgevl_random_weights.json").write_text(json.dumps({
-        "random_weights": True, "size": size, "seed": seed,
+        "random_weights": True, "size": size, "seed": seed, "variant": variant,
         "note": "made by `edgevl make-model`: real Qwen3-VL architecture, random weights; "
                 "answers are meaningless",
     }, indent=2))

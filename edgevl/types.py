@@ -53,6 +53,7 @@ class Message:
     role: Role
     content: list[TextPart | ImagePart | VideoPart]
     tool_calls: list[ToolCall] = field(default_factory=list)  # assistant turns only
+    reasoning: str = ""  # an assistant turn's thought, which a Thinking template may show again
 
 
 @dataclass
@@ -68,6 +69,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the answer
     logprobs: int | None = None  # None: off; k: each token's log-probability and its k likeliest rivals
+    reasoning_budget: int | None = None  # thinking models: thought tokens at most, then it is closed; None: the
+    # engine's default (EngineOptions.reasoning_budget)
 
 
 class Constraint(Protocol):
@@ -102,6 +105,7 @@ class Usage:
     completion_tokens: int
     image_tokens: int = 0
     video_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens: the thought's, before `</think>`
 
     @property
     def total_tokens(self) -> int:
@@ -125,12 +129,17 @@ class Timings:
 
 @dataclass
 class TokenEvent:
-    """A piece of text; ``text`` may be empty while a multi-byte character is incomplete."""
+    """A piece of text; ``text`` may be empty while a multi-byte character is incomplete.
+
+    ``reasoning``: the piece is part of a thinking model's thought, not of its answer. A front end
+    sends it on its thinking channel (OpenAI's ``reasoning_content``, the edge API's ``reasoning``);
+    the markup around a thought (``</think>`` and its newlines) never reaches either text."""
 
     text: str
     token_id: int
     logprob: float | None = None  # when SamplingParams.logprobs is set: log p(token) as sampled
     top_logprobs: list[tuple[int, float]] | None = None  # the likeliest tokens at this step, best first
+    reasoning: bool = False
 
 
 @dataclass
@@ -140,6 +149,7 @@ class FinishEvent:
     timings: Timings
     text: str = ""  # the whole answer, for non-streaming callers
     stop_sequence: str | None = None  # the stop string that ended the answer, when one did
+    reasoning: str = ""  # the whole thought (thinking models), for non-streaming callers
 
 
 Event = TokenEvent | FinishEvent
@@ -165,6 +175,7 @@ class EngineOptions:
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
+    reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each
 
 
@@ -178,6 +189,7 @@ class EngineInfo:
     intra_op_threads: int
     max_context: int
     vision_cache_entries: int = 0
+    thinking: bool = False  # the chat template opens every answer with a thought (Qwen3-VL-*-Thinking)
 
 
 class Engine(Protocol):

@@ -21,6 +21,14 @@ def tiny_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
+def thinking_checkpoint() -> Path:
+    """The tiny checkpoint's weights with Qwen3-VL-*-Thinking's chat template (made once, cached)."""
+    from edgevl.demo import demo_model_dir
+
+    return demo_model_dir("thinking")
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path) -> Path:
     from edgevl.runtime.loader import exported_dir_for, load_engine
     from edgevl.types import EngineOptions
@@ -34,6 +42,14 @@ def engine(tiny_onnx: Path):
     from edgevl.runtime.engine import OrtEngine
 
     return OrtEngine(tiny_onnx)
+
+
+@pytest.fixture(scope="session")
+def thinking_engine(thinking_checkpoint: Path):
+    from edgevl.runtime.loader import load_engine
+    from edgevl.types import EngineOptions
+
+    return load_engine(thinking_checkpoint, EngineOptions(), warmup=False)
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,16 @@ def test_make_clip_then_predict_about_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--video", str(bad), "hi"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot read the video" in out.stderr
+
+
+def test_make_model_thinking_then_predict_prints_the_thought_apart(tmp_path, thinking_checkpoint):
+    ck = tmp_path / "thinking"
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "make-model", "--size", "tiny", "--variant", "thinking",
+                          str(ck)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Thinking" in out.stdout, out.stderr
+    assert (ck / "chat_template.json").read_text() == (thinking_checkpoint / "chat_template.json").read_text()
+    out = subprocess.run([sys.executable, "-m", "edgevl.cli", "predict", "--model", str(thinking_checkpoint),
+                          "--max-tokens", "12", "--reasoning-budget", "4", "--temperature", "0", "Why?"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(4 of them thinking)" in out.stderr and out.stdout.strip() and "think>" not in out.stdout

@@ -100,6 +100,8 @@ def _as_hf(m: Message) -> dict:
     if m.tool_calls:
         out["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                              for c in m.tool_calls]
+    if m.reasoning:  # a Thinking template shows the thought of turns after the last question again
+        out["reasoning_content"] = m.reasoning
     return out
 
 

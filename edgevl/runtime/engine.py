@@ -28,6 +28,7 @@ from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import OnnxModel, open_session
 from edgevl.runtime.prompt import PromptBuilder
+from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import VisionCache
 from edgevl.types import (
@@ -66,6 +67,9 @@ class OrtEngine:
             "eos_token_id"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.think = ThinkMarkers.from_tokenizer(self.tokenizer)
+        probe = GenerationRequest([Message("user", [TextPart("?")])])
+        self.thinking = self.think is not None and self.think.opened_by(self.prompts.build(probe, False).ids.tolist())
 
         graphs = self.manifest["graphs"]
         # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
@@ -98,6 +102,7 @@ class OrtEngine:
             intra_op_threads=self.options.intra_op_threads or (os.cpu_count() or 1),
             max_context=self.options.max_context,
             vision_cache_entries=len(self.vision_cache),
+            thinking=self.thinking,
         )
 
     def json_constraint(self, schema: dict | None, budget: int = 0) -> Constraint:
@@ -182,7 +187,8 @@ class OrtEngine:
                              f"{self.options.kv_cache_mb} MB: ask for fewer max_tokens", code="kv_cache_exceeded",
                              param="max_tokens")
         seq = Sequence(request, prompt.ids.tolist(), max_new, self.eos_ids, self.tokenizer, self.special_ids,
-                       t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True))
+                       t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True),
+                       self.think, self.options.reasoning_budget)
         work = Work(seq, prompt, n_prompt + max_new)
         self.loop.submit(work)
         try:

@@ -18,6 +18,7 @@ import numpy as np
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
 from edgevl.runtime.generate import token_bytes
+from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.reference_video import ReferenceVideoProcessor
 from edgevl.runtime.sequence import Sequence
 from edgevl.types import (
@@ -26,6 +27,7 @@ from edgevl.types import (
     Event,
     GenerationRequest,
     Message,
+    TextPart,
     VideoPart,
 )
 
@@ -53,7 +55,8 @@ class ReferenceProcessor:
 
         hf = [{"role": m.role, "content": [{"type": "image"} if hasattr(p, "image") else {"type": "video"}
                                            if isinstance(p, VideoPart) else {"type": "text", "text": p.text}
-                                           for p in m.content]}
+                                           for p in m.content], **({"reasoning_content": m.reasoning} if m.reasoning
+                                                                   else {})}
               for m in messages]
         text = self.tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=True)
         images = [p.image for p in images_in(messages)]
@@ -100,6 +103,9 @@ class TransformersEngine:
 
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.think = ThinkMarkers.from_tokenizer(self.tokenizer)
+        probe = self.processor([Message("user", [TextPart("?")])])["input_ids"][0].tolist()
+        self.thinking = self.think is not None and self.think.opened_by(probe)
         self.stats: dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0}
         self._grammar = None
 
@@ -107,7 +113,7 @@ class TransformersEngine:
         import torch
 
         return EngineInfo(self.ckpt.name, str(self.folder), "transformers", "fp32", self.ckpt.random_weights,
-                          torch.get_num_threads(), self.options.max_context)
+                          torch.get_num_threads(), self.options.max_context, thinking=self.thinking)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return int(self.processor(request.messages)["input_ids"].shape[1])
@@ -170,7 +176,8 @@ class TransformersEngine:
         ids = inputs["input_ids"][0].tolist()
         seq = Sequence(request, ids, request.params.max_new_tokens, self.eos_ids, self.tokenizer,
                        self.special_ids, t0, n_image_tokens=ids.count(self.ckpt.config.image_token_id),
-                       n_video_tokens=ids.count(self.ckpt.config.raw.get("video_token_id")))
+                       n_video_tokens=ids.count(self.ckpt.config.raw.get("video_token_id")), think=self.think,
+                       reasoning_budget=self.options.reasoning_budget)
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         t_model = time.perf_counter()
         seq.timings.preprocess_ms = (t_model - t0) * 1000

@@ -4,7 +4,10 @@
                                                                               … ─► FinishEvent
 
 The ONNX batch loop and the transformers reference both feed logits here, so sampling, stops,
-constraints and streaming text are one piece of code, whatever computed the logits.
+constraints and streaming text are one piece of code, whatever computed the logits. So is a
+thinking model's thought (runtime/reasoning.py): its tokens come out flagged `reasoning`, the
+reasoning budget forces its closing here, and the constraint and the stop strings apply to the
+answer after it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgevl.runtime.generate import Sampler, StopMatcher, StreamDecoder, token_logprobs
+from edgevl.runtime.reasoning import ThinkMarkers, Thought
 from edgevl.types import Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent, Usage
 
 
 class Sequence:
     def __init__(self, request: GenerationRequest, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int],
                  tokenizer: Tokenizer, special_ids: set[int], t_start: float, timings: Timings | None = None,
-                 n_image_tokens: int = 0, n_video_tokens: int = 0):
+                 n_image_tokens: int = 0, n_video_tokens: int = 0, think: ThinkMarkers | None = None,
+                 reasoning_budget: int = -1):
         self.request = request
         self.params = request.params
         self.max_new_tokens = max_new_tokens
@@ -41,6 +46,10 @@ class Sequence:
         self._stops = StopMatcher(self.params.stop)
         self._text: list[str] = []
         self._by_stop_string = False
+        budget = self.params.reasoning_budget if self.params.reasoning_budget is not None else reasoning_budget
+        # only a prompt that opened a thought makes one: Instruct answers take the path they always took
+        self.thought = Thought(think, budget) if think is not None and think.opened_by(prompt_ids) else None
+        self._reasoning: list[str] = []
 
     @property
     def cancelled(self) -> bool:
@@ -48,8 +57,16 @@ class Sequence:
 
     def accept(self, logits: np.ndarray) -> list[Event]:
         """Choose the next token from this step's logits (modified in place by a constraint)."""
-        constraint = self.request.constraint
-        if constraint is not None:
+        thought = self.thought
+        # a constraint shapes the answer, so it starts after the thought and its markup
+        constraint = self.request.constraint if thought is None or thought.answering else None
+        forced = thought.forced() if thought is not None else None
+        in_thought = thought is not None and thought.open
+        if forced is not None:  # the budget closes the thought: this token whatever the model prefers
+            keep = logits[forced]
+            logits[:] = -np.inf
+            logits[forced] = keep
+        elif constraint is not None:
             constraint.mask(logits)
         tok = self._sampler(logits, self.history)
         # after the grammar's mask (forbidden tokens are no alternatives), before penalties and temperature
@@ -63,14 +80,23 @@ class Sequence:
             self.timings.ttft_ms = (self.t_first - self.t_start) * 1000
         if tok in self.eos_ids and not self.params.ignore_eos:
             return self._end("stop")
-        piece, stopped = self._stops.feed(self._detok.push(tok))
         events: list[Event] = []
-        if piece or not stopped:
-            self._text.append(piece)
-            events.append(TokenEvent(piece, tok, *lp))
-        if stopped:
-            self._by_stop_string = True
-            return events + self._end("stop")
+        if in_thought:
+            thought.take(tok)
+            # `</think>` itself is markup: the decoder never sees it, and what it held is the thought's end
+            piece = thought.thought_text(self._detok.push(tok) if thought.open else self._detok.flush(),
+                                         last=not thought.open)
+            self._reasoning.append(piece)
+            events.append(TokenEvent(piece, tok, *lp, reasoning=True))
+        else:
+            piece = self._detok.push(tok)
+            piece, stopped = self._stops.feed(thought.answer_text(piece) if thought is not None else piece)
+            if piece or not stopped:
+                self._text.append(piece)
+                events.append(TokenEvent(piece, tok, *lp))
+            if stopped:
+                self._by_stop_string = True
+                return events + self._end("stop")
         if constraint is not None and constraint.is_done():
             return events + self._end("stop")
         if len(self.generated) >= self.max_new_tokens:
@@ -91,6 +117,8 @@ class Sequence:
         draft's, computed in a different pass, not the step-by-step ones."""
         c = self.request.constraint
         if self.finished or c is None or self.params.logprobs is not None:
+            return []
+        if self.thought is not None and not self.thought.answering:  # the constraint starts after the thought
             return []
         room = self.max_new_tokens - len(self.generated) - 1
         return c.forced_tokens()[:room] if room > 0 else []
@@ -118,8 +146,15 @@ class Sequence:
             return []
         self.finished, self.reason = True, reason
         events: list[Event] = []
-        if not self._by_stop_string:
-            tail, _ = self._stops.feed(self._detok.flush())
+        thought = self.thought
+        if thought is not None and thought.open:  # cut short while thinking: the tail is thought
+            tail = thought.thought_text(self._detok.flush(), last=True)
+            if tail and reason != "cancelled":
+                self._reasoning.append(tail)
+                events.append(TokenEvent(tail, -1, reasoning=True))
+        elif not self._by_stop_string:
+            tail = self._detok.flush()
+            tail, _ = self._stops.feed(thought.answer_text(tail) if thought is not None else tail)
             tail += self._stops.flush()
             if tail and reason != "cancelled":
                 self._text.append(tail)
@@ -131,7 +166,9 @@ class Sequence:
             t.decode_ms = (now - self.t_first) * 1000
             if len(self.generated) > 1 and t.decode_ms > 0:
                 t.tokens_per_s = (len(self.generated) - 1) / (t.decode_ms / 1000)
-        usage = Usage(self.n_prompt, len(self.generated), self.n_image_tokens, self.n_video_tokens)
+        usage = Usage(self.n_prompt, len(self.generated), self.n_image_tokens, self.n_video_tokens,
+                      thought.tokens if thought is not None else 0)
         events.append(FinishEvent(reason, usage, t, "".join(self._text),
-                                  self._stops.matched if self._by_stop_string else None))
+                                  stop_sequence=self._stops.matched if self._by_stop_string else None,
+                                  reasoning="".join(self._reasoning)))
         return events

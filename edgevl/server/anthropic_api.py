@@ -141,7 +141,7 @@ async def messages(body: MessagesRequest, http: Request):
                        "invalid_request", "output_config.format")
     splitter = await prepare_tools(state, req, tooling)  # a forced call brings its own constraint
     if fmt is not None:
-        req.constraint = await constraint_for(state, fmt.schema_, req.params.max_new_tokens)
+        req.constraint = await constraint_for(state, fmt.schema_, req.params)
     run = state.runner.start(req)
     events = _events(state, state.runner.events("messages", run, http), splitter)
     if body.stream:

@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(responses_api.router)
     app.include_router(anthropic_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
+              "reasoning_budget": settings.reasoning_budget,
               "max_prompt_chars": settings.max_context * 8}
     max_body = int(settings.max_body_mb * 1024 * 1024)
 

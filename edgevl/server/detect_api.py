@@ -36,7 +36,7 @@ async def detect(body: DetectRequest, http: Request):
         params.temperature = 0.0
     req = GenerationRequest([Message("user", [ImagePart(img), TextPart(detect_prompt(body.query))])], params,
                             max_pixels=body.max_pixels)
-    req.constraint = await constraint_for(state, BOXES_SCHEMA, params.max_new_tokens)  # always parses
+    req.constraint = await constraint_for(state, BOXES_SCHEMA, params)  # always parses
 
     def boxes(text: str, done: Done) -> dict:
         return _result(text, img.size, orientation)

@@ -17,6 +17,7 @@ from edgevl.server.protocol import (
     OcrResponse,
     PredictRequest,
     PredictResponse,
+    ReasoningLine,
     TokenLine,
     ToolCallOut,
     call_id,
@@ -45,10 +46,15 @@ def _request(state, messages: list[Message], body: PredictRequest | OcrRequest) 
 
 
 async def lines(state, events: AsyncIterator, extra: Extra, splitter: ToolCallSplitter | None = None
-                ) -> AsyncIterator[TokenLine | DoneLine]:
-    """Engine events → NDJSON lines: the text piece by piece, then one line with everything else."""
+                ) -> AsyncIterator[TokenLine | ReasoningLine | DoneLine]:
+    """Engine events → NDJSON lines: a thinking model's thought piece by piece, the text piece by piece,
+    then one line with everything else."""
     parts: list[str] = []
     async for ev in events:
+        if isinstance(ev, TokenEvent) and ev.reasoning:  # never part of the answer, nor seen by the splitter
+            if ev.text:
+                yield ReasoningLine(reasoning=ev.text)
+            continue
         if isinstance(ev, TokenEvent):
             # this API's calls go whole on the last line (splitter.calls), never piece by piece
             text = splitter.feed(ev.text)[0] if splitter else ev.text
@@ -62,18 +68,24 @@ async def lines(state, events: AsyncIterator, extra: Extra, splitter: ToolCallSp
                               "usage": ev.usage, "timings": ev.timings, **extra("".join(parts), ev)})
 
 
-async def answer(frames: AsyncIterator[TokenLine | DoneLine], text_key: str | None) -> dict:
-    """The JSON answer: the last line's fields, with the text the token lines carried under `text_key`."""
+async def answer(frames: AsyncIterator[TokenLine | ReasoningLine | DoneLine], text_key: str | None) -> dict:
+    """The JSON answer: the last line's fields, with the text the token lines carried under `text_key`
+    (and a thought, if the model thought, under "reasoning")."""
     parts: list[str] = []
+    thought: list[str] = []
     last: DoneLine | None = None
     async for frame in frames:
         if isinstance(frame, TokenLine):
             parts.append(frame.token)
+        elif isinstance(frame, ReasoningLine):
+            thought.append(frame.reasoning)
         else:
             last = frame
     out = last.model_dump(exclude={"token", "done"})
     if text_key:
         out[text_key] = "".join(parts)
+    if thought:
+        out["reasoning"] = "".join(thought)
     return out
 
 
@@ -107,7 +119,7 @@ async def predict(body: PredictRequest, http: Request):
         raise ApiError("schema cannot be combined with a forced tool call", "invalid_request", "schema")
     splitter = await prepare_tools(state, req, body)
     if body.schema_ is not None:
-        req.constraint = await constraint_for(state, body.schema_, req.params.max_new_tokens)
+        req.constraint = await constraint_for(state, body.schema_, req.params)
 
     def calls(text: str, done: Done) -> dict:
         if splitter is None:
@@ -146,7 +158,8 @@ async def health(http: Request) -> JSONResponse:
         info, sched, s = state.info, state.scheduler, state.settings
         body.update({
             "model": info.model_name, "backend": info.backend, "precision": info.precision,
-            "random_weights": info.random_weights, "threads": info.intra_op_threads,
+            "random_weights": info.random_weights, "thinking": info.thinking,
+            "reasoning_budget": s.reasoning_budget, "threads": info.intra_op_threads,
             "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
             "in_flight": sched.running, "max_context": info.max_context, "max_pixels": s.max_pixels,
             "max_tokens": s.max_tokens, "max_images": s.max_images, "max_videos": s.max_videos,

@@ -136,9 +136,9 @@ async def _prepare(state, body: Common, messages: list[Message], tools: Tooling 
     req = GenerationRequest(messages, params, max_context=opts.num_ctx)
     splitter = await prepare_tools(state, req, tools) if tools is not None else None
     if body.format == "json":
-        req.constraint = await constraint_for(state, None, params.max_new_tokens)
+        req.constraint = await constraint_for(state, None, params)
     elif isinstance(body.format, dict):
-        req.constraint = await constraint_for(state, body.format, params.max_new_tokens)
+        req.constraint = await constraint_for(state, body.format, params)
     return req, splitter
 
 

@@ -19,6 +19,7 @@ from edgevl.server.protocol import (
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
+    CompletionTokensDetails,
     Delta,
     FunctionCall,
     FunctionDelta,
@@ -92,7 +93,7 @@ async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
             else:
                 parts.append(TextPart(p.text or ""))
         calls = [ToolCall(c.function.name, c.function.arguments) for c in m.tool_calls or []]
-        out.append(Message(role, parts, calls))
+        out.append(Message(role, parts, calls, m.reasoning_content or ""))
     return out
 
 
@@ -127,13 +128,13 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         if schema is not None and not isinstance(schema, dict):
             raise ApiError("response_format.schema must be a JSON schema object", "invalid_schema",
                            "response_format.schema")
-        text_constraint = await constraint_for(state, schema, params.max_new_tokens)
+        text_constraint = await constraint_for(state, schema, params)
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise ApiError("response_format.json_schema.schema must be a JSON schema object", "invalid_schema",
                            "response_format")
-        text_constraint = await constraint_for(state, spec["schema"], params.max_new_tokens)
+        text_constraint = await constraint_for(state, spec["schema"], params)
     elif kind != "text":
         raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "unsupported_response_format", "response_format")
@@ -165,6 +166,10 @@ async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | Non
         if isinstance(ev, TokenEvent):
             if ev.logprob is not None:
                 held.append(_logprob(state.engine, ev))
+            if ev.reasoning:  # a thought goes beside the answer, never into it (nor into the tool splitter)
+                if ev.text or held:
+                    yield chunk(Delta(reasoning_content=ev.text or None))
+                continue
             text, pieces = splitter.feed(ev.text) if splitter else (ev.text, [])
             if text or pieces or held:
                 yield chunk(Delta(content=text or None, tool_calls=_calls_delta(pieces)))
@@ -179,7 +184,8 @@ async def _chunks(state, events: AsyncIterator, splitter: ToolCallSplitter | Non
                 yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=OpenAIUsage(
                     prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
                     prompt_tokens_details=PromptTokensDetails(image_tokens=u.image_tokens,
-                                                              video_tokens=u.video_tokens)))
+                                                              video_tokens=u.video_tokens),
+                    completion_tokens_details=CompletionTokensDetails(reasoning_tokens=u.reasoning_tokens)))
 
 
 def _calls_delta(pieces: list[CallPiece]) -> list[ToolCallDelta] | None:
@@ -202,6 +208,7 @@ def _logprob(engine, ev: TokenEvent) -> TokenLogprob:
 async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
     """The whole answer, from the chunks the stream would have sent."""
     text: list[str] = []
+    thought: list[str] | None = None
     calls: dict[int, ToolCallOut] = {}
     logprobs: list[TokenLogprob] | None = None
     first = last = usage = None
@@ -212,6 +219,8 @@ async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
         for ch in c.choices:
             last = c
             text.append(ch.delta.content or "")
+            if ch.delta.reasoning_content is not None:
+                thought = (thought or []) + [ch.delta.reasoning_content]
             for d in ch.delta.tool_calls or []:
                 _merge(calls, d)
             if ch.logprobs is not None:
@@ -219,6 +228,7 @@ async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:
             finish = ch.finish_reason or finish
     content = "".join(text)
     message = AssistantMessage(content=None if calls and not content.strip() else content,
+                               reasoning_content="".join(thought) if thought is not None else None,
                                tool_calls=[calls[i] for i in sorted(calls)] or None)
     return ChatCompletion(id=first.id, created=first.created, model=first.model, usage=usage, timings=last.timings,
                           choices=[Choice(message=message, finish_reason=finish,

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -63,6 +64,18 @@ class Sampling(BaseModel):
     max_pixels: int | None = Field(None, ge=1024, description="pixel budget per image for this request")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-answer token (fixed-length "
                              "answers for benchmarks; vLLM and llama.cpp accept the same field)")
+    reasoning_budget: int | None = Field(
+        None, ge=0, validation_alias=AliasChoices("reasoning_budget", "thinking_token_budget"),
+        description="thinking models: thought tokens at most, then the thought is closed and the answer follows "
+                    "(0: no thinking; vLLM's thinking_token_budget is the same field)")
+
+    @field_validator("reasoning_budget")
+    @classmethod
+    def _reasoning_budget(cls, v: int | None, info: ValidationInfo) -> int | None:
+        top = _limit(info, "reasoning_budget", -1)
+        if v is not None and 0 <= top < v:
+            raise ValueError(f"must be at most {top} (the server's reasoning_budget)")
+        return v
 
     @field_validator("max_tokens")
     @classmethod
@@ -79,7 +92,7 @@ class Sampling(BaseModel):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return SamplingParams(max_new_tokens=self.max_tokens or default_max_tokens, seed=self.seed,
-                              ignore_eos=self.ignore_eos,
+                              ignore_eos=self.ignore_eos, reasoning_budget=self.reasoning_budget,
                               stop=list(stop if stop is not None else self.stop or []), **d)
 
 
@@ -228,6 +241,7 @@ class Usage(BaseModel):
     total_tokens: int
     image_tokens: int = 0
     video_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 class Timings(BaseModel):
@@ -245,6 +259,8 @@ class Timings(BaseModel):
 
 class PredictResponse(BaseModel):
     answer: str
+    reasoning: str | None = Field(None, description="a thinking model's thought, when it thought",
+                                  exclude_if=lambda v: v is None)
     finish_reason: str
     model: str
     usage: Usage
@@ -270,6 +286,8 @@ class DetectResponse(BaseModel):
     dropped: int = Field(..., description="objects the model wrote that did not make a valid box")
     image: ImageInfo
     text: str
+    reasoning: str | None = Field(None, description="a thinking model's thought, when it thought",
+                                  exclude_if=lambda v: v is None)
     finish_reason: str
     model: str
     usage: Usage
@@ -280,6 +298,13 @@ class TokenLine(BaseModel):
     """One NDJSON line of a streamed edge answer."""
 
     token: str
+    done: Literal[False] = False
+
+
+class ReasoningLine(BaseModel):
+    """One NDJSON line of a thinking model's thought, streamed before its answer."""
+
+    reasoning: str
     done: Literal[False] = False
 
 
@@ -298,6 +323,8 @@ class DoneLine(BaseModel):
 
 class OcrResponse(BaseModel):
     text: str
+    reasoning: str | None = Field(None, description="a thinking model's thought, when it thought",
+                                  exclude_if=lambda v: v is None)
     finish_reason: str
     model: str
     usage: Usage
@@ -393,6 +420,8 @@ class ChatMessage(BaseModel):
                              "no participant names")
     tool_calls: list[ToolCallIn] | None = Field(None, description="assistant turns: the calls it made")
     tool_call_id: str | None = Field(None, description="tool turns: the call this answers")
+    reasoning_content: str | None = Field(None, description="assistant turns: the thought, as answered (a "
+                                          "Thinking template shows it again within a tool loop)")
     refusal: str | None = Field(None, description="assistant turns: a refusal in place of content, read as its "
                                 "text when there is no content")
     annotations: list[Any] | None = Field(None, description="accepted, no effect: citations of a reply")
@@ -417,6 +446,8 @@ class ChatMessage(BaseModel):
     def _roles(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
+        if self.reasoning_content and self.role != "assistant":
+            raise ValueError("only assistant messages carry reasoning_content")
         if self.refusal is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry a refusal")
         if self.role == "tool" and not self.tool_call_id:
@@ -580,6 +611,7 @@ class ToolCallDelta(_Sparse):
 class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # thinking models only
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -597,11 +629,16 @@ class PromptTokensDetails(BaseModel):
     video_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class OpenAIUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -617,6 +654,7 @@ class ChatCompletionChunk(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # thinking models only
     refusal: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 

@@ -90,7 +90,7 @@ async def create_response(body: ResponsesRequest, http: Request):
     # with a call forced, this turn's answer is that call and holds no text for a format to shape: agents send
     # both (the format is for the final answer, turns later), so the format is kept and has nothing to constrain
     if fmt.type != "text" and not body.forces_tool_call():
-        req.constraint = await constraint_for(state, fmt.schema_, params.max_new_tokens)
+        req.constraint = await constraint_for(state, fmt.schema_, params)
     run = state.runner.start(req)
     response = _skeleton(body, state.info.model_name, params, stored=body.store is not False and store.capacity > 0)
     conversation = history + new

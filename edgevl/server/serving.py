@@ -25,8 +25,9 @@ from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
 from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar
-from edgevl.types import FinishEvent, GenerationRequest, TokenEvent, VideoPart
+from edgevl.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent, VideoPart
 
+CLOSING_TOKENS = 4  # what a reasoning budget forces after the thought ("\n</think>\n\n"), with a token to spare
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
 
 
@@ -107,9 +108,20 @@ async def video_from_frames_base64(values: list[str], state, param: str, fps: fl
         raise
 
 
-async def constraint_for(state, schema: dict | None, budget: int):
+def answer_room(state, params: SamplingParams) -> int:
+    """Tokens a constrained answer can count on: a thinking model's thought comes first, and takes at
+    most its budget and the closing markup (an unbounded thought may leave less, and the answer ends
+    at max_tokens with finish_reason "length")."""
+    n = params.max_new_tokens
+    budget = params.reasoning_budget if params.reasoning_budget is not None else state.settings.reasoning_budget
+    if not state.info.thinking or budget < 0:
+        return n
+    return max(1, n - budget - CLOSING_TOKENS)
+
+
+async def constraint_for(state, schema: dict | None, params: SamplingParams):
     """A JSON-schema constraint from the engine (compiled off the event loop: the first costs ~1 s)."""
-    return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
+    return await asyncio.to_thread(state.engine.json_constraint, schema, answer_room(state, params))
 
 
 class ToolRequest(Protocol):
@@ -138,7 +150,7 @@ async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> Too
             tid = state.engine.special_token_id(text)
             markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
         grammar = call_grammar(req.tools, None if mode == "required" else mode, parallel, *markers)
-        budget = max(1, req.params.max_new_tokens - TAIL_TOKENS)
+        budget = max(1, answer_room(state, req.params) - TAIL_TOKENS)
         req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
     # only a grammar guarantees a block is a call, so only then may its arguments stream before it closes
     return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1,
@@ -212,7 +224,8 @@ async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> No
 def usage_of(fin: FinishEvent) -> Usage:
     u = fin.usage
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                 total_tokens=u.total_tokens, image_tokens=u.image_tokens, video_tokens=u.video_tokens)
+                 total_tokens=u.total_tokens, image_tokens=u.image_tokens, video_tokens=u.video_tokens,
+                 reasoning_tokens=u.reasoning_tokens)
 
 
 def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_turns: int = Field(64, ge=1, le=10000, description="messages per conversation")
     vision_cache: int = Field(16, ge=0, le=100000, description="image embeddings kept for repeated images")
     prefix_cache: bool = Field(True, description="re-use the KV cache of a conversation's earlier turns")
+    reasoning_budget: int = Field(-1, ge=-1, description="thinking models: thought tokens per answer at most, then "
+                                  "the thought is closed (-1: no limit; 0: no thinking)")
     responses_store: int = Field(256, ge=0, le=100000,
                                  description="responses kept for previous_response_id and GET /v1/responses (0: none)")
     max_memory_mb: int = Field(0, ge=0, description="refuse to start if the model would need more (0: no check)")
@@ -106,7 +108,8 @@ class Settings(BaseSettings):
             max_images=self.max_images, max_video_pixels=self.max_video_pixels,
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
-            prefill_chunk=self.prefill_chunk, jump_forward=self.jump_forward)
+            prefill_chunk=self.prefill_chunk, jump_forward=self.jump_forward,
+            reasoning_budget=self.reasoning_budget)
 
     def all_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

@@ -76,8 +76,10 @@ async function refreshHealth() {
     }
     el.className = "health " + (h.in_flight > 0 || h.queue_depth > 0 ? "busy" : "ok");
     $("health-text").textContent = h.in_flight > 0 ? `busy (${h.queue_depth} waiting)` : "ready";
-    $("model-info").textContent = `${h.model} · ${h.backend} · ${h.precision} · ${h.threads} threads`;
+    $("model-info").textContent = `${h.model} · ${h.backend} · ${h.precision} · ${h.threads} threads` +
+      (h.thinking ? " · thinks before answering" : "");
     $("random-banner").hidden = !h.random_weights;
+    $("reasoning-budget-row").hidden = !h.thinking;
   } catch {
     el.className = "health down"; $("health-text").textContent = "offline";
   }
@@ -204,6 +206,9 @@ function showStats(msgEl, timings, usage, note) {
                `${timings.tokens_per_s.toFixed(1)} tokens/s`);
   }
   if (usage) parts.push(`${usage.completion_tokens} tokens`);
+  const thinking = usage && ((usage.completion_tokens_details && usage.completion_tokens_details.reasoning_tokens) ||
+                             usage.reasoning_tokens);
+  if (thinking) parts.push(`${thinking} of them thinking`);
   const videoTokens = usage && usage.prompt_tokens_details && usage.prompt_tokens_details.video_tokens;
   if (videoTokens) parts.push(`clip: ${videoTokens} video tokens`);
   for (const p of parts) { const sp = document.createElement("span"); sp.textContent = p; s.append(sp); }
@@ -218,6 +223,22 @@ function friendlyError(status, err) {
   if (status === 503) return `The server cannot take work right now: ${msg}`;
   if (status === 504) return `The answer took too long: ${msg}`;
   return msg.charAt(0).toUpperCase() + msg.slice(1);
+}
+
+// a thinking model's thought: folded away above the answer, open it to read along
+function thoughtBox(msgEl) {
+  let box = msgEl.querySelector("details.thinking");
+  if (!box) {
+    box = document.createElement("details");
+    box.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking…";
+    const thought = document.createElement("div");
+    thought.className = "thought";
+    box.append(summary, thought);
+    msgEl.insertBefore(box, msgEl.querySelector(".text"));
+  }
+  return box;
 }
 
 function setBusy(busy) {
@@ -253,7 +274,7 @@ async function run(url, body, userText, parse) {
   const textEl = msgEl.querySelector(".text");
   state.controller = new AbortController();
   setBusy(true);
-  let answer = "", timings = null, usage = null, note = null;
+  let answer = "", thought = "", timings = null, usage = null, note = null;
   try {
     const r = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
                                  body: JSON.stringify(body), signal: state.controller.signal });
@@ -265,6 +286,10 @@ async function run(url, body, userText, parse) {
     }
     for await (const ev of parse(r)) {
       if (ev.error) throw Object.assign(new Error(friendlyError(0, ev.error)), { shown: true });
+      if (ev.reasoning) {
+        thought += ev.reasoning;
+        thoughtBox(msgEl).querySelector(".thought").textContent = thought;
+      }
       if (ev.text) { answer += ev.text; textEl.textContent = answer; $("messages").scrollTop = 1e9; }
       if (ev.timings) timings = ev.timings;
       if (ev.usage) usage = ev.usage;
@@ -274,6 +299,7 @@ async function run(url, body, userText, parse) {
     else { showError(e.shown ? e.message : `Connection problem: ${e.message}`); note = "failed"; }
   } finally {
     msgEl.classList.remove("streaming");
+    if (thought) thoughtBox(msgEl).querySelector("summary").textContent = "Thought";
     if (!answer && note) textEl.textContent = note === "stopped" ? "(stopped)" : "(no answer)";
     showStats(msgEl, timings, usage, note);
     state.controller = null;
@@ -291,7 +317,8 @@ async function* parseSSE(r) {
     const obj = JSON.parse(data);
     if (obj.error) { yield { error: obj.error }; return; }
     const c = obj.choices && obj.choices[0];
-    yield { text: c && c.delta && c.delta.content, timings: obj.timings, usage: obj.usage };
+    yield { text: c && c.delta && c.delta.content, reasoning: c && c.delta && c.delta.reasoning_content,
+            timings: obj.timings, usage: obj.usage };
   }
 }
 
@@ -299,7 +326,7 @@ async function* parseNDJSON(r) {
   for await (const line of readLines(r, "\n")) {
     const obj = JSON.parse(line);
     if (obj.error) { yield { error: obj.error }; return; }
-    yield { text: obj.token, timings: obj.timings, usage: obj.usage };
+    yield { text: obj.token, reasoning: obj.reasoning, timings: obj.timings, usage: obj.usage };
   }
 }
 
@@ -316,6 +343,8 @@ function options() {
   const t = $("temperature").value;
   const o = { max_tokens: Number($("max-tokens").value) || 256, max_pixels: Number($("max-pixels").value) };
   if (t !== "") o.temperature = Number(t);  // empty: the model's own (generation_config.json)
+  const budget = $("reasoning-budget").value;
+  if (budget !== "" && state.health && state.health.thinking) o.reasoning_budget = Number(budget);  // empty: the server's
   return o;
 }
 
@@ -375,7 +404,7 @@ async function find() {
       const obj = JSON.parse(line);
       if (obj.done) final = obj;
       if (obj.error) { yield { error: obj.error }; return; }
-      yield { text: obj.token, timings: obj.timings, usage: obj.usage };
+      yield { text: obj.token, reasoning: obj.reasoning, timings: obj.timings, usage: obj.usage };
     }
   };
   await run("/api/detect", body, `Find: ${query}`, wrapped);

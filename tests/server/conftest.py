@@ -95,6 +95,15 @@ def server(tmp_path_factory) -> Iterator[Server]:
     stop_server(s)
 
 
+@pytest.fixture(scope="session")
+def thinking_server(tmp_path_factory, thinking_checkpoint) -> Iterator[Server]:
+    """A server on the tiny Thinking checkpoint: with random weights it never closes a thought itself."""
+    s = start_server(tmp_path_factory, "--model", str(thinking_checkpoint), "--max-tokens", "512",
+                     "--reasoning-budget", "64")
+    yield s
+    stop_server(s)
+
+
 def png_b64(w: int = 160, h: int = 120, seed: int = 0, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     make_image(w, h, seed=seed).save(buf, format=fmt)
