@@ -8,11 +8,16 @@ and an abandoned non-streamed answer went on generating. Here the app gets the s
 
 The body is read here, counting the bytes that actually arrive: `Content-Length` refuses a
 declared oversized body at once, and a chunked one (no length) is cut off as soon as it passes
-the limit, so neither is ever held whole."""
+the limit, so neither is ever held whole.
+
+JSON can carry what no text is: a lone UTF-16 surrogate (`"\\ud800"`). Python decodes it into a
+string the tokenizer cannot take, so a body holding one is refused here with a 400 naming the
+field, whichever API it is for."""
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
@@ -28,6 +33,10 @@ from edgevl.server.protocol import LIMITS
 log = logging.getLogger("edgevl.server")
 # exact paths; /web/ is static. The API's description is public: it says what is accepted, never any data.
 OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/redoc", "/openapi.json"}
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+# a surrogate escape without its pair (a cheap look before parsing; the parse decides)
+_LONE_ESCAPE = re.compile(rb"(?:%s)(?!%s)|(?<!%s)(?:%s)" % (_HIGH, _LOW, _HIGH, _LOW))
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")  # a client's id is echoed in headers and logs: keep it tame
 
 
@@ -74,6 +83,10 @@ class Guard:
                     return
                 if body is None:
                     refusal = self._too_large(path, f"the body is over the limit of {self.max_body} bytes")
+                elif (field := lone_surrogate(body)) is not None:
+                    where = f"{field}: " if field else ""
+                    refusal = error_response(path, f"{where}a lone UTF-16 surrogate is not text; send valid Unicode",
+                                             "invalid_request_error", "invalid_parameter", field or None, 400)
             if refusal is not None:
                 await refusal(scope, receive, send_tagged)
                 return
@@ -129,6 +142,30 @@ class Guard:
         ms = round((time.perf_counter() - t0) * 1000, 1)
         log.info("%s %d %.1f ms [%s]", path, status, ms, rid,
                  extra={"request_id": rid, "path": path, "status": status, "ms": ms})
+
+
+def lone_surrogate(body: bytes) -> str | None:
+    """Where in a JSON body a string (or key) holds a lone surrogate ("messages.0.content"), or None."""
+    if not _LONE_ESCAPE.search(body):
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route says so
+
+    def find(value: object, path: str) -> str | None:
+        if isinstance(value, str):
+            return path if _SURROGATE.search(value) else None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            here = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path
+            if (found := find(v, here)) is not None:
+                return found
+        return None
+
+    return find(doc, "")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
