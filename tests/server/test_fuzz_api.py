@@ -6,12 +6,14 @@ depend on its pytest plugin (which trails pytest releases).
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tests.conftest import assert_public
 from tests.server.conftest import start_server, stop_server
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -52,6 +54,7 @@ def _check(op, seen: dict[int, int], url: str):
         if r.status_code >= 400:
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            assert_public(err["message"])
 
     return check
 
@@ -106,6 +109,12 @@ def test_chat_with_tools_logprobs_and_detail_never_5xx(fuzz_server):
         SEEN["chat+tools"][r.status_code] += 1
         assert r.status_code < 500, (b, r.status_code, r.text[:300])
         assert '"server_error"' not in r.text, r.text[:300]
+        if r.status_code >= 400:
+            assert_public(r.json()["error"]["message"])
+        elif b.get("stream"):  # an error after the status line travels in the stream
+            for line in r.text.splitlines():
+                if line.startswith("data: {") and '"error"' in line:
+                    assert_public(json.loads(line[6:])["error"]["message"])
 
     check()
     print("chat+tools statuses:", SEEN["chat+tools"])
