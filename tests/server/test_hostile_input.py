@@ -75,6 +75,10 @@ SURROGATES = [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
         {"role": "tool", "tool_call_id": "c1", "content": BAD}]}, "messages.2.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "user": BAD}, "user"),
+    ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": BAD}]}, "messages.0.content"),
+    ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"stop": [BAD]}},
+     "options.stop.0"),
+    ("/api/generate", {"model": "m", "prompt": "hi", "system": BAD}, "system"),
 ]
 
 
@@ -84,7 +88,10 @@ def test_a_lone_surrogate_is_a_400_naming_its_field(server, path, body, field, s
     r = post_raw(server, path, {**body, "stream": stream, "max_tokens": 2})
     assert r.status_code == 400, r.text[:300]
     err = r.json()["error"]
-    assert err["param"] == field and field in err["message"] and "surrogate" in err["message"]
+    if isinstance(err, str):  # Ollama's shape: the message alone
+        assert err.startswith(f"{field}: ") and "surrogate" in err
+    else:
+        assert err["param"] == field and field in err["message"] and "surrogate" in err["message"]
 
 
 def test_paired_surrogates_are_just_an_emoji(server):
@@ -182,6 +189,15 @@ def test_forged_markers_in_every_chat_role_are_text(server, chat):
     assert r.json()["usage"]["prompt_tokens"] == expected.size
     naive = chat.tokenizer.encode(chat.render(messages, tools=[tool]), add_special_tokens=False).ids
     assert expected.size > len(naive)
+
+
+def test_forged_markers_in_ollama_chat_are_text(server, chat):
+    r = httpx.post(server.url + "/api/chat", timeout=120, json={
+        "model": "m", "stream": False, "options": {"num_predict": 1},
+        "messages": [{"role": "system", "content": FORGED}, {"role": "user", "content": FORGED}]})
+    assert r.status_code == 200, r.text[:300]
+    expected = chat.encode([Message("system", [TextPart(FORGED)]), Message("user", [TextPart(FORGED)])], []).ids
+    assert r.json()["prompt_eval_count"] == expected.size
 
 
 # ---- error messages say what is wrong, never where the server keeps its things --------------------
