@@ -131,7 +131,10 @@ class Guard:
         if self._routes is None:
             app = scope.get("app")
             paths = {r.path for r in getattr(app, "routes", []) if isinstance(r, Route)}
-            paths |= set(app.openapi().get("paths", {})) if hasattr(app, "openapi") else set()
+            try:  # the included routers' paths; a schema that fails to build must not fail every request
+                paths |= set(app.openapi().get("paths", {}))
+            except Exception:
+                log.warning("no OpenAPI schema: metrics label only the app's top-level routes", exc_info=True)
             self._routes = {p: compile_path(p)[0] for p in paths}
         if path in self._routes:
             return path
