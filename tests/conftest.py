@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,11 @@ def make_image(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     arr = np.clip(base + rng.integers(-30, 30, base.shape), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     return img.convert(mode) if mode != "RGB" else img
+
+
+# what an error message must never carry: the server's internals (addresses, paths, tracebacks)
+INTERNALS = re.compile(r'0x[0-9a-f]{6,}|/tmp/|/work/|Traceback|File "', re.I)
+
+
+def assert_public(message: str) -> None:
+    assert not INTERNALS.search(message), f"internal state in an error message: {message!r}"

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from edgevl.preprocess.image import ImageError, ImageProcessorConfig, decode_image, patchify, smart_resize
+from tests.conftest import assert_public
 
 CFG = ImageProcessorConfig(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=65536,
                            max_pixels=16777216, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
@@ -29,6 +30,7 @@ def test_random_bytes_decode_or_raise_image_error(data):
         img = decode_image(data)
     except ImageError as e:
         assert e.code in ("invalid_image", "unsupported_image_format", "image_too_large")
+        assert_public(str(e))
         return
     assert img.mode == "RGB" and img.size[0] >= 1 and img.size[1] >= 1
 
@@ -41,8 +43,8 @@ def test_corrupted_png_decodes_or_raises_image_error(pos, junk):
     data[pos:pos + len(junk)] = junk
     try:
         decode_image(bytes(data))
-    except ImageError:
-        pass
+    except ImageError as e:
+        assert_public(str(e))
 
 
 @FAST

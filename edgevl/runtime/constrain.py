@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevl.schema import has_finite_instance
+from edgevl.schema import SchemaTooComplex, has_finite_instance
 from edgevl.types import InputError
 
 log = logging.getLogger("edgevl.constrain")
@@ -61,7 +61,11 @@ class GrammarCompiler:
             schema = any_json_object(4)
         if not isinstance(schema, dict):
             raise InputError("the schema must be a JSON object", code="invalid_schema", param="schema")
-        if not has_finite_instance(schema):
+        try:
+            finite = has_finite_instance(schema)
+        except SchemaTooComplex as e:
+            raise InputError(str(e), code="invalid_schema", param="schema") from e
+        if not finite:
             raise InputError("the schema has no finite instance: a required property refers back to itself",
                              code="invalid_schema", param="schema")
         try:

@@ -182,10 +182,15 @@ class OrtEngine:
                              code="context_length_exceeded")
         max_new = max(1, min(request.params.max_new_tokens, room))
         if not self.pool.fits_ever(n_prompt + max_new):
+            held = f"the server's KV cache holds {self.options.kv_cache_mb} MB"
+            if not self.pool.fits_ever(n_prompt + 1):  # no answer length would do: the prompt is the cause
+                mb = self.pool.bytes_per_token * (n_prompt + 1) / 2**20
+                raise InputError(f"the prompt alone is {n_prompt} tokens and needs {mb:.0f} MB of KV cache; {held}: "
+                                 "send a shorter prompt or smaller images", code="kv_cache_exceeded")
             mb = self.pool.bytes_per_token * (n_prompt + max_new) / 2**20
-            raise InputError(f"the prompt and answer need {mb:.0f} MB of KV cache; the server's KV cache holds "
-                             f"{self.options.kv_cache_mb} MB: ask for fewer max_tokens", code="kv_cache_exceeded",
-                             param="max_tokens")
+            fits = min(self.pool.budget_tokens, self.pool.max_len) - n_prompt  # ≥ 1: the prompt + 1 fits
+            raise InputError(f"the prompt and answer need {mb:.0f} MB of KV cache; {held}: ask for at most {fits} "
+                             "max_tokens", code="kv_cache_exceeded", param="max_tokens")
         seq = Sequence(request, prompt.ids.tolist(), max_new, self.eos_ids, self.tokenizer, self.special_ids,
                        t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True),
                        self.think, self.options.reasoning_budget)

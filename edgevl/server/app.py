@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import socket
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -21,9 +19,8 @@ from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
 from edgevl.server import anthropic_api, detect_api, edge_api, errors, ollama_api, openai_api, responses_api
-from edgevl.server.errors import error_response
+from edgevl.server.guard import Guard
 from edgevl.server.metrics import Metrics
-from edgevl.server.protocol import LIMITS
 from edgevl.server.response_store import ResponseStore
 from edgevl.server.scheduler import Scheduler
 from edgevl.server.serving import Runner
@@ -32,8 +29,6 @@ from edgevl.types import Engine
 
 log = logging.getLogger("edgevl.server")
 WEB = Path(__file__).resolve().parent.parent / "web"
-# exact paths; /web/ is static. The API's description is public: it says what is accepted, never any data.
-_OPEN_PATHS = {"/api/health", "/", "/favicon.ico", "/docs", "/redoc", "/openapi.json"}
 
 
 def load_default_engine(settings: Settings) -> Engine:
@@ -119,31 +114,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "reasoning_budget": settings.reasoning_budget,
               "max_prompt_chars": settings.max_context * 8}
-    max_body = int(settings.max_body_mb * 1024 * 1024)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Request id, API key, body size, limits for validation, and the request counter."""
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        t0 = time.perf_counter()
-        LIMITS.set(limits)
-        endpoint = request.url.path
-        if keys and endpoint not in _OPEN_PATHS and not endpoint.startswith("/web/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get(
-                "x-api-key", "")
-            if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-                resp = error_response(endpoint, "a valid API key is required (Authorization: Bearer KEY or x-api-key)",
-                                      "authentication_error", "invalid_api_key", None, 401)
-                return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            resp = error_response(endpoint, f"the body is {int(length)} bytes; the limit is {max_body}",
-                                  "invalid_request_error", "payload_too_large", None, 413)
-            return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
-        resp = await call_next(request)
-        # by route, so that /v1/responses/{response_id} is one endpoint however many ids are asked for
-        route = getattr(request.scope.get("route"), "path", endpoint)
-        return _finish(resp, rid, route, metrics, t0, app.state.replica)
+    app.add_middleware(Guard, keys=keys, max_body=int(settings.max_body_mb * 1024 * 1024), limits=limits,
+                       metrics=metrics, replica=app.state.replica)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
@@ -163,18 +135,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if WEB.is_dir():
         app.mount("/web", StaticFiles(directory=WEB), name="web")
     return app
-
-
-def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float, replica: str = "") -> Response:
-    resp.headers["X-Request-Id"] = rid
-    if replica:
-        resp.headers["X-EdgeVL-Replica"] = replica
-    known = endpoint if endpoint.startswith(("/api/", "/v1/", "/metrics")) else "other"
-    metrics.requests.labels(known, str(resp.status_code)).inc()
-    ms = round((time.perf_counter() - t0) * 1000, 1)
-    log.info("%s %d %.1f ms [%s]", endpoint, resp.status_code, ms, rid,
-             extra={"request_id": rid, "path": endpoint, "status": resp.status_code, "ms": ms})
-    return resp
 
 
 def _register_gauges(metrics: Metrics, st) -> None:

@@ -5,6 +5,7 @@ error under that prefix (validation, auth, body size, engine faults) is rendered
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,18 @@ from edgevl.preprocess.image import ImageError
 from edgevl.preprocess.video import VideoError
 from edgevl.types import EngineError, InputError
 
+# what never reaches a client, whatever a library put in its message: object addresses, file paths, tracebacks
+_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{6,}")
+_PATH = re.compile(r"(?<![\w/.])/(?:tmp|work|home|root|usr|var|opt|proc|etc|srv|mnt|run|lib|lib64|app|sys|dev)/\S*")
+_TRACE = re.compile(r"Traceback \(most recent call last\)|File \"")
+
+
+def public(message: str) -> str:
+    """`message` as a client may see it: the server's internals cut out."""
+    if (m := _TRACE.search(message)) is not None:
+        message = message[:m.start()].rstrip(" :\n") or "internal error"
+    return _PATH.sub("<path>", _ADDRESS.sub("<object>", message))
+
 
 class ApiError(Exception):
     """Raised anywhere in the server; rendered by the handler below. Never matched on message text."""
@@ -24,6 +37,7 @@ class ApiError(Exception):
     type = "invalid_request_error"
 
     def __init__(self, message: str, code: str, param: str | None = None, headers: dict | None = None):
+        message = public(message)
         super().__init__(message)
         self.message, self.code, self.param, self.headers = message, code, param, headers or {}
 
@@ -56,7 +70,7 @@ _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": public(message), "type": type_, "param": param, "code": code}}
 
 
 # (message, type, code, param, status) → the body a dialect's clients expect
@@ -74,6 +88,7 @@ def register_shape(prefix: str, shape: Shape, statuses: dict[int, int] | None = 
 def error_response(path: str, message: str, type_: str, code: str, param: str | None, status: int,
                    headers: dict | None = None) -> JSONResponse:
     """The error in the shape of the API that `path` belongs to."""
+    message = public(message)
     for prefix, shape, statuses in _SHAPES:
         if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
             status = statuses.get(status, status)

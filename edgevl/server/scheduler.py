@@ -110,6 +110,9 @@ class Scheduler:
             if not job.started and job in self._pending:
                 self._pending.remove(job)
                 self.counts["cancelled_waiting"] += 1
+                # no worker will ever end its stream: end it here, so whoever still reads it is let go
+                job.finished = True
+                job.put(_DONE)
 
     @property
     def queue_depth(self) -> int:

@@ -24,7 +24,7 @@ from edgevl.server.protocol import Timings, Usage
 from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
-from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar
+from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar, check_parameters
 from edgevl.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent, VideoPart
 
 CLOSING_TOKENS = 4  # what a reasoning budget forces after the thought ("\n</think>\n\n"), with a token to spare
@@ -142,6 +142,8 @@ async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> Too
     → what finds the calls in the answer (None when none are wanted)."""
     mode, parallel = body.tool_mode(), body.parallel_tool_calls is not False
     req.tools = body.tool_dicts()
+    if req.tools:  # whatever the tool_choice, as documented; bounded, and still not for the event loop
+        await asyncio.to_thread(check_parameters, req.tools)
     if mode == "none":
         return None
     if body.forces_tool_call():
@@ -149,7 +151,8 @@ async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> Too
         for text in ("<tool_call>", "</tool_call>"):
             tid = state.engine.special_token_id(text)
             markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
-        grammar = call_grammar(req.tools, None if mode == "required" else mode, parallel, *markers)
+        grammar = await asyncio.to_thread(call_grammar, req.tools, None if mode == "required" else mode, parallel,
+                                          *markers)
         budget = max(1, answer_room(state, req.params) - TAIL_TOKENS)
         req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
     # only a grammar guarantees a block is a call, so only then may its arguments stream before it closes

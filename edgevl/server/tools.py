@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from edgevl.schema import has_finite_instance
+from edgevl.schema import SchemaTooComplex, has_finite_instance
 from edgevl.server.errors import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -26,17 +26,30 @@ class ParsedCall:
     arguments: str  # JSON text of an object
 
 
+def check_parameters(tools: list[dict]) -> None:
+    """Every tool's parameters must admit a finite instance, whatever the tool_choice (the README
+    promises so); the check has a step bound, and a schema past it is refused too. Seconds of
+    CPU at worst: callers run it off the event loop."""
+    for i, t in enumerate(tools):
+        fn, where = t["function"], f"tools.{i}.function.parameters"
+        try:
+            finite = has_finite_instance(fn.get("parameters") or {"type": "object"})
+        except SchemaTooComplex as e:
+            raise ApiError(f"{where}: {e}", "invalid_schema", where) from e
+        if not finite:
+            raise ApiError(f"tools: the parameters of {fn['name']!r} have no finite instance (a required "
+                           "property refers back to itself)", "invalid_schema", where)
+
+
 def call_schema(tools: list[dict], only: str | None = None) -> dict:
     """{"name": one of the tools, "arguments": valid for that tool}, in the template's key order."""
+    check_parameters(tools)
     options: list[tuple[str, dict]] = []
     for t in tools:
         fn = t["function"]
         if only is not None and fn["name"] != only:
             continue
         params = fn.get("parameters") or {"type": "object"}
-        if not has_finite_instance(params):
-            raise ApiError(f"tools: the parameters of {fn['name']!r} have no finite instance (a required "
-                           "property refers back to itself)", "invalid_schema", "tools")
         options.append((fn["name"], params))
     # the parameters sit inside the wrapper, so their own pointers (`#/$defs/...`, as pydantic writes a
     # nested model's) are moved to where the parameters now are

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tests.conftest import assert_public
 from tests.server.conftest import start_server, stop_server
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -65,11 +66,14 @@ def _documented_error(path: str, body: dict) -> None:
     """Each API's own error shape: Ollama's one string, Anthropic's under /v1/messages, OpenAI's elsewhere."""
     if path in OLLAMA_PATHS:
         assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+        assert_public(body["error"])
     elif path.startswith("/v1/messages"):
         assert body["type"] == "error" and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+        assert_public(body["error"]["message"])
     else:
         err = body["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+        assert_public(err["message"])
 
 
 def test_server_survived_the_fuzzing(fuzz_server):
@@ -122,6 +126,12 @@ def test_chat_with_tools_logprobs_and_detail_never_5xx(fuzz_server):
         SEEN["chat+tools"][r.status_code] += 1
         assert r.status_code < 500, (b, r.status_code, r.text[:300])
         assert '"server_error"' not in r.text, r.text[:300]
+        if r.status_code >= 400:
+            assert_public(r.json()["error"]["message"])
+        elif b.get("stream"):  # an error after the status line travels in the stream
+            for line in r.text.splitlines():
+                if line.startswith("data: {") and '"error"' in line:
+                    assert_public(json.loads(line[6:])["error"]["message"])
 
     check()
     print("chat+tools statuses:", SEEN["chat+tools"])
