@@ -64,7 +64,8 @@ class ChatFormatter:
         self.added_ids = set(self.tokenizer.get_added_tokens_decoder())
 
     def _mark(self, value: object) -> object:
-        return f"{self._open}{value}{self._close}" if isinstance(value, ClientText) else value
+        # an empty string stays empty: templates test a rendered part for truth ("if content")
+        return f"{self._open}{value}{self._close}" if isinstance(value, ClientText) and value else value
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True,
                tools: list[dict] | None = None) -> str:
