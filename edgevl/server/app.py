@@ -21,6 +21,7 @@ from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
 from edgevl.server import detect_api, edge_api, errors, openai_api
+from edgevl.server.decoding import DecodePool
 from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
                                  st.governor, on_start=metrics.queue_wait.observe)
         st.runner = Runner(st.scheduler, metrics)
+        st.decoders = DecodePool(settings.max_batch, settings.queue_size, settings.max_decode_cpu_s,
+                                 settings.request_timeout_s)
         _register_gauges(metrics, st)
         st.ready = True
         log.info("ready: %s (%s, %s%s) on %d thread(s)", st.info.model_name, st.info.backend, st.info.precision,
@@ -97,6 +100,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             st.ready, st.draining = False, True
             st.scheduler.close()
+            st.decoders.close()
             st.governor.stop()
             eng.close()
 
@@ -181,6 +185,14 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("cancelled", "finished", "errors"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
+    metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)
+    metrics.gauge("edgevl_decode_waiting", "videos waiting for a decode thread",
+                  lambda: st.decoders.admitted - st.decoders.running)
+    metrics.gauge("edgevl_decode_cpu_seconds", "CPU seconds spent decoding videos (since start)",
+                  lambda: st.decoders.cpu_seconds)
+    for key in ("started", "cancelled", "over_budget", "refused", "rejected"):
+        metrics.gauge(f"edgevl_decode_{key}", f"video decodes {key.replace('_', ' ')} (since start)",
+                      lambda k=key: st.decoders.counts[k])
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",

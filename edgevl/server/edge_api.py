@@ -99,7 +99,7 @@ async def predict(body: PredictRequest, http: Request):
                    for i, v in enumerate(sources)]
     if body.video is not None:
         check_max_frames(body.max_frames, state.settings, "max_frames")
-        parts.append(await video_from_base64(body.video, state, "video", body.fps, body.max_frames))
+        parts.append(await video_from_base64(body.video, http, "video", body.fps, body.max_frames))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_video_frames: int = Field(64, ge=2, le=768, description="frames sampled from a clip at most")
     max_video_pixels: int = Field(2 * 1024 * 1024, ge=4096,
                                   description="pixel budget per clip for the vision encoder, all frames together")
+    max_decode_cpu_s: float = Field(10.0, ge=0, le=3600,
+                                    description="CPU seconds a request's clips may take to decode (0: no limit)")
     max_tokens: int = Field(4096, ge=1, le=1_000_000, description="most answer tokens a request may ask for")
     default_max_tokens: int = Field(512, ge=1, description="answer tokens when a request names none")
     max_context: int = Field(8192, ge=256, le=262144, description="prompt + answer tokens per conversation")
