@@ -90,9 +90,12 @@ class DecodePool:
 
 
 async def _watch_disconnect(http: Request, budget: DecodeBudget) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
+    """Waits on the connection itself: `Request.is_disconnected` polls through a cancelled scope
+    that, behind Starlette's BaseHTTPMiddleware, loses the disconnect message it receives. The body
+    is read by now, so the next message can only be the disconnect; the wait is cancelled when the
+    decode ends."""
+    with contextlib.suppress(asyncio.CancelledError, RuntimeError):
         while not budget.cancel.is_set():
-            if await http.is_disconnected():
+            if (await http.receive())["type"] == "http.disconnect":
                 budget.cancel.set()
                 return
-            await asyncio.sleep(0.1)
