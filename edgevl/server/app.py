@@ -176,8 +176,8 @@ def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float
 def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
-    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes", "kv_used_bytes",
-                "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_running", "kv_cache_bytes",
+                "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
