@@ -116,6 +116,9 @@ class Timings:
     tokens_per_s: float = 0.0  # decode speed: tokens after the first / decode time
     vision_cache_hits: int = 0
     prefix_reused_tokens: int = 0
+    # the answer's share of the CPU package energy of each model run it took part in, by its share
+    # of the run's tokens (an apportioning, not a meter per answer); None where no counter is read
+    energy_j: float | None = None
 
 
 @dataclass
@@ -159,6 +162,7 @@ class EngineOptions:
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
+    energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from edgevl import __version__
+from edgevl.ops.energy import EnergyCounter
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
 from edgevl.server import detect_api, edge_api, errors, openai_api
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
                                  st.governor, on_start=metrics.queue_wait.observe)
         st.runner = Runner(st.scheduler, metrics)
+        st.energy = EnergyCounter(settings.energy_counter)  # the box's, for /metrics; the engine reads its own
+        log.info("energy: %s", st.energy.status)
         st.decoders = DecodePool(settings.max_batch, settings.queue_size, settings.max_decode_cpu_s,
                                  settings.request_timeout_s)
         _register_gauges(metrics, st)
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             st.ready, st.draining = False, True
             st.scheduler.close()
             st.decoders.close()
+            st.energy.close()
             st.governor.stop()
             eng.close()
 
@@ -193,6 +197,11 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("started", "cancelled", "over_budget", "refused", "rejected"):
         metrics.gauge(f"edgevl_decode_{key}", f"video decodes {key.replace('_', ' ')} (since start)",
                       lambda k=key: st.decoders.counts[k])
+    metrics.gauge("edgevl_energy_joules_total", "CPU package energy since start (NaN: no readable counter; "
+                  "see the log or /api/health for why)",
+                  lambda: (st.energy.read(), st.energy.total_j)[1] if st.energy.available else float("nan"))
+    metrics.gauge("edgevl_power_watts", "CPU package power, mean since the previous scrape (NaN: no readable counter)",
+                  st.energy.power_w)
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",

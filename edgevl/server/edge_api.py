@@ -153,6 +153,7 @@ async def health(http: Request) -> JSONResponse:
             "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
             "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),
             "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},
+            "energy": state.energy.status,
             "replica": state.replica,
         })
     return JSONResponse(body, 200 if body["status"] == "ok" else 503)

@@ -244,4 +244,5 @@ def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
     return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
                    preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
                    prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
-                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens)
+                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
+                   energy_j=round(t.energy_j, 4) if t.energy_j is not None else None)

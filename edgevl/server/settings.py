@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     thermal_hard_c: float = Field(90.0, description="above it: no new work (503) until cooled")
     thermal_hysteresis_c: float = Field(5.0, ge=0, description="cool this far below the soft limit to recover")
     thermal_poll_s: float = Field(2.0, gt=0, description="seconds between temperature reads")
+    energy_counter: str | None = Field(
+        None, description="CPU energy counter file in microjoules (default: the powercap package counters)")
 
     # -- cluster (Ray Serve; `pip install edgevl[cluster]`)
     ray: bool = Field(False, description="serve as a Ray Serve deployment instead of one process")
@@ -104,7 +106,7 @@ class Settings(BaseSettings):
             max_images=self.max_images, max_video_pixels=self.max_video_pixels,
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
-            prefill_chunk=self.prefill_chunk)
+            prefill_chunk=self.prefill_chunk, energy_counter=self.energy_counter)
 
     def all_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]
