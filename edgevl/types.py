@@ -73,13 +73,16 @@ class SamplingParams:
 class Constraint(Protocol):
     """Restricts which tokens may come next (structured output). The engine calls, per step:
     `mask(logits)` before sampling (set forbidden logits to -inf in place), then `advance(token)`.
-    `is_done()` ends generation once the structure is complete."""
+    `is_done()` ends generation once the structure is complete. `forced_tokens()`: the tokens the
+    structure dictates next, whatever the model would say (a draft the engine checks in one run)."""
 
     def mask(self, logits: np.ndarray) -> None: ...
 
     def advance(self, token_id: int) -> None: ...
 
     def is_done(self) -> bool: ...
+
+    def forced_tokens(self) -> list[int]: ...
 
 
 @dataclass
@@ -90,6 +93,7 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     constraint: Constraint | None = None
     tools: list[dict] | None = None  # OpenAI-style tool specs, shown to the model by the chat template
+    max_context: int | None = None  # this request's context window (prompt + answer); None = the engine's
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Timings:
     # the answer's share of the CPU package energy of each model run it took part in, by its share
     # of the run's tokens (an apportioning, not a meter per answer); None where no counter is read
     energy_j: float | None = None
+    forced_tokens: int = 0  # answer tokens a jump-forward draft carried (each still the model's own choice)
 
 
 @dataclass
@@ -163,6 +168,7 @@ class EngineOptions:
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
+    jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each
 
 
 @dataclass

@@ -93,3 +93,45 @@ def test_each_weight_is_widened_only_when_its_layer_runs(tiny_onnx, engine, tmp_
             assert i <= seen_block, f"{name} ran before its block (newest block run so far: {seen_block})"
         elif not name.split("/")[-2].endswith(".weight"):
             seen_block = max(seen_block, i)
+
+
+def _projection(tmp_path, name: str, weights: list[np.ndarray], quant) -> np.ndarray:
+    """x @ [w1; w2; …].T, as the decoder computes q/k/v or gate/up: one projection split, or one per weight."""
+    from edgevl.export.builder import QuantSpec
+
+    spec = {"fp32": None, "int8": QuantSpec("dynamic"), "int4": QuantSpec("nbits", bits=4, block_size=32)}[quant]
+    b = GraphBuilder(name, tmp_path, quant=spec)
+    x = b.input("x", FLOAT, [1, 3, 64])
+    if name.startswith("fused"):
+        sizes = [w.shape[0] for w in weights]
+        y = b.linear(x, np.concatenate(weights), None, "/proj")
+        outs = b.op("Split", [y, b.const(sizes)], "/split", n_out=len(weights), axis=-1)
+    else:
+        outs = [b.linear(x, w, None, f"/proj{i}") for i, w in enumerate(weights)]
+    for i, o in enumerate(outs):
+        b.output(o, f"y{i}", FLOAT, [1, 3, weights[i].shape[0]])
+    sess = ort.InferenceSession(str(b.save()), providers=["CPUExecutionProvider"])
+    feed = np.random.default_rng(1).standard_normal((1, 3, 64)).astype(np.float32)
+    return np.concatenate(sess.run(None, {"x": feed}), axis=-1)
+
+
+def test_one_projection_for_q_k_v_gives_the_numbers_of_three(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((n, 64)).astype(np.float32) * 0.1 for n in (64, 32, 32)]
+    for quant in ("fp32", "int8", "int4"):
+        fused = _projection(tmp_path, f"fused_{quant}", weights, quant)
+        apart = _projection(tmp_path, f"apart_{quant}", weights, quant)
+        # int8 quantizes the activation once per tensor and each weight column alone, int4 per block of
+        # its column: the same integers either way. fp32 may only differ in summation order.
+        np.testing.assert_allclose(fused, apart, rtol=0, atol=0 if quant != "fp32" else 1e-5, err_msg=quant)
+
+
+def test_the_decoder_has_one_projection_for_q_k_v_and_one_for_gate_up(tiny_onnx):
+    cfg = json.loads((tiny_onnx / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    nodes = onnx.load(str(tiny_onnx / "decoder.onnx"), load_external_data=False).graph.node
+    names = [n.name for n in nodes if n.op_type == "MatMul"]
+    layers = text["num_hidden_layers"]
+    assert sum("/attn/qkv_proj/" in n for n in names) == layers
+    assert sum("/mlp/gate_up_proj/" in n for n in names) == layers
+    assert not any(re.search(r"/(q|k|v|gate|up)_proj/", n) for n in names)

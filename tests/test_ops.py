@@ -33,3 +33,5 @@ def test_doctor_reports_the_machine():
     for key in ("cpu", "cores", "features", "memory", "temperature", "RAPL", "onnxruntime", "recommendation"):
         assert key in out.stdout
     assert "--precision int" in out.stdout
+    bandwidth = next(line for line in out.stdout.splitlines() if line.startswith("read bandwidth"))
+    assert float(bandwidth.split()[2]) > 0.1 and "GB/s" in bandwidth

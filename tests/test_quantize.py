@@ -63,3 +63,37 @@ def test_every_export_precision_is_a_command_line_choice():
                       "--lm-head-precision", precision], ["predict", "hi", "--precision", precision],
                      ["serve", "--precision", precision]):
             assert parser.parse_args(argv).precision == precision
+
+
+def _int8_projection(tmp_path, x: np.ndarray, w: np.ndarray, unsigned: bool) -> np.ndarray:
+    import onnxruntime as ort
+
+    from edgevl.export.builder import FLOAT, GraphBuilder, QuantSpec
+
+    b = GraphBuilder(f"dq_{unsigned}", tmp_path, quant=QuantSpec("dynamic", unsigned_weights=unsigned))
+    b.output(b.linear(b.input("x", FLOAT, list(x.shape)), w, None, "/proj"), "y", FLOAT, [x.shape[0], w.shape[0]])
+    return ort.InferenceSession(str(b.save()), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_int8_weights_stored_unsigned_give_exact_integer_products(tmp_path):
+    """One-sided activations (quantized near 255) against weights near ±127: the case where a u8×s8
+    GEMM without VNNI saturates. Stored as uint8 + 128, the product is the exact integer one, on any CPU."""
+    from edgevl.export.quantize import quantize_per_channel_int8
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    x = (np.abs(rng.standard_normal((3, 64))) + 0.5).astype(np.float32)
+    q, scale = quantize_per_channel_int8(w)
+    xs = x.max() / 255  # DynamicQuantizeLinear: range [0, max], zero point 0
+    exact = (np.clip(np.rint(x / xs), 0, 255) @ q.astype(np.float64)) * xs * scale
+    got = _int8_projection(tmp_path, x, w, unsigned=True)
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+def test_which_cpus_store_int8_weights_unsigned():
+    from edgevl.export.quantize import int8_gemm_saturates
+
+    assert int8_gemm_saturates({"avx", "avx2", "fma"})  # AVX2 only: VPMADDUBSW saturates
+    assert not int8_gemm_saturates({"avx", "avx2", "avx512f", "avx512_vnni"})
+    assert not int8_gemm_saturates({"avx", "avx2", "avx_vnni"})
+    assert not int8_gemm_saturates({"asimd", "asimddp"})  # ARM: not this kernel

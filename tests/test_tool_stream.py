@@ -121,6 +121,14 @@ def test_a_call_cut_short_ends_with_what_was_written():
     assert "".join(p.arguments for p in out) == ARGUMENTS[0]
 
 
+@pytest.mark.parametrize("cut", ["<tool_call>", '<tool_call>\n{"', '<tool_call>\n{"name": "zo'])
+def test_a_constrained_block_cut_before_its_name_shows_no_markup(cut):
+    forced = ToolCallSplitter(NAMES, stream_arguments=True)
+    assert run(forced, list(cut)) == ("", []) and not forced.calls  # the grammar wrote it: never text
+    free = ToolCallSplitter(NAMES)
+    assert run(free, list(cut)) == (cut, [])  # the model wrote it unasked: its text, as written
+
+
 def test_a_constrained_block_naming_no_tool_is_judged_when_it_closes():
     text = block("other", "{}")
     s = ToolCallSplitter(NAMES, stream_arguments=True)

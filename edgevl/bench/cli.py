@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgevl.ops.bandwidth import decode_ceiling
+
 METRICS = ("ttft_ms", "total_ms", "decode_tokens_per_s", "decode_ms", "preprocess_ms", "vision_ms", "prefill_ms",
            "prompt_tokens", "video_tokens", "output_tokens", "peak_rss_mb", "cpu_util", "energy_j")
 
@@ -26,7 +28,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "(an exported folder as it is, e.g. one made by an older exporter); a backend "
                         "named twice runs twice, alternating with the others, its runs pooled")
     p.add_argument("--tasks", default="caption,ocr,chart,video",
-                   help="caption, ocr, chart (448² images) and video (a generated 4 s clip of 448² frames)")
+                   help="caption, ocr, chart (448² images), video (a generated 4 s clip of 448² frames), and the "
+                        "structured receipt (JSON schema) and detect (boxes); name a backend X and "
+                        "X:no-jump-forward to compare jump-forward on and off")
     p.add_argument("--size", type=int, default=448, help="image side in pixels (the headline is 448)")
     p.add_argument("--pixel-sweep", default=None, help="e.g. 224,448,672,896: latency curve instead of tasks")
     p.add_argument("--runs", type=int, default=20, help="measured runs per task, after a warm-up")
@@ -67,10 +71,16 @@ def run_bench(args: argparse.Namespace) -> int:
         first = args.tasks.split(",")[0]
         args.runs, args.max_tokens = 2, 8
         args.tasks = first + (",video" if "video" in args.tasks.split(",")[1:] else "")
+    if args.llama_cpp not in (None, "auto") and (not args.gguf or any("=" not in g for g in args.gguf)):
+        raise SystemExit("--llama-cpp BIN needs --gguf NAME=MODEL.gguf (one or more) and --mmproj")
     out = Path(args.out or f"artifacts/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = args.pixel_sweep or str(args.size)
-    records: list[dict] = []
+    from edgevl.ops.bandwidth import read_bandwidth_gbs
+
+    bandwidth = read_bandwidth_gbs(args.threads)  # before any backend loads: a quiet machine's figure
+    print(f"[bench] read bandwidth {bandwidth:.1f} GB/s", file=sys.stderr, flush=True)
+    records: list[dict] = [{"event": "bandwidth", "gbs": bandwidth}]
     failures: dict[str, str] = {}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         cmd = [sys.executable, "-m", "edgevl.bench.worker", "--backend", backend, "--model", args.model,
@@ -82,19 +92,11 @@ def run_bench(args: argparse.Namespace) -> int:
         if err:
             failures[backend] = err
     if args.llama_cpp:
-        from edgevl.bench.llama import LlamaLogError, run_llama
-        from edgevl.bench.tasks import TASKS
-
-        # llama-mtmd-cli is compared on the image tasks; it takes no clip here
-        image_tasks = [t for t in args.tasks.split(",") if t in TASKS]
-        for name, binary, gguf, mmproj in _llama_inputs(args):
-            print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
-            try:
-                records += run_llama(binary, name, gguf, mmproj, image_tasks, args.size,
-                                     args.runs, args.max_tokens, args.threads)
-            except LlamaLogError as e:
-                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
-                failures[f"llama.cpp-{name}"] = str(e)
+        try:
+            _run_llama_backends(args, [int(s) for s in sizes.split(",")], records, failures)
+        except Exception as e:  # whatever fails here, the rows already measured are written below
+            print(f"[bench] llama.cpp FAILED: {e!r}", file=sys.stderr)
+            failures["llama.cpp"] = repr(e)[:2000]
     report = summarize(records, args, failures)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     (out / "bench.md").write_text(markdown(report))
@@ -104,10 +106,30 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if not failures else 1
 
 
+def _run_llama_backends(args: argparse.Namespace, sizes: list[int], records: list[dict],
+                        failures: dict[str, str]) -> None:
+    """llama.cpp on the same pictures, prompts and token counts as edgevl's rows: every task and every
+    size of the sweep."""
+    from edgevl.bench.llama import LlamaLogError, run_llama
+    from edgevl.bench.tasks import TASKS
+
+    # llama-mtmd-cli is compared on the free-text image tasks; it takes no clip or schema here
+    image_tasks = [t for t in args.tasks.split(",") if t in TASKS and TASKS[t].schema is None]
+    for name, binary, gguf, mmproj in _llama_inputs(args):
+        print(f"[bench] llama.cpp-{name}: {gguf}", file=sys.stderr, flush=True)
+        for size in sizes:
+            try:
+                records += run_llama(binary, name, gguf, mmproj, image_tasks, size, args.runs, args.max_tokens,
+                                     args.threads)
+            except LlamaLogError as e:
+                print(f"[bench] llama.cpp-{name} FAILED:\n{e}", file=sys.stderr)
+                failures[f"llama.cpp-{name}@{size}"] = str(e)
+
+
 def _llama_inputs(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
     """[(name, llama-mtmd-cli, text GGUF, mmproj GGUF)]: as given, or built and converted (`auto`)."""
     if args.llama_cpp != "auto":
-        return [(*spec.split("=", 1), args.mmproj) for spec in args.gguf]
+        return [(name, args.llama_cpp, gguf, args.mmproj) for name, gguf in (s.split("=", 1) for s in args.gguf)]
     from edgevl.bench.gguf_files import TEXT_TYPES, ensure_gguf
     from edgevl.bench.llama_build import ensure_llama_cpp, source_dir
 
@@ -161,8 +183,16 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
         rows.append(row)
     repeats = [r for r in records if r.get("event") == "repeat"]
     constraint = [r for r in records if r.get("event") == "constraint"]
+    bandwidth = next((r["gbs"] for r in records if r.get("event") == "bandwidth"), None)
+    walls = [r for r in records if r.get("event") == "wall"]
+    for w in walls:
+        ceiling = decode_ceiling(bandwidth, w["bytes_per_step"]) if bandwidth and w["bytes_per_step"] else None
+        w.update(ceiling_tokens_per_s=ceiling,
+                 share_1=w["tokens_per_s_1"] / ceiling if ceiling else None,
+                 share_each=w["tokens_per_s_each"] / ceiling if ceiling else None)
     for r in repeats:
         r["ratio"] = r["repeat_ttft_ms"] / r["first_ttft_ms"] if r["first_ttft_ms"] else None
+    jump = _jump_forward(rows, groups)
     ref = {(r["task"], r["size"]): r for r in rows if r["backend"] == "transformers"}
     for r in rows:
         base = ref.get((r["task"], r["size"]))
@@ -176,8 +206,31 @@ def summarize(records: list[dict], args: argparse.Namespace, failures: dict) -> 
         "command": "edgevl bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "edgevl bench",
         "machine": machine(), "model": args.model, "runs": args.runs, "max_tokens": args.max_tokens,
         "rows": rows, "repeat_image": repeats, "constraint_overhead": constraint, "failures": failures,
+        "read_bandwidth_gbs": bandwidth, "memory_wall": walls, "jump_forward": jump,
         "energy": "RAPL" if any(r.get("energy_j") is not None for r in records) else "n/a (no readable RAPL counters)",
     }
+
+
+def _jump_forward(rows: list[dict], groups: dict[tuple, list[dict]]) -> list[dict]:
+    """Each structured task of a backend beside the same backend with jump-forward off: the whole
+    answer's time, and whether every run's answer was the same text."""
+    from edgevl.bench.worker import NO_JUMP_FORWARD
+
+    out = []
+    for r in rows:
+        off = (r["backend"] + NO_JUMP_FORWARD, r["task"], r["size"])
+        if off not in groups or "text" not in groups[off][0]:
+            continue
+        on_runs = sorted(groups[(r["backend"], r["task"], r["size"])], key=lambda x: x["run"])
+        off_runs = sorted(groups[off], key=lambda x: x["run"])
+        t_off = statistics.median(x["total_ms"] for x in off_runs)
+        out.append({"backend": r["backend"], "task": r["task"], "size": r["size"],
+                    "total_ms": r["total_ms"]["median"], "total_ms_without": t_off,
+                    "ratio": _ratio(r["total_ms"]["median"], t_off),
+                    "forced_tokens": statistics.median(x["forced_tokens"] for x in on_runs),
+                    "output_tokens": r["output_tokens"]["median"],
+                    "same_output": [x["text"] for x in on_runs] == [x["text"] for x in off_runs]})
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -242,6 +295,26 @@ def markdown(report: dict) -> str:
         for r in report["constraint_overhead"]:
             lines.append(f"| {r['backend']} | {r['free_tokens_per_s']:.1f} | {r['constrained_tokens_per_s']:.1f} | "
                          f"{r['overhead'] * 100:.1f}% |")
+    if report.get("jump_forward"):
+        lines += ["", "| backend | task | image | whole answer ms | without jump-forward | ratio | tokens | "
+                  "of them from drafts | same answers |", "|---|---|---|---|---|---|---|---|---|"]
+        for j in report["jump_forward"]:
+            lines.append(f"| {j['backend']} | {j['task']} | {j['size']}² | {j['total_ms']:.0f} | "
+                         f"{j['total_ms_without']:.0f} | {j['ratio']} | {j['output_tokens']:.0f} | "
+                         f"{j['forced_tokens']:.0f} | {'yes' if j['same_output'] else 'NO'} |")
+    if report.get("memory_wall"):
+        bw = report["read_bandwidth_gbs"]
+        lines += ["", f"Memory wall (read bandwidth {bw:.1f} GB/s here, `edgevl doctor`'s measure): a decode step "
+                  "reads every decoder weight once, so tokens/s ≤ bandwidth ÷ bytes per step. Text-only answers; "
+                  "a batch of 4 started together.", "",
+                  "| backend | GB per step | ceiling tok/s | batch 1 tok/s | share | batch 4 tok/s each | share | "
+                  "step of 4 ÷ step of 1 |", "|---|---|---|---|---|---|---|---|"]
+        for w in report["memory_wall"]:
+            pct = lambda x: f"{x * 100:.0f}%" if x is not None else "n/a"  # noqa: E731
+            gb = f"{w['bytes_per_step'] / 1e9:.2f}" if w["bytes_per_step"] else "n/a"
+            ceiling = f"{w['ceiling_tokens_per_s']:.1f}" if w["ceiling_tokens_per_s"] else "n/a"
+            lines.append(f"| {w['backend']} | {gb} | {ceiling} | {w['tokens_per_s_1']:.1f} | {pct(w['share_1'])} | "
+                         f"{w['tokens_per_s_each']:.1f} | {pct(w['share_each'])} | {w['step_cost_vs_1']:.2f}× |")
     lines += ["", f"Energy: {report['energy']}. Machine: {json.dumps(report['machine'])}"]
     if report["failures"]:
         lines += ["", "Failed backends: " + ", ".join(report["failures"])]

@@ -2,15 +2,18 @@
 `llama-cpp-python` sdist vendors (the package index is reachable where GitHub may not be).
 
     pip download --no-deps --no-binary :all: llama-cpp-python==VERSION   →  vendor/llama.cpp
-    cmake -DGGML_NATIVE=ON -DLLAMA_CURL=OFF, targets llama-mtmd-cli llama-server llama-quantize llama-bench
+    cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON … -DLLAMA_CURL=OFF, targets llama-mtmd-cli llama-server …
 
-GGML_NATIVE compiles for this CPU's instruction set (AVX-512, VNNI …), as edgevl's ONNX Runtime
-picks its kernels at run time: a fair comparison on the machine that runs it.
+It is built for the instruction sets that really run on this machine (`bench/isa.py` runs one
+instruction of each), as edgevl's ONNX Runtime picks its kernels at run time: a fair comparison on the
+machine that runs it. GGML_NATIVE would trust CPUID, which on some VMs advertises AMX that traps.
+Each set of switches gets a build folder of its own, so a cache carried to another CPU rebuilds.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from edgevl.bench.isa import ggml_cmake_flags, working_features
 from edgevl.runtime.loader import cache_root
 
 VERSION = "0.3.36"
@@ -35,35 +39,39 @@ def source_dir() -> Path:
     return llama_cpp_root() / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
 
 
-def bin_dir() -> Path:
-    return source_dir() / "build" / "bin"
+def build_dir(flags: list[str]) -> Path:
+    return source_dir() / ("build-" + hashlib.sha256(" ".join(flags).encode()).hexdigest()[:10])
 
 
-def is_built() -> bool:
-    return all(os.access(bin_dir() / t, os.X_OK) for t in TARGETS)
+def is_built(flags: list[str] | None = None) -> bool:
+    """Built for `flags` (default: for what runs on this machine)."""
+    flags = ggml_cmake_flags(working_features()) if flags is None else flags
+    return all(os.access(build_dir(flags) / "bin" / t, os.X_OK) for t in TARGETS)
 
 
 def ensure_llama_cpp() -> Path:
     """The folder of the built binaries; downloads and builds on first use (minutes), under a lock
     so two benches started together build once."""
-    if is_built():
-        return bin_dir()
+    flags = ggml_cmake_flags(working_features())
+    build = build_dir(flags)
+    if is_built(flags):
+        return build / "bin"
     root = llama_cpp_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_built():
-            return bin_dir()
+        if is_built(flags):
+            return build / "bin"
         _ensure_tools()
         if not (source_dir() / "CMakeLists.txt").is_file():
             _unpack_sdist(root)
         src = source_dir()
-        log(f"building llama.cpp {VERSION} in {src / 'build'} (about 7 minutes on 2 cores)")
-        subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"], check=True, stdout=sys.stderr)
-        subprocess.run(["cmake", "--build", str(src / "build"), "-j", str(os.cpu_count() or 1), "--target",
+        log(f"building llama.cpp {VERSION} in {build} with {' '.join(flags)} (about 7–10 minutes on 2 cores)")
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *flags,
+                        "-DLLAMA_CURL=OFF"], check=True, stdout=sys.stderr)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target",
                         *TARGETS], check=True, stdout=sys.stderr)
-    return bin_dir()
+    return build / "bin"
 
 
 def _ensure_tools() -> None:

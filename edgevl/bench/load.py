@@ -210,9 +210,16 @@ def run_load(args: argparse.Namespace) -> int:
             print(f"[load] {name}, {n} client(s): starting", file=sys.stderr, flush=True)
             srv = Server(cmd, port, name, out / f"{name}-{n}.log")
             try:
-                srv.wait_ready(health)
                 base = f"http://127.0.0.1:{port}"
-                asyncio.run(scenario(base, "m", "short", 1, 1, args.size, 999))  # warm: pages in the weights
+                try:
+                    srv.wait_ready(health)
+                    asyncio.run(scenario(base, "m", "short", 1, 1, args.size, 999))  # warm: pages in the weights
+                except Exception as e:  # a server that cannot start is reported; the others still run
+                    failures.append({"server": name, "scenario": "start", "clients": n, "error": repr(e)[:300],
+                                     "server_exited": srv.proc.poll() is not None,
+                                     "log_tail": srv.log.read_text(errors="replace")[-1500:]})
+                    print(json.dumps(failures[-1]), flush=True)
+                    continue
                 for sc in args.scenarios.split(","):
                     if sc == "big" and n < 2:
                         continue

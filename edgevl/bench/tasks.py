@@ -8,12 +8,15 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from edgevl.grounding import BOXES_SCHEMA, detect_prompt
+
 
 @dataclass(frozen=True)
 class Task:
     name: str
     prompt: str
     draw: callable  # (size) -> Image
+    schema: dict | None = None  # a structured task: the answer is constrained to this JSON schema
 
 
 def scene(size: int) -> Image.Image:
@@ -88,9 +91,23 @@ def chart(size: int) -> Image.Image:
 VIDEO_PROMPT = "What happens in this clip? Say what moves, where to, and what changes colour."
 VIDEO_SECONDS = 4.0
 
+RECEIPT_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["vendor", "date", "total", "items"],
+    "properties": {
+        "vendor": {"type": "string", "maxLength": 40}, "date": {"type": "string", "maxLength": 10},
+        "total": {"type": "number"},
+        "items": {"type": "array", "maxItems": 6, "items": {
+            "type": "object", "additionalProperties": False, "required": ["name", "quantity", "price"],
+            "properties": {"name": {"type": "string", "maxLength": 32}, "quantity": {"type": "number"},
+                           "price": {"type": "number"}}}}}}
+
 TASKS = {
     "caption": Task("caption", "Describe this image in detail: the objects, their colours and where they are.", scene),
     "ocr": Task("ocr", "Extract all the text in this image, keeping the reading order and line breaks.", document),
     "chart": Task("chart", "Explain the trend shown in this chart: what rises or falls, by how much, and where the "
                   "peak and the dip are.", chart),
+    # structured answers, where the grammar dictates keys and punctuation (jump-forward's case)
+    "receipt": Task("receipt", "Extract the vendor, the date, the total and every line item of this invoice as JSON.",
+                    document, RECEIPT_SCHEMA),
+    "detect": Task("detect", detect_prompt("house, car and tree"), scene, BOXES_SCHEMA),
 }

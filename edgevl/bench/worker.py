@@ -11,8 +11,11 @@ import glob
 import json
 import os
 import resource
+import statistics
 import sys
+import threading
 import time
+from pathlib import Path
 
 from edgevl.bench.clip import make_clip
 from edgevl.bench.tasks import TASKS, VIDEO_PROMPT, VIDEO_SECONDS
@@ -53,8 +56,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+NO_JUMP_FORWARD = ":no-jump-forward"  # a backend name's suffix: the same export with jump-forward off
+
+
 def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache: bool = False):
-    opts = dict(intra_op_threads=threads, prefix_cache=prefix_cache, vision_cache_entries=vision_cache)
+    opts = dict(intra_op_threads=threads, prefix_cache=prefix_cache, vision_cache_entries=vision_cache,
+                jump_forward=not backend.endswith(NO_JUMP_FORWARD))
+    backend = backend.removesuffix(NO_JUMP_FORWARD)
     if backend == "transformers":
         from edgevl.runtime.reference import TransformersEngine
 
@@ -102,6 +110,7 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
     else:
         part = ImagePart(image if image is not None else TASKS[task].draw(size))
         prompt = prompt or TASKS[task].prompt
+        schema = schema if schema is not None else TASKS[task].schema
     req = GenerationRequest([Message("user", [part, TextPart(prompt)])],
                             SamplingParams(max_new_tokens=max_tokens, ignore_eos=True, temperature=0.0))
     if schema is not None:
@@ -127,8 +136,47 @@ def measure(engine, task: str, size: int, max_tokens: int, image=None, prompt: s
         "cpu_util": (time.process_time() - c0) / wall / (os.cpu_count() or 1),
         "energy_j": (e1 - e0) / 1e6 if e0 is not None and e1 is not None and e1 >= e0 else None,
         "peak_rss_mb": peak_rss_mb(), "vision_cache_hits": tm.vision_cache_hits,
-        "prefix_reused_tokens": tm.prefix_reused_tokens,
+        "prefix_reused_tokens": tm.prefix_reused_tokens, "forced_tokens": tm.forced_tokens,
+        # a structured answer's text: the same with jump-forward on and off, which the report checks
+        **({"text": fin.text} if schema is not None else {}),
     }
+
+
+def decoder_bytes(backend: str, model: str) -> int | None:
+    """Bytes of weights a decode step reads: the decoder graph's (its lm_head included; the token
+    table is read one row per token, so embed.onnx is left out)."""
+    if backend.startswith("edgevl@"):
+        folder = Path(backend.removeprefix("edgevl@"))
+    else:
+        from edgevl.export import is_exported
+        from edgevl.runtime.loader import exported_dir_for
+
+        folder = Path(model) if is_exported(model) else exported_dir_for(Path(model), backend.removeprefix("edgevl-"))
+    data = folder / "decoder.onnx.data"
+    return data.stat().st_size if data.is_file() else None
+
+
+def _decode_speed(engine, max_tokens: int, seed: int) -> float:
+    """Decode tokens/s of one text-only answer (a short prompt: the steps are decode steps)."""
+    req = GenerationRequest([Message("user", [TextPart(f"Count to a hundred, slowly. ({seed})")])],
+                            SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
+    fin = next(ev for ev in engine.generate(req) if isinstance(ev, FinishEvent))
+    return fin.timings.tokens_per_s
+
+
+def decode_wall(engine, max_tokens: int, batch: int = 4) -> dict:
+    """Decode speed of one sequence alone and per sequence in a batched step of `batch` (all
+    started together, so their decode steps overlap): the step of `batch` costs one/each × a step of one."""
+    one = statistics.median(_decode_speed(engine, max_tokens, i) for i in range(3))
+    speeds: list[float] = []
+    threads = [threading.Thread(target=lambda i=i: speeds.append(_decode_speed(engine, max_tokens, 100 + i)))
+               for i in range(batch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    each = statistics.median(speeds)
+    return {"batch": batch, "tokens_per_s_1": one, "tokens_per_s_each": each, "step_cost_vs_1": one / each}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 rec = measure(engine, task, size, args.max_tokens)
                 emit({"event": "run", "backend": args.backend, "run": i, **rec})
-    if args.repeat_image and args.backend.startswith("edgevl"):
+    # the memory wall: bytes per step, speed alone and in a batch of 4
+    if args.backend.startswith("edgevl") and not args.backend.endswith(NO_JUMP_FORWARD):
+        emit({"event": "wall", "backend": args.backend, "bytes_per_step": decoder_bytes(args.backend, args.model),
+              **decode_wall(engine, max(16, args.max_tokens))})
+    if args.repeat_image and args.backend.startswith("edgevl") and not args.backend.endswith(NO_JUMP_FORWARD):
         # a chat about one picture: the second question finds the image's embeddings and the
         # prompt's KV cache (system + image) already computed
         engine = load(args.backend, args.model, args.threads, vision_cache=4, prefix_cache=True)

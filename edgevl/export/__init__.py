@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from edgevl.checkpoint import load_checkpoint
 from edgevl.export.builder import GraphBuilder, QuantSpec
 from edgevl.export.decoder import build_decoder, build_embedding, embedding_precision
+from edgevl.export.quantize import int8_gemm_saturates
 from edgevl.export.vision import build_vision
 
 MANIFEST = "edgevl_manifest.json"
@@ -41,6 +43,12 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
     vision_precision = vision_precision or DEFAULT_VISION_PRECISION[precision]
     # the last layer decides every token: keep it int8 when the body is 4-bit
     lm_head_precision = lm_head_precision or {"int4": "int8"}.get(precision, precision)
+    unsigned = int8_gemm_saturates()
+
+    def spec(name: str) -> QuantSpec | None:
+        q = PRECISIONS[name]
+        return dataclasses.replace(q, unsigned_weights=unsigned) if q is not None and q.method == "dynamic" else q
+
     ckpt = load_checkpoint(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,11 +56,11 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
     weights = ckpt.weights()
     try:
         # fp32 vision keeps the checkpoint's bf16 weights as they are: 0.75 GB less for the 2B
-        vb = GraphBuilder("vision", out, PRECISIONS[vision_precision], bf16_weights=vision_precision == "fp32")
+        vb = GraphBuilder("vision", out, spec(vision_precision), bf16_weights=vision_precision == "fp32")
         build_vision(vb, ckpt.config, weights)
         vb.save("Qwen3-VL vision tower: one image, or a clip's frame groups as a batch, per run")
-        db = GraphBuilder("decoder", out, PRECISIONS[precision])
-        build_decoder(db, ckpt.config, weights, lm_head=PRECISIONS[lm_head_precision])
+        db = GraphBuilder("decoder", out, spec(precision))
+        build_decoder(db, ckpt.config, weights, lm_head=spec(lm_head_precision))
         db.save("Qwen3-VL language model with GroupQueryAttention KV cache and DeepStack")
         embed_precision = embedding_precision(ckpt.config, weights, PRECISIONS[lm_head_precision])
         eb = GraphBuilder("embed", out)
@@ -72,6 +80,7 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
         "lm_head_precision": lm_head_precision,
         "random_weights": ckpt.random_weights,
         "embedding_precision": embed_precision,
+        "int8_unsigned_weights": unsigned,  # where this CPU's s8 GEMM saturates (quantize.int8_gemm_saturates)
         "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
         # graphs whose weights are stored as bf16 and widened at run time (GraphBuilder.fp32_weight)
         "bf16_weight_graphs": ["vision"] if vb.widened else [],

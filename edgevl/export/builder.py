@@ -33,6 +33,7 @@ class QuantSpec:
     bits: int = 8
     block_size: int = 128
     accuracy_level: int = 4  # nbits: int8 activations inside the kernel, uses VNNI/AMX when present
+    unsigned_weights: bool = False  # dynamic: int8 values stored as uint8 + 128 (CPUs whose s8 GEMM saturates)
 
 
 class GraphBuilder:
@@ -112,8 +113,12 @@ class GraphBuilder:
 
         if spec.method == "dynamic":
             q, scale = quantize_per_channel_int8(w)
+            if spec.unsigned_weights:  # the same integers, shifted: see quantize.int8_gemm_saturates
+                q, zeros = (q.astype(np.int16) + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
+            else:
+                zeros = np.zeros_like(scale, dtype=np.int8)
             ins = [x, self.init(f"{name}.qweight", q), self.init(f"{name}.scales", scale),
-                   self.init(f"{name}.qzeros", np.zeros_like(scale, dtype=np.int8))]
+                   self.init(f"{name}.qzeros", zeros)]
             if b is not None:
                 ins.append(self.init(f"{name}.bias", b.astype(np.float32)))
             return self.op("DynamicQuantizeMatMul", ins, f"{name}/DynamicQuantizeMatMul", domain=MS)

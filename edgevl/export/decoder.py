@@ -4,10 +4,12 @@ DeepStack inputs.
     inputs_embeds ─► ScatterND(image_embeds at visual_idx) ─► layer 0 ─► +deepstack[0]
       ─► layer 1 ─► +deepstack[1] ─► … ─► layer L-1 ─► last position ─► RMSNorm ─► lm_head ─► logits
 
-Each layer: RMSNorm → q/k/v → per-head RMSNorm on q, k → MRoPE (host-made cos/sin) →
+Each layer: RMSNorm → q/k/v (one projection, split) → per-head RMSNorm on q, k → MRoPE (host-made cos/sin) →
 GroupQueryAttention over a KV buffer that is shared between past and present (the engine binds
-one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU.
-Only the last position's logits are computed: the prompt's lm_head cost is one row, not S.
+one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU
+(gate and up one projection, split).
+Only the last position's logits are computed (the last `num_logits`, for a jump-forward draft): the
+prompt's lm_head cost is one row, not S.
 The lm_head is cut into vocabulary slices (LM_HEAD_SLICE_ROWS) whose logits are concatenated.
 Batched: several sequences decode in one run (batch rows, one token each), each with its own
 length in `seqlens_k`; a prompt chunk runs as a batch of one.
@@ -95,9 +97,12 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
               "/model/layers.0/input_layernorm", axis=-1, epsilon=eps)
     for i in range(t.num_layers):
         p, n = f"{lm}.layers.{i}", f"/model/layers.{i}"
-        q = b.linear(hn, w.get(f"{p}.self_attn.q_proj.weight"), None, f"{n}/attn/q_proj")
-        k = b.linear(hn, w.get(f"{p}.self_attn.k_proj.weight"), None, f"{n}/attn/k_proj")
-        v = b.linear(hn, w.get(f"{p}.self_attn.v_proj.weight"), None, f"{n}/attn/v_proj")
+        # q, k and v as one projection (and gate, up below): one larger MatMul instead of three, and
+        # at int8 one quantization of the activation; each output column is the same dot product
+        qkv_w = np.concatenate([w.get(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"])
+        qkv = b.linear(hn, qkv_w, None, f"{n}/attn/qkv_proj")
+        q, k, v = b.op("Split", [qkv, b.const([nq * hd, nkv * hd, nkv * hd])], f"{n}/attn/qkv_split", n_out=3,
+                       axis=-1)
         q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, rope, f"{n}/attn/q")
         k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
         past_k = b.input(f"past_key_values.{i}.key", FLOAT, ["batch", nkv, "max_len", hd])
@@ -112,8 +117,9 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         hn, _, _, x = b.op("SkipSimplifiedLayerNormalization",
                            [x, o, norm_w(f"{p}.post_attention_layernorm.weight")],
                            f"{n}/post_attention_layernorm", n_out=4, domain=MS, epsilon=eps)
-        gate = b.linear(hn, w.get(f"{p}.mlp.gate_proj.weight"), None, f"{n}/mlp/gate_proj")
-        up = b.linear(hn, w.get(f"{p}.mlp.up_proj.weight"), None, f"{n}/mlp/up_proj")
+        gate_up = b.linear(hn, np.concatenate([w.get(f"{p}.mlp.gate_proj.weight"), w.get(f"{p}.mlp.up_proj.weight")]),
+                           None, f"{n}/mlp/gate_up_proj")
+        gate, up = b.op("Split", [gate_up], f"{n}/mlp/gate_up_split", n_out=2, axis=-1, num_outputs=2)
         act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{n}/mlp/Sigmoid")], f"{n}/mlp/SiLU")
         d = b.linear(b.op("Mul", [act, up], f"{n}/mlp/Mul"), w.get(f"{p}.mlp.down_proj.weight"), None,
                      f"{n}/mlp/down_proj")
@@ -134,8 +140,11 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         else:
             x = b.op("Add", [x, d], f"{n}/residual")
 
-    last = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])],
-                "/model/last_position")
+    # the last `num_logits` positions of each row (1 but for a jump-forward draft, whose every
+    # position is checked against the model's own choice)
+    n_logits = b.input("num_logits", INT64, [1])
+    last = b.op("Slice", [x, b.op("Neg", [n_logits], "/model/last_positions/Neg"), b.const([np.iinfo(np.int64).max]),
+                          b.const([1])], "/model/last_position")
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
     last = b.reshape(last, [-1, h], "/lm_head/Flatten")
@@ -143,7 +152,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     slices = [b.linear(last, head[r:r + LM_HEAD_SLICE_ROWS], None, f"/lm_head/slice{i}", quant=head_spec)
               for i, r in enumerate(range(0, head.shape[0], LM_HEAD_SLICE_ROWS))]
     logits = slices[0] if len(slices) == 1 else b.op("Concat", slices, "/lm_head/Concat", axis=-1)
-    b.output(logits, "logits", FLOAT, ["batch", t.vocab_size])
+    b.output(logits, "logits", FLOAT, ["rows", t.vocab_size])  # rows = batch * num_logits, row-major
 
 
 def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float,

@@ -73,8 +73,10 @@ def recommend(flags: set[str], physical: int, mem_gb: float) -> tuple[int, str, 
     return max(1, physical), precision, why
 
 
-def report() -> str:
+def report(measure_bandwidth: bool = True) -> str:
     import onnxruntime as ort
+
+    from edgevl.ops.bandwidth import read_bandwidth_gbs
 
     flags = cpu_flags()
     logical = os.cpu_count() or 1
@@ -84,11 +86,14 @@ def report() -> str:
     rapl = rapl_domains()
     threads, precision, why = recommend(flags, physical, vm.total / 2**30)
     have = [name for flag, name in FEATURES.items() if flag in flags]
+    bandwidth = (f"{read_bandwidth_gbs(threads):.1f} GB/s with {threads} thread(s) (a one-row MatMul over 512 MiB: "
+                 "decode tokens/s ≤ this ÷ the decoder's bytes)" if measure_bandwidth else "not measured")
     lines = [
         f"cpu            {cpu_model()} ({platform.machine()})",
         f"cores          {physical} physical, {logical} logical",
         f"features       {', '.join(have) or 'none of ' + ', '.join(FEATURES.values())}",
         f"memory         {vm.total / 2**30:.1f} GiB total, {vm.available / 2**30:.1f} GiB available",
+        f"read bandwidth {bandwidth}",
         "temperature    " + (", ".join(f"{k} {v:.0f} °C" for k, v in temps[:6]) if temps
                              else "no sensor found (the thermal governor will say so and stay idle)"),
         "energy (RAPL)  " + (", ".join(rapl) if rapl else "not readable (benchmark energy will be n/a)"),

@@ -53,7 +53,10 @@ def decode_image(data: bytes, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image refused as a decompression bomb: {e}", code="image_too_large") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError as e:  # its message names the buffer object, an address: not for a client
+        raise ImageError(f"cannot decode image: not an image in a known format ({', '.join(SUPPORTED_FORMATS)})",
+                         code="invalid_image") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"cannot decode image: {e}", code="invalid_image") from e
     return to_rgb(img)
 

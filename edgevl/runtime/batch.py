@@ -5,6 +5,8 @@
     each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
                    its KV rows (rows lo..hi of the pool; idle rows in between run a harmless
                    dummy token past their content)
+                   (a sequence whose constraint forces its next tokens runs them as a draft of its
+                   own instead: checked position by position in one run, see _draft_steps)
                 2. admit: one prompt chunk (at most `prefill_chunk` tokens) of the oldest
                    newcomer whose images are encoded, so running streams keep flowing while a
                    long prompt is read; images and clips go through the vision tower on a
@@ -18,7 +20,7 @@ and stops a running image encode at once (ONNX Runtime's terminate flag).
 
 Energy (with a readable counter, ops/energy.py): after every decoder run the loop reads the CPU
 package's energy since the previous read and shares it among the sequences of that run by their
-tokens in it (one each in a decode step; the whole chunk for a prefill). Energy spent while no
+tokens in it (one each in a decode step; the whole chunk for a prefill or a jump-forward draft). Energy spent while no
 tokens ran (waiting for the vision thread) goes to the next run; energy spent idle goes to no one.
 """
 
@@ -58,6 +60,7 @@ class Work:
     row: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
+    draft: list[int] = field(default_factory=list)  # tokens its constraint forces next (jump-forward)
 
     @property
     def decoding(self) -> bool:
@@ -67,12 +70,13 @@ class Work:
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
-                 energy: EnergyCounter | None = None):
+                 jump_forward: bool = True, energy: EnergyCounter | None = None):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.jump_forward = jump_forward and model.has_num_logits
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
@@ -123,7 +127,7 @@ class BatchLoop:
                 self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
-                decoded = self._decode_step()
+                decoded = self._decode_step() | self._draft_steps()
                 if not self._prefill_step() and not decoded:
                     self._wait_for_vision()
             except BaseException as e:  # a bug here must not leave callers waiting forever
@@ -163,7 +167,7 @@ class BatchLoop:
                 self._emit(w, w.seq.cancel())
 
     def _decode_step(self) -> bool:
-        running = [w for w in self.active if w.decoding]
+        running = [w for w in self.active if w.decoding and not w.draft]
         if not running:
             return False
         by_row = {w.row: w for w in running}
@@ -193,7 +197,40 @@ class BatchLoop:
         for r, w in by_row.items():
             self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
             self._emit(w, w.seq.accept(logits[r - lo]))
+            self._plan_draft(w)
         return True
+
+    def _plan_draft(self, w: Work) -> None:
+        if self.jump_forward and not w.seq.finished:
+            w.draft = w.seq.draft()
+
+    def _draft_steps(self) -> bool:
+        """Jump-forward: a sequence whose constraint forces its next tokens runs the last token and
+        that draft as one chunk, with logits at every position; the draft is kept while the model,
+        masked and sampled as always, chooses it (a forced run of k tokens: one pass, not k steps).
+        The KV of a rejected tail is left past the row's length, where the next run overwrites it."""
+        drafting = [w for w in self.active if w.decoding and w.draft]
+        for w in drafting:
+            draft, w.draft = w.draft, []
+            n_gen = len(w.seq.generated)
+            ids = np.asarray([[w.seq.last_token, *draft]], np.int64)
+            first = w.prompt.next_position + n_gen - 1
+            cos, sin = self.prompts.cos_sin(np.tile(np.arange(first, first + ids.shape[1]), (3, 1)))
+            row = slice(w.row, w.row + 1)
+            try:
+                logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
+                                           ids, cos, sin, np.asarray([w.prompt.ids.size + n_gen + len(draft)]),
+                                           n_logits=ids.shape[1])
+            except EngineError as e:
+                self._fail(w, e)
+                continue
+            self._charge([(w, ids.shape[1])])
+            events, kept = w.seq.accept_draft(logits, draft)
+            self._count("forced_tokens", kept)
+            self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
+            self._emit(w, events)
+            self._plan_draft(w)
+        return bool(drafting)
 
     def _prefill_step(self) -> bool:
         """Newcomers' work, oldest first: images go to the vision thread one at a time; the oldest
@@ -274,6 +311,7 @@ class BatchLoop:
         w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
         if end == p.ids.size:
             self._emit(w, w.seq.accept(logits[0]))
+            self._plan_draft(w)
 
     def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of image features for the image tokens in [start, end), indexed within the chunk."""

@@ -163,6 +163,13 @@ class JsonConstraint:
     def is_done(self) -> bool:
         return self.matcher.is_stopped()
 
+    def forced_tokens(self) -> list[int]:
+        """What the grammar allows and nothing else, as llguidance tokenizes it (empty near the budget,
+        where the guard above may steer elsewhere)."""
+        if self.budget and self.consumed + self.depth + int(self.in_string) + 2 * self.reserve >= self.budget:
+            return []
+        return list(self.matcher.compute_ff_tokens())
+
     def is_accepting(self) -> bool:
         return self.matcher.is_accepting()
 
@@ -187,3 +194,6 @@ class Recorder:
 
     def is_done(self) -> bool:
         return self.tokens is not None and self.i >= len(self.tokens)
+
+    def forced_tokens(self) -> list[int]:
+        return []  # every step's logits are recorded, so none is skipped

@@ -46,7 +46,7 @@ from edgevl.types import (
     Timings,
 )
 
-_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses",
+_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
           "prefix_reused_tokens", "generated_tokens")
 
 
@@ -87,7 +87,8 @@ class OrtEngine:
         self._grammar = None
         self.energy = EnergyCounter(self.options.energy_counter)
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
-                              self.options.prefill_chunk, self.stats, self._stats_lock, self.energy)
+                              self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
+                              self.energy)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -173,9 +174,10 @@ class OrtEngine:
         prompt = self.prompts.build(request)
         timings.preprocess_ms = (time.perf_counter() - t_start) * 1000
         n_prompt = int(prompt.ids.size)
-        room = self.options.max_context - n_prompt
+        window = min(self.options.max_context, request.max_context or self.options.max_context)
+        room = window - n_prompt
         if room < 1:
-            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {self.options.max_context}",
+            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {window}",
                              code="context_length_exceeded")
         max_new = max(1, min(request.params.max_new_tokens, room))
         if not self.pool.fits_ever(n_prompt + max_new):

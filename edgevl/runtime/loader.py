@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from edgevl.export import export_model, is_exported
+from edgevl.export.quantize import int8_gemm_saturates
 from edgevl.runtime.engine import OrtEngine
 from edgevl.types import EngineOptions
 
@@ -22,6 +23,7 @@ def exported_dir_for(checkpoint: Path, precision: str) -> Path:
     h = hashlib.blake2b(f"{checkpoint.resolve()}{st}".encode(), digest_size=6)
     for src in sorted((Path(__file__).parent.parent / "export").glob("*.py")):
         h.update(src.read_bytes())
+    h.update(str(int8_gemm_saturates()).encode())  # an export for another CPU's int8 GEMM is not reused
     return cache_root() / "onnx" / f"{checkpoint.name}-{precision}-{h.hexdigest()}"
 
 

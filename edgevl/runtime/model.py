@@ -59,6 +59,8 @@ class OnnxModel:
         self.vision, self.embed, self.decoder = vision, embed, decoder
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
+        # exports made before it compute the last position's logits only (no jump-forward drafts)
+        self.has_num_logits = any(i.name == "num_logits" for i in decoder.get_inputs())
 
     @staticmethod
     def run_handle() -> RunHandle:
@@ -99,18 +101,18 @@ class OnnxModel:
 
     def decode(self, keys: list[np.ndarray], values: list[np.ndarray], ids: np.ndarray, cos: np.ndarray,
                sin: np.ndarray, lengths: np.ndarray,
-               visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+               visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, n_logits: int = 1) -> np.ndarray:
         """One decoder run. `keys`/`values`: per layer, the pool rows being run, (B, heads, max_len, hd);
         `ids` (B, S): tokens to add after each row's past; `lengths` (B,): each row's total length
         after this run (GroupQueryAttention writes the new K/V at length - S in place).
-        `cos`/`sin`: (B*S, head_dim). → last-position logits (B, vocab)."""
+        `cos`/`sin`: (B*S, head_dim). → the last `n_logits` positions' logits (B * n_logits, vocab)."""
         b = self.decoder.io_binding()
         for i, (k, v) in enumerate(zip(keys, values)):
             for kind, arr in (("key", k), ("value", v)):
                 ov = ort.OrtValue.ortvalue_from_numpy(arr)
                 b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
                 b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
-        logits = np.empty((ids.shape[0], self.config.text.vocab_size), np.float32)
+        logits = np.empty((ids.shape[0] * n_logits, self.config.text.vocab_size), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
         try:
@@ -124,6 +126,8 @@ class OnnxModel:
             b.bind_cpu_input("image_embeds", vis_emb)
             if self.has_deepstack:
                 b.bind_cpu_input("deepstack_embeds", vis_deep)
+            if self.has_num_logits:
+                b.bind_cpu_input("num_logits", np.asarray([n_logits], np.int64))
             self.decoder.run_with_iobinding(b)
         except Exception as e:
             raise EngineError(f"decoder failed: {e}") from e

@@ -83,6 +83,32 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1]
 
+    def draft(self) -> list[int]:
+        """Jump-forward: the tokens the constraint forces after the last one, at most what the answer
+        may still hold. The caller runs them in one decoder pass and feeds each position's logits to
+        `accept` while the model's choice equals the draft (`accept_draft`), so the answer is the same
+        token for token as without it. Off when log-probabilities are asked for: those would be the
+        draft's, computed in a different pass, not the step-by-step ones."""
+        c = self.request.constraint
+        if self.finished or c is None or self.params.logprobs is not None:
+            return []
+        room = self.max_new_tokens - len(self.generated) - 1
+        return c.forced_tokens()[:room] if room > 0 else []
+
+    def accept_draft(self, logits: np.ndarray, draft: list[int]) -> tuple[list[Event], int]:
+        """`logits`: one row per position of [last token, *draft]. Accepts tokens while each is the
+        draft's; the first other choice (or the one after the whole draft) ends it. → the events and
+        how many draft tokens were the model's own choice too."""
+        events: list[Event] = []
+        for j, row in enumerate(logits):
+            events += self.accept(row)
+            if j == len(draft) or self.last_token != draft[j]:
+                return events, j
+            self.timings.forced_tokens += 1
+            if self.finished:
+                return events, j + 1
+        return events, len(draft)
+
     def cancel(self) -> list[Event]:
         return self._end("cancelled")
 

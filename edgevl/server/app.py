@@ -21,7 +21,7 @@ from edgevl import __version__
 from edgevl.ops.energy import EnergyCounter
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
-from edgevl.server import detect_api, edge_api, errors, openai_api
+from edgevl.server import detect_api, edge_api, errors, ollama_api, openai_api
 from edgevl.server.decoding import DecodePool
 from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(edge_api.router)
     app.include_router(detect_api.router)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "max_prompt_chars": settings.max_context * 8}
     max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -153,7 +154,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # Ollama's clients probe HEAD /
     async def index() -> Response:
         page = WEB / "index.html"
         if page.is_file():
@@ -186,7 +187,7 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
                       lambda k=key: st.scheduler.counts[k])
-    for key in ("cancelled", "finished", "errors"):
+    for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
     metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)

@@ -101,6 +101,19 @@ async def models(http: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=http.app.state.info.model_name, created=now())])
 
 
+@router.get("/models/{model_id:path}", responses={404: {}})
+async def model(model_id: str, http: Request) -> ModelCard:
+    """The loaded model's card. Chat requests take any model name (there is one model), but a model
+    looked up by id is either this one or, as OpenAI answers, not found."""
+    name = http.app.state.info.model_name
+    if model_id != name:
+        err = ApiError(f"The model {model_id!r} does not exist; this server serves {name!r}", "model_not_found",
+                       "model")
+        err.status = 404
+        raise err
+    return ModelCard(id=name, created=now())
+
+
 @router.post("/chat/completions", response_model=ChatCompletion, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
@@ -112,8 +125,12 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         raise ApiError("response_format cannot be combined with a forced tool call", "invalid_request",
                        "response_format")
     splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
-    if kind == "json_object":
-        req.constraint = await constraint_for(state, None, params.max_new_tokens)
+    if kind == "json_object":  # llama.cpp's, Together's and Fireworks' form may carry a schema
+        schema = fmt.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise ApiError("response_format.schema must be a JSON schema object", "invalid_schema",
+                           "response_format.schema")
+        req.constraint = await constraint_for(state, schema, params.max_new_tokens)
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):

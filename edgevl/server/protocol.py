@@ -11,7 +11,18 @@ import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgevl.types import SamplingParams
 
@@ -24,6 +35,19 @@ LIMITS: ContextVar[dict | None] = ContextVar("edgevl_limits", default=None)
 def _limit(info: ValidationInfo, name: str, default: int) -> int:
     ctx = info.context or LIMITS.get() or {}
     return int(ctx.get(name, default))
+
+
+def _by_shape(v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo,
+              shapes: dict[type, TypeAdapter], expected: str) -> Any:
+    """A union field validated as the one branch the value's JSON type selects: pydantic reports a
+    failed union once per branch (`messages.0.content.str`), so an error would name the wrong
+    branch instead of the value's own place (`messages.0.content.0.foo`)."""
+    if v is None:
+        return handler(v)
+    for kind, adapter in shapes.items():
+        if isinstance(v, kind):
+            return adapter.validate_python(v, context=info.context)
+    raise ValueError(f"must be {expected}")
 
 
 class Sampling(BaseModel):
@@ -90,6 +114,7 @@ class NamedToolChoice(BaseModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+_TOOL_CHOICE = {str: TypeAdapter(Literal["none", "auto", "required"]), dict: TypeAdapter(NamedToolChoice)}
 
 
 class Tooling(BaseModel):
@@ -98,6 +123,11 @@ class Tooling(BaseModel):
     tools: list[ToolSpec] | None = Field(None, max_length=64)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _TOOL_CHOICE, "'none', 'auto', 'required' or a named function")
 
     @model_validator(mode="after")
     def _tools(self) -> Tooling:
@@ -211,6 +241,7 @@ class Timings(BaseModel):
     vision_cache_hits: int = 0
     prefix_reused_tokens: int = 0
     energy_j: float | None = None  # apportioned CPU package energy; null where no counter can be read
+    forced_tokens: int = 0  # answer tokens checked in a jump-forward draft (still the model's own choices)
 
 
 class PredictResponse(BaseModel):
@@ -294,6 +325,10 @@ class VideoURL(BaseModel):
     max_frames: int | None = Field(None, ge=2, description="frames read at most (server limit applies)")
 
 
+_STR = TypeAdapter(str)
+_URLS = {"image_url": {str: _STR, dict: TypeAdapter(ImageURL)}, "video_url": {str: _STR, dict: TypeAdapter(VideoURL)}}
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -303,6 +338,14 @@ class ContentPart(BaseModel):
     video_url: VideoURL | str | None = None
     video: list[str] | None = Field(None, description="frames the client sampled, as image data URLs")
     fps: float | None = Field(None, gt=0, le=240, description="for 'video' frame lists: frames per second")
+    cache_control: dict[str, Any] | None = Field(
+        None, description="accepted, no effect: a prompt-caching hint (Anthropic's, sent on by litellm); "
+        "the KV cache of a conversation's earlier turns is reused automatically")
+
+    @field_validator("image_url", "video_url", mode="wrap")
+    @classmethod
+    def _url(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _URLS[info.field_name], "an object with 'url', or a URL string")
 
     @model_validator(mode="after")
     def _fields(self) -> ContentPart:
@@ -320,20 +363,67 @@ class ContentPart(BaseModel):
         return ImageURL(url=self.image_url) if isinstance(self.image_url, str) else self.image_url
 
 
+_PARTS = TypeAdapter(list[ContentPart])
+_STOP = {str: _STR, list: TypeAdapter(list[str])}
+
+
+class FunctionCallIn(FunctionCall):
+    """A call in the history as a client sends it back: the openai SDK's `parse()` adds its own
+    reading of the arguments, which describes them and is dropped."""
+
+    parsed_arguments: Any = Field(None, description="accepted, no effect: the client's parse of `arguments`")
+
+
+class ToolCallIn(ToolCallOut):
+    """A call in an assistant message of the history: our own reply's call, echoed back."""
+
+    index: int | None = Field(None, description="accepted, no effect: the position a streamed delta gave it")
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
+    """One message. Fields that only describe a message and that clients echo back with our own replies
+    (`name`, `refusal`, `annotations`, `audio: null`, `function_call: null`, `tool_calls[].index`) are
+    accepted and dropped before the chat template, which shows none of them."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[ToolCallOut] | None = Field(None, description="assistant turns: the calls it made")
+    name: str | None = Field(None, max_length=256, description="accepted, no effect: the chat template shows "
+                             "no participant names")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant turns: the calls it made")
     tool_call_id: str | None = Field(None, description="tool turns: the call this answers")
+    refusal: str | None = Field(None, description="assistant turns: a refusal in place of content, read as its "
+                                "text when there is no content")
+    annotations: list[Any] | None = Field(None, description="accepted, no effect: citations of a reply")
+    audio: Any = Field(None, description="null only: this server makes no audio replies to refer to")
+    function_call: Any = Field(None, description="null only: the deprecated form of tool_calls")
+    parsed: Any = Field(None, description="accepted, no effect: the openai SDK's parse of a reply's content")
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, {str: _STR, list: _PARTS}, "a string or a list of content parts")
+
+    @field_validator("audio", "function_call")
+    @classmethod
+    def _null_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None:
+            raise ValueError("audio replies are not supported (text only); send null" if info.field_name == "audio"
+                             else "the deprecated function_call is not supported; use tool_calls")
+        return v
 
     @model_validator(mode="after")
     def _roles(self) -> ChatMessage:
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
+        if self.refusal is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry a refusal")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs tool_call_id")
+        if self.content is None and self.refusal is not None:
+            self.content = self.refusal
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
         return self
@@ -342,7 +432,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: bool | None = None  # null: unset, as clients that send every optional key write it
 
 
 # OpenAI request fields this server does not serve, and why; anything else unknown is refused too
@@ -400,6 +490,18 @@ class ChatCompletionRequest(Sampling, Tooling):
             raise ValueError(REFUSED[info.field_name])
         return v
 
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _by_shape(v, handler, info, _STOP, "a string or a list of strings")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _streamed(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):  # `stream` is declared first, so it is in data
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
     @field_validator("n")
     @classmethod
     def _one(cls, v: int | None) -> int | None:
@@ -455,19 +557,28 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
-class FunctionDelta(BaseModel):
+class _Sparse(BaseModel):
+    """A delta: keys that are absent are left out, as OpenAI sends them (a null would read as a value,
+    and the openai SDK's stream helper refuses a null `type` after the first delta)."""
+
+    @model_serializer(mode="wrap")
+    def _present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Sparse):
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionDelta
 
 
-class Delta(BaseModel):
+class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None

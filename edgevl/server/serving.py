@@ -245,4 +245,5 @@ def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
                    preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
                    prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
                    vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
-                   energy_j=round(t.energy_j, 4) if t.energy_j is not None else None)
+                   energy_j=round(t.energy_j, 4) if t.energy_j is not None else None,
+                   forced_tokens=t.forced_tokens)

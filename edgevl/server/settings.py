@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per step while other answers stream")
+    jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
+                               "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
     # -- limits
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="longest a request may take, queue included")
@@ -106,7 +108,7 @@ class Settings(BaseSettings):
             max_images=self.max_images, max_video_pixels=self.max_video_pixels,
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
-            prefill_chunk=self.prefill_chunk, energy_counter=self.energy_counter)
+            prefill_chunk=self.prefill_chunk, jump_forward=self.jump_forward, energy_counter=self.energy_counter)
 
     def all_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

@@ -28,7 +28,7 @@ class ParsedCall:
 
 def call_schema(tools: list[dict], only: str | None = None) -> dict:
     """{"name": one of the tools, "arguments": valid for that tool}, in the template's key order."""
-    options = []
+    options: list[tuple[str, dict]] = []
     for t in tools:
         fn = t["function"]
         if only is not None and fn["name"] != only:
@@ -37,9 +37,42 @@ def call_schema(tools: list[dict], only: str | None = None) -> dict:
         if not has_finite_instance(params):
             raise ApiError(f"tools: the parameters of {fn['name']!r} have no finite instance (a required "
                            "property refers back to itself)", "invalid_schema", "tools")
-        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                        "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+        options.append((fn["name"], params))
+    # the parameters sit inside the wrapper, so their own pointers (`#/$defs/...`, as pydantic writes a
+    # nested model's) are moved to where the parameters now are
+    wrapped = [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                "properties": {"name": {"const": name},
+                               "arguments": _rebase(params, ("" if len(options) == 1 else f"/anyOf/{i}")
+                                                    + "/properties/arguments")}}
+               for i, (name, params) in enumerate(options)]
+    return wrapped[0] if len(wrapped) == 1 else {"anyOf": wrapped}
+
+
+_DATA = frozenset({"const", "enum", "default", "examples"})  # instance data, not schemas: left as it is
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})  # name → schema
+
+
+def _rebase(node: object, base: str) -> object:
+    """`node` with every local JSON-pointer `$ref` ("#" or "#/...") pointing under `base`, a pointer
+    from the new root. A dialect tag (`$schema`) is the root's alone, so it is dropped."""
+    if isinstance(node, list):
+        return [_rebase(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict = {}
+    for key, value in node.items():
+        if key == "$schema" and isinstance(value, str):
+            continue
+        if key in _DATA:
+            out[key] = value
+        elif key in _NAMED and isinstance(value, dict):  # its keys are names, whatever they spell
+            out[key] = {name: _rebase(schema, base) for name, schema in value.items()}
+        else:
+            out[key] = _rebase(value, base)
+    ref = node.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = "#" + base + ref[1:]
+    return out
 
 
 def call_grammar(tools: list[dict], only: str | None, parallel: bool, open_tok: str, close_tok: str) -> str:
@@ -147,12 +180,14 @@ class ToolCallSplitter:
 
     def flush(self) -> tuple[str, list[CallPiece]]:
         """At the end: whatever was held. An unfinished block is text, unless its header is out:
-        then the rest of its arguments goes out as written (cut short, as OpenAI's are at length)."""
+        then the rest of its arguments goes out as written (cut short, as OpenAI's are at length).
+        Under the grammar nothing is text: a block cut short before its name is dropped, never shown
+        as the template's markup."""
         if self.current is not None:
             block = self.pending[:len(self.pending) - _partial_suffix(self.pending, CLOSE)]
             self.pending, self.in_call = "", False
             return "", self._finish(block)
-        out = (OPEN if self.in_call else "") + self.pending
+        out = "" if self.stream_arguments else (OPEN if self.in_call else "") + self.pending
         self.pending, self.in_call = "", False
         return out, []
 

@@ -10,16 +10,18 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from edgevl.server.errors import as_api_error, error_body
+from edgevl.server.errors import Shape, as_api_error, error_body
 
 log = logging.getLogger("edgevl.server")
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error(exc: Exception) -> dict:
+def _error(exc: Exception, shape: Shape | None = None) -> dict:
     err = as_api_error(exc)
     if err.status >= 500:
         log.error("stream failed", exc_info=exc)
+    if shape is not None:
+        return shape(err.message, err.type, err.code, err.param, err.status)
     return error_body(err.message, err.type, err.code, err.param)
 
 
@@ -38,8 +40,9 @@ def sse(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)
 
 
-def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
-    """One JSON object per line; an error after the status line is the last line, with done: true."""
+def ndjson(frames: AsyncIterator[BaseModel], shape: Shape | None = None) -> StreamingResponse:
+    """One JSON object per line; an error after the status line is the last line, with done: true
+    (in `shape`, the API's own error shape, when given)."""
 
     async def body() -> AsyncIterator[bytes]:
 
@@ -47,6 +50,6 @@ def ndjson(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
             async for frame in frames:
                 yield frame.model_dump_json().encode() + b"\n"
         except Exception as e:
-            yield (json.dumps({**_error(e), "done": True}, ensure_ascii=False) + "\n").encode()
+            yield (json.dumps({**_error(e, shape), "done": True}, ensure_ascii=False) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)

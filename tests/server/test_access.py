@@ -58,3 +58,12 @@ def test_cors_is_off_by_default(server):
     r = httpx.options(server.url + "/api/predict", headers={"Origin": "http://evil.example",
                                                             "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_ollamas_client_sends_its_key_as_a_bearer_token(locked, monkeypatch):
+    ollama = pytest.importorskip("ollama")
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=locked.url).list()
+    assert e.value.status_code == 401 and "API key" in e.value.error  # Ollama's error shape: one string
+    monkeypatch.setenv("OLLAMA_API_KEY", KEY)
+    assert ollama.Client(host=locked.url).list().models

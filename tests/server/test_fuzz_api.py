@@ -6,6 +6,7 @@ depend on its pytest plugin (which trails pytest releases).
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
@@ -16,6 +17,9 @@ from tests.server.conftest import start_server, stop_server
 
 schemathesis = pytest.importorskip("schemathesis")
 SEEN: dict[str, dict[int, int]] = {}
+OLLAMA_PATHS = {"/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/api/pull",
+                "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/embed", "/api/embeddings",
+                "/api/blobs/{digest}"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def _operations(url: str) -> list:
 def test_every_operation_survives_generated_requests(fuzz_server):
     ops = _operations(fuzz_server.url)
     assert {op.path for op in ops} >= {"/api/predict", "/api/ocr", "/api/detect", "/api/health",
-                                       "/v1/chat/completions", "/v1/models"}
+                                       "/v1/chat/completions", "/v1/models", *OLLAMA_PATHS}
     for op in ops:
         _check(op, SEEN.setdefault(f"{op.method.upper()} {op.path}", {}), fuzz_server.url)()
     print("fuzz statuses:", SEEN)
@@ -49,7 +53,9 @@ def _check(op, seen: dict[int, int], url: str):
         r = case.call(base_url=url, timeout=60)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (case.path, r.status_code, r.text[:300])
-        if r.status_code >= 400:
+        if r.status_code >= 400 and op.path in OLLAMA_PATHS:  # Ollama's shape: one string
+            assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str) and r.json()["error"]
+        elif r.status_code >= 400:
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["message"]
 
@@ -109,3 +115,45 @@ def test_chat_with_tools_logprobs_and_detail_never_5xx(fuzz_server):
 
     check()
     print("chat+tools statuses:", SEEN["chat+tools"])
+
+
+def test_ollama_chat_with_formats_tools_and_options_never_5xx(fuzz_server):
+    """Past validation on Ollama's /api/chat: random `format` schemas reach the grammar compiler, random
+    options the sampler, random tools the template; every answer is a 2xx or Ollama's 4xx."""
+    from hypothesis import strategies as st
+
+    from tests.server.conftest import png_b64
+
+    image = png_b64(64, 48)
+    tools = st.lists(st.builds(lambda n, p: {"type": "function", "function": {"name": n, "parameters": p}},
+                               st.sampled_from(["f", "g", "h"]), _schemas()), max_size=3)
+    options = st.fixed_dictionaries({}, optional={
+        "temperature": st.floats(-1, 3), "top_p": st.floats(-0.5, 1.5), "top_k": st.integers(-5, 2000),
+        "num_predict": st.integers(-3, 10), "seed": st.integers(-2, 2**40), "repeat_penalty": st.floats(0, 3),
+        "repeat_last_n": st.integers(-2, 100), "num_ctx": st.integers(-1, 10**6), "min_p": st.floats(0, 1),
+        "mirostat": st.integers(0, 2), "stop": st.lists(st.text(max_size=3), max_size=3),
+        "penalize_newline": st.booleans(), "presence_penalty": st.floats(-3, 3)})
+    body = st.fixed_dictionaries({
+        "model": st.text(max_size=8),
+        "messages": st.just([{"role": "user", "content": "hi", "images": [image]}]),
+        "format": st.one_of(st.none(), st.sampled_from(["", "json", "xml"]), _schemas()),
+        "tools": tools, "options": options, "stream": st.booleans(), "think": st.sampled_from([None, False, True]),
+        "logprobs": st.booleans(), "top_logprobs": st.integers(0, 25)}).map(
+        lambda b: {k: v for k, v in b.items() if v is not None})
+
+    @given(b=body)
+    @settings(max_examples=int(os.environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(b: dict) -> None:
+        r = httpx.post(fuzz_server.url + "/api/chat", json=b, timeout=60)
+        SEEN.setdefault("ollama chat", {}).setdefault(r.status_code, 0)
+        SEEN["ollama chat"][r.status_code] += 1
+        assert r.status_code < 500, (b, r.status_code, r.text[:300])
+        lines = [json.loads(x) for x in r.text.splitlines() if x]
+        if r.status_code >= 400:
+            assert lines[0].keys() == {"error"}, r.text[:300]
+        else:  # a stream's error arrives as its last line, in the same shape
+            assert lines[-1]["done"] is True and "error" not in lines[-1], r.text[-300:]
+
+    check()
+    print("ollama chat statuses:", SEEN["ollama chat"])
