@@ -18,9 +18,13 @@ from edgevl.types import EngineOptions, FinishEvent, GenerationRequest, Message,
 
 
 def _write(path: Path, microjoules: int) -> None:
-    with open(path, "r+" if path.exists() else "w") as f:  # in place, as the kernel's file is
-        f.truncate(0)
-        f.write(f"{microjoules}\n")
+    """In place and in one write of a fixed width, so that a reader never sees a half-written value
+    (the kernel's file is read whole or not at all)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, f"{microjoules:>20}\n".encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def test_joules_between_reads_with_the_wrap_undone(tmp_path):
