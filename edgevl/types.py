@@ -124,6 +124,9 @@ class Timings:
     tokens_per_s: float = 0.0  # decode speed: tokens after the first / decode time
     vision_cache_hits: int = 0
     prefix_reused_tokens: int = 0
+    # the answer's share of the CPU package energy of each model run it took part in, by its share
+    # of the run's tokens (an apportioning, not a meter per answer); None where no counter is read
+    energy_j: float | None = None
     forced_tokens: int = 0  # answer tokens a jump-forward draft carried (each still the model's own choice)
 
 
@@ -176,6 +179,7 @@ class EngineOptions:
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
+    energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each
 
 

@@ -68,3 +68,33 @@ def webp(n: int = 12, w: int = 80, h: int = 48, duration_ms: int = 100) -> bytes
     frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0,
                    lossless=True)
     return buf.getvalue()
+
+
+def gif_flicker(n: int, w: int, h: int, duration_ms: int = 10) -> bytes:
+    """Two solid colours in turn over the whole canvas: little on the wire, every frame a full decode.
+    Pillow encodes each colour once; the file repeats the two frames (Pillow's own writer takes
+    tens of seconds for thousands of frames)."""
+    frames = []
+    for colour in (1, 2):
+        img = Image.new("P", (w, h), colour)
+        img.putpalette([0, 0, 0, 200, 30, 30, 30, 30, 200] + [0] * (253 * 3))
+        buf = io.BytesIO()
+        img.save(buf, format="GIF")
+        b = buf.getvalue()
+        pos = 13 + (3 << ((b[10] & 7) + 1) if b[10] & 0x80 else 0)  # header, screen, global palette
+        head = b"GIF89a" + b[6:pos]
+        while b[pos] == 0x21:  # extensions: introducer, label, then sub-blocks up to an empty one
+            pos += 2
+            while b[pos]:
+                pos += b[pos] + 1
+            pos += 1
+        frames.append(b[pos:-1])  # the image descriptor and its data, without the trailer
+    delay = b"\x21\xf9\x04\x00" + (duration_ms // 10).to_bytes(2, "little") + b"\x00\x00"
+    return head + b"".join(delay + frames[i % 2] for i in range(n)) + b";"
+
+
+def mp4_bomb(n: int = 64, fps: int = 2, size: int = 2000) -> bytes:
+    """Black frames compress to almost nothing: `n` frames of size² in a few kilobytes."""
+    import av
+
+    return encode("libx264" if "libx264" in av.codecs_available else "mpeg4", "mp4", n, fps, size, size, solid=True)

@@ -48,8 +48,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "F16 projector), e.g. --gguf F32 --gguf F32:F32")
     p.add_argument("--mmproj", default=None, help="the vision projector GGUF for --llama-cpp")
     from edgevl.bench.load import add_load_arguments
+    from edgevl.bench.soak import add_soak_arguments
 
     add_load_arguments(p)
+    add_soak_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -61,6 +63,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from edgevl.bench.load import run_load
 
         return run_load(args)
+    if args.soak:
+        from edgevl.bench.soak import run_soak
+
+        return run_soak(args)
     if args.quick:
         first = args.tasks.split(",")[0]
         args.runs, args.max_tokens = 2, 8

@@ -17,6 +17,11 @@
 
 Cancellation is seen at every step boundary (between decode steps and between prompt chunks),
 and stops a running image encode at once (ONNX Runtime's terminate flag).
+
+Energy (with a readable counter, ops/energy.py): after every decoder run the loop reads the CPU
+package's energy since the previous read and shares it among the sequences of that run by their
+tokens in it (one each in a decode step; the whole chunk for a prefill or a jump-forward draft). Energy spent while no
+tokens ran (waiting for the vision thread) goes to the next run; energy spent idle goes to no one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImagePatches
 from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.kv_pool import KVPool
@@ -64,8 +70,10 @@ class Work:
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
-                 jump_forward: bool = True):
+                 jump_forward: bool = True, energy: EnergyCounter | None = None):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
+        self.energy = energy if energy is not None and energy.available else None
+        self._energy_pending = 0.0  # joules not yet charged to a run's sequences
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.jump_forward = jump_forward and model.has_num_logits
@@ -106,6 +114,7 @@ class BatchLoop:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                idle = not self.waiting and not self.active
                 while not self._closed and not self.waiting and not self.active:
                     self._cv.wait()
                 if self._closed:
@@ -113,6 +122,9 @@ class BatchLoop:
                         w.events.put(EngineError("the engine is shutting down"))
                     return
                 self._admit()
+            if idle and self.energy is not None:  # what the box spent idle is no answer's
+                self.energy.read()
+                self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
                 decoded = self._decode_step() | self._draft_steps()
@@ -181,6 +193,7 @@ class BatchLoop:
                 self._fail(w, e)
             return True
         self.batch_sizes[len(running)] += 1
+        self._charge([(w, 1) for w in running])
         for r, w in by_row.items():
             self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
             self._emit(w, w.seq.accept(logits[r - lo]))
@@ -211,6 +224,7 @@ class BatchLoop:
             except EngineError as e:
                 self._fail(w, e)
                 continue
+            self._charge([(w, ids.shape[1])])
             events, kept = w.seq.accept_draft(logits, draft)
             self._count("forced_tokens", kept)
             self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
@@ -291,6 +305,7 @@ class BatchLoop:
             self._fail(w, err)
             return
         self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
+        self._charge([(w, end - start)])
         w.prefilled = end
         self.pool.advance(w.row, p.keys[:end])
         w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
@@ -319,6 +334,18 @@ class BatchLoop:
                 np.concatenate(deep, axis=1).astype(np.float32))
 
     # ---- leaving -----------------------------------------------------------------------------
+    def _charge(self, tokens: list[tuple[Work, int]]) -> None:
+        """The energy since the previous run, shared by the sequences of this one by their tokens in it
+        (before their events go out: the last one carries the timings)."""
+        if self.energy is None:
+            return
+        joules = self._energy_pending + (self.energy.read() or 0.0)
+        self._energy_pending = 0.0
+        total = sum(n for _, n in tokens)
+        for w, n in tokens:
+            t = w.seq.timings
+            t.energy_j = (t.energy_j or 0.0) + joules * n / total
+
     def _emit(self, w: Work, events: list[Event]) -> None:
         if w.seq.finished:  # the row is free before the caller hears the end, so its next turn finds it
             self._leave(w)

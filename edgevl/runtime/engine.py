@@ -21,6 +21,7 @@ from PIL import Image
 
 from edgevl.checkpoint import ModelConfig
 from edgevl.export import MANIFEST
+from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImageProcessorConfig
 from edgevl.preprocess.video_patches import video_processor_config
 from edgevl.runtime.batch import BatchLoop, Work
@@ -88,8 +89,10 @@ class OrtEngine:
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
         self._stats_lock = threading.Lock()
         self._grammar = None
+        self.energy = EnergyCounter(self.options.energy_counter)
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
-                              self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward)
+                              self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
+                              self.energy)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -164,6 +167,7 @@ class OrtEngine:
 
     def close(self) -> None:
         self.loop.close()
+        self.energy.close()
         self.vision_cache.clear()
         self.pool.close()
 

@@ -16,9 +16,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from edgevl import __version__
+from edgevl.ops.energy import EnergyCounter
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
 from edgevl.server import anthropic_api, detect_api, edge_api, errors, ollama_api, openai_api, responses_api
+from edgevl.server.decoding import DecodePool
 from edgevl.server.guard import Guard
 from edgevl.server.metrics import Metrics
 from edgevl.server.response_store import ResponseStore
@@ -84,6 +86,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
                                  st.governor, on_start=metrics.queue_wait.observe)
         st.runner = Runner(st.scheduler, metrics)
+        st.energy = EnergyCounter(settings.energy_counter)  # the box's, for /metrics; the engine reads its own
+        log.info("energy: %s", st.energy.status)
+        st.decoders = DecodePool(settings.max_batch, settings.queue_size, settings.max_decode_cpu_s,
+                                 settings.request_timeout_s)
         _register_gauges(metrics, st)
         st.ready = True
         log.info("ready: %s (%s, %s%s) on %d thread(s)", st.info.model_name, st.info.backend, st.info.precision,
@@ -93,6 +99,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             st.ready, st.draining = False, True
             st.scheduler.close()
+            st.decoders.close()
+            st.energy.close()
             st.governor.stop()
             eng.close()
 
@@ -140,8 +148,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
-    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes", "kv_used_bytes",
-                "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_running", "kv_cache_bytes",
+                "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
@@ -149,6 +157,19 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
+    metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)
+    metrics.gauge("edgevl_decode_waiting", "videos waiting for a decode thread",
+                  lambda: st.decoders.admitted - st.decoders.running)
+    metrics.gauge("edgevl_decode_cpu_seconds", "CPU seconds spent decoding videos (since start)",
+                  lambda: st.decoders.cpu_seconds)
+    for key in ("started", "cancelled", "over_budget", "refused", "rejected"):
+        metrics.gauge(f"edgevl_decode_{key}", f"video decodes {key.replace('_', ' ')} (since start)",
+                      lambda k=key: st.decoders.counts[k])
+    metrics.gauge("edgevl_energy_joules_total", "CPU package energy since start (NaN: no readable counter; "
+                  "see the log or /api/health for why)",
+                  lambda: (st.energy.read(), st.energy.total_j)[1] if st.energy.available else float("nan"))
+    metrics.gauge("edgevl_power_watts", "CPU package power, mean since the previous scrape (NaN: no readable counter)",
+                  st.energy.power_w)
     metrics.gauge("edgevl_cpu_temperature_celsius", "CPU temperature (NaN: no sensor)",
                   lambda: st.governor.temperature_c if st.governor.temperature_c is not None else float("nan"))
     metrics.gauge("edgevl_thermal_level", "0 normal, 1 throttled, 2 halted, -1 no sensor",

@@ -111,7 +111,7 @@ async def predict(body: PredictRequest, http: Request):
                    for i, v in enumerate(sources)]
     if body.video is not None:
         check_max_frames(body.max_frames, state.settings, "max_frames")
-        parts.append(await video_from_base64(body.video, state, "video", body.fps, body.max_frames))
+        parts.append(await video_from_base64(body.video, http, "video", body.fps, body.max_frames))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [
         Message("user", [*parts, TextPart(body.prompt)])]
     req = _request(state, messages, body)
@@ -166,6 +166,7 @@ async def health(http: Request) -> JSONResponse:
             "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
             "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),
             "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},
+            "energy": state.energy.status,
             "replica": state.replica,
         })
     return JSONResponse(body, 200 if body["status"] == "ok" else 503)

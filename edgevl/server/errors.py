@@ -106,7 +106,7 @@ def as_api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, ImageError):
         err = ApiError(str(exc), exc.code, exc.param or ("video" if isinstance(exc, VideoError) else "image"))
-        if exc.code in ("image_too_large", "video_too_large", "video_too_long"):
+        if exc.code in ("image_too_large", "video_too_large", "video_too_long", "video_too_costly"):
             err.status = 413
         return err
     if isinstance(exc, InputError):

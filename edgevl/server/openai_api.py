@@ -53,7 +53,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
 
 
-async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
+async def _messages(msgs: list[ChatMessage], state, http: Request) -> list[Message]:
     out: list[Message] = []
     n_images = n_videos = 0
     for i, m in enumerate(msgs):
@@ -73,13 +73,13 @@ async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
                 if n_videos > state.settings.max_videos:
                     raise ApiError(f"more than {state.settings.max_videos} videos", "too_many_videos", "messages")
                 if p.type == "video":
-                    parts.append(await video_from_frames_base64(p.video or [], state, where, p.fps))
+                    parts.append(await video_from_frames_base64(p.video or [], http, where, p.fps))
                 elif isinstance(p.video_url, str):
-                    parts.append(await video_from_base64(p.video_url, state, where))
+                    parts.append(await video_from_base64(p.video_url, http, where))
                 else:
                     v = p.video_url
                     check_max_frames(v.max_frames, state.settings, f"{where}.video_url.max_frames")
-                    parts.append(await video_from_base64(v.url, state, where, v.fps, v.max_frames))
+                    parts.append(await video_from_base64(v.url, http, where, v.fps, v.max_frames))
             elif p.type == "image_url":
                 if role not in ("user", "tool"):
                     raise ApiError("images are only accepted in user and tool messages", "invalid_image_position",
@@ -119,7 +119,7 @@ async def model(model_id: str, http: Request) -> ModelCard:
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     state = http.app.state
     params = body.openai_sampling(state.sampling_defaults, state.settings.default_max_tokens)
-    req = GenerationRequest(await _messages(body.messages, state), params, max_pixels=body.max_pixels)
+    req = GenerationRequest(await _messages(body.messages, state, http), params, max_pixels=body.max_pixels)
     fmt = body.response_format or {}
     kind = fmt.get("type", "text")
     text_constraint = None

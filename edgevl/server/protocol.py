@@ -254,6 +254,7 @@ class Timings(BaseModel):
     queue_ms: float = 0.0
     vision_cache_hits: int = 0
     prefix_reused_tokens: int = 0
+    energy_j: float | None = None  # apportioned CPU package energy; null where no counter can be read
     forced_tokens: int = 0  # answer tokens checked in a jump-forward draft (still the model's own choices)
 
 

@@ -16,8 +16,16 @@ from typing import Protocol
 from fastapi import Request
 from PIL import Image
 
-from edgevl.preprocess.image import decode_image
-from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
+from edgevl.preprocess.image import ImageError, decode_image
+from edgevl.preprocess.video import (
+    DecodeBudget,
+    VideoError,
+    VideoLimits,
+    decode_video,
+    frame_bound,
+    shrink_frame,
+    video_from_frames,
+)
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import Timings, Usage
@@ -49,6 +57,12 @@ def _base64_bytes(value: str, what: str, param: str) -> bytes:
 async def load_image(value: str, settings: Settings, param: str = "image") -> tuple[Image.Image, bytes]:
     """A base64 string, data URL or (with --allow-remote-images) http(s) URL → decoded RGB picture
     and its bytes, or a 4xx ApiError saying why."""
+    data = await image_bytes(value, settings, param)
+    return decode_image(data, settings.max_input_pixels), data  # ImageError → 4xx by type
+
+
+async def image_bytes(value: str, settings: Settings, param: str = "image") -> bytes:
+    """The bytes of an image field (base64, data URL, or a fetched http(s) URL), not yet decoded."""
     _nonempty(value, "image", param)
     scheme = re.match(r"^([a-z][a-z0-9+.-]*)://", value, re.I)
     if scheme and scheme.group(1).lower() not in ("http", "https"):
@@ -58,10 +72,8 @@ async def load_image(value: str, settings: Settings, param: str = "image") -> tu
         if not settings.allow_remote_images:
             raise ApiError("image URLs are not fetched by this server (start it with --allow-remote-images); "
                            "send the image as base64 or a data URL", "remote_image_refused", param)
-        data = await fetch_image(value, settings, param)
-    else:
-        data = _base64_bytes(value, "image", param)
-    return decode_image(data, settings.max_input_pixels), data  # ImageError → 4xx by type
+        return await fetch_image(value, settings, param)
+    return _base64_bytes(value, "image", param)
 
 
 def _video_bytes(value: str, param: str) -> bytes:
@@ -74,17 +86,20 @@ def _video_bytes(value: str, param: str) -> bytes:
 
 
 def video_limits(settings: Settings) -> VideoLimits:
-    return VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_input_pixels)
+    return VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_input_pixels,
+                       settings.max_video_pixels)
 
 
-async def video_from_base64(value: str, state, param: str, fps: float | None = None,
+async def video_from_base64(value: str, http: Request, param: str, fps: float | None = None,
                             max_frames: int | None = None) -> VideoPart:
-    """A clip → sampled frames, decoded off the event loop (a clip takes tens of milliseconds or more).
-    `max_frames` was checked against the server's limit by the caller, who knows its field's name."""
+    """A clip → sampled frames, decoded on the server's decode pool (bounded, cancellable, with a
+    CPU budget: server/decoding.py). `max_frames` was checked against the server's limit by the
+    caller, who knows its field's name."""
     data = _video_bytes(value, param)
-    cfg: VideoConfig = state.video_config
+    state = http.app.state
+    cfg, limits = state.video_config, video_limits(state.settings)
     try:
-        return await asyncio.to_thread(decode_video, data, cfg, video_limits(state.settings), fps, max_frames)
+        return await state.decoders.run(http, lambda budget: decode_video(data, cfg, limits, fps, max_frames, budget))
     except VideoError as e:  # 4xx by type; the param says which part of the request
         e.param = e.param or param
         raise
@@ -96,13 +111,35 @@ def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> 
                        "invalid_parameter", param)
 
 
-async def video_from_frames_base64(values: list[str], state, param: str, fps: float | None) -> VideoPart:
+async def video_from_frames_base64(values: list[str], http: Request, param: str, fps: float | None) -> VideoPart:
+    """A client's own frames (images) → a clip; decoded on the decode pool like a clip, each frame
+    shrunk to `frame_bound` as soon as it is decoded, so one full-size picture is held at a time."""
+    state = http.app.state
     s = state.settings
     if len(values) > s.max_video_frames:
         raise ApiError(f"{len(values)} frames; the limit is {s.max_video_frames}", "too_many_frames", param)
-    images = [(await load_image(v, s, f"{param}.{i}"))[0] for i, v in enumerate(values)]
+    datas = [await image_bytes(v, s, f"{param}.{i}") for i, v in enumerate(values)]
+    limits = video_limits(s)
+
+    def decode(budget: DecodeBudget) -> VideoPart:
+        bound = frame_bound(len(datas), limits)
+        images: list[Image.Image] = []
+        first: tuple[int, int] | None = None
+        for i, data in enumerate(datas):
+            budget.check()
+            try:
+                img = decode_image(data, s.max_input_pixels)
+            except ImageError as e:
+                e.param = f"{param}.{i}"
+                raise
+            if first is not None and img.size != first:
+                raise VideoError("the video's frames differ in size", code="invalid_video")
+            first = img.size
+            images.append(shrink_frame(img, bound))
+        return video_from_frames(images, fps or state.video_config.fps, limits)
+
     try:
-        return video_from_frames(images, fps or state.video_config.fps, video_limits(s))
+        return await state.decoders.run(http, decode)
     except VideoError as e:
         e.param = e.param or param
         raise
@@ -237,4 +274,5 @@ def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
                    preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
                    prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
                    vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
+                   energy_j=round(t.energy_j, 4) if t.energy_j is not None else None,
                    forced_tokens=t.forced_tokens)

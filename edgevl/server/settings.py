@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_video_frames: int = Field(64, ge=2, le=768, description="frames sampled from a clip at most")
     max_video_pixels: int = Field(2 * 1024 * 1024, ge=4096,
                                   description="pixel budget per clip for the vision encoder, all frames together")
+    max_decode_cpu_s: float = Field(10.0, ge=0, le=3600,
+                                    description="CPU seconds a request's clips may take to decode (0: no limit)")
     max_tokens: int = Field(4096, ge=1, le=1_000_000, description="most answer tokens a request may ask for")
     default_max_tokens: int = Field(512, ge=1, description="answer tokens when a request names none")
     max_context: int = Field(8192, ge=256, le=262144, description="prompt + answer tokens per conversation")
@@ -74,6 +76,8 @@ class Settings(BaseSettings):
     thermal_hard_c: float = Field(90.0, description="above it: no new work (503) until cooled")
     thermal_hysteresis_c: float = Field(5.0, ge=0, description="cool this far below the soft limit to recover")
     thermal_poll_s: float = Field(2.0, gt=0, description="seconds between temperature reads")
+    energy_counter: str | None = Field(
+        None, description="CPU energy counter file in microjoules (default: the powercap package counters)")
 
     # -- cluster (Ray Serve; `pip install edgevl[cluster]`)
     ray: bool = Field(False, description="serve as a Ray Serve deployment instead of one process")
@@ -109,7 +113,7 @@ class Settings(BaseSettings):
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
             prefill_chunk=self.prefill_chunk, jump_forward=self.jump_forward,
-            reasoning_budget=self.reasoning_budget)
+            reasoning_budget=self.reasoning_budget, energy_counter=self.energy_counter)
 
     def all_api_keys(self) -> list[str]:
         keys = [k for k in self.api_keys if k]

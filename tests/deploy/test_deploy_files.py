@@ -62,3 +62,45 @@ def test_the_unit_passes_only_serve_flags_and_the_image_runs_serve_unprivileged_
     assert passed and set(passed) <= flags, set(passed) - flags
     assert "USER edgevl" in DOCKERFILE and "/api/health" in DOCKERFILE.split("HEALTHCHECK", 1)[1]
     assert 'exec edgevl serve "$@"' in ENTRYPOINT and 'ENTRYPOINT ["edgevl-entrypoint"]' in DOCKERFILE
+
+
+ROOT = DEPLOY.parent
+CONSTRAINTS = (DEPLOY / "constraints.txt").read_text()
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    lines = [line.split("#", 1)[0].strip() for line in CONSTRAINTS.splitlines()]
+    return {canonicalize_name(n): v for n, v in (line.split("==", 1) for line in lines if line)}
+
+
+def test_the_image_and_ci_install_with_the_constraints():
+    assert "deploy/constraints.txt" in re.search(r"^COPY .*constraints\.txt.*$", DOCKERFILE, flags=re.M).group(0)
+    installs = [line for line in DOCKERFILE.splitlines()
+                if "pip install" in line and "--no-deps" not in line and not line.startswith("#")]
+    assert installs and all("-c constraints.txt" in line for line in installs)
+    assert "!deploy/constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+    ci_installs = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
+    assert ci_installs and all("-c deploy/constraints.txt" in line for line in ci_installs)
+
+
+def test_the_constraints_pin_every_runtime_dependency_within_pyproject_and_theirs():
+    import importlib.util
+
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    deps = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    for req in deps:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} is not pinned"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside pyproject's {req.specifier}"
+    # and what they need, as installed here (names: versions are whatever this environment has)
+    spec = importlib.util.spec_from_file_location("make_constraints", DEPLOY / "make-constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    needed = set(module.closure([str(r) for r in deps]))
+    assert needed - set(pins) == set(), "runtime packages missing from deploy/constraints.txt"
