@@ -205,6 +205,24 @@ def run_load(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     failures: list[dict] = []
+    from edgevl.ops.energy import EnergyCounter
+
+    counter = EnergyCounter(args.energy_counter)
+    power: list[dict] = []
+
+    def metered(phase: str, server: str | None, clients: int, run, *run_args):
+        """`run(*run_args)`, with the package energy it took and the mean watts (None without a counter)."""
+        counter.read()
+        t0 = time.monotonic()
+        result = run(*run_args)
+        seconds, joules = time.monotonic() - t0, counter.read()
+        if joules is not None:  # without a counter: no rows, and the report says why
+            power.append({"phase": phase, "server": server, "clients": clients, "seconds": seconds,
+                          "joules": joules, "watts": joules / seconds if seconds > 0 else None})
+        return result, joules
+
+    if counter.available:
+        metered("idle", None, 0, time.sleep, 5)
     for n in levels:
         for name, cmd, health, port in servers(args, n):
             print(f"[load] {name}, {n} client(s): starting", file=sys.stderr, flush=True)
@@ -212,7 +230,7 @@ def run_load(args: argparse.Namespace) -> int:
             try:
                 base = f"http://127.0.0.1:{port}"
                 try:
-                    srv.wait_ready(health)
+                    metered("loading", name, n, srv.wait_ready, health)
                     asyncio.run(scenario(base, "m", "short", 1, 1, args.size, 999))  # warm: pages in the weights
                 except Exception as e:  # a server that cannot start is reported; the others still run
                     failures.append({"server": name, "scenario": "start", "clients": n, "error": repr(e)[:300],
@@ -224,7 +242,9 @@ def run_load(args: argparse.Namespace) -> int:
                     if sc == "big" and n < 2:
                         continue
                     try:
-                        r = asyncio.run(scenario(base, "m", sc, n, args.rounds, args.size, 1000 * n))
+                        r, joules = metered(f"answering ({sc})", name, n, asyncio.run,
+                                            scenario(base, "m", sc, n, args.rounds, args.size, 1000 * n))
+                        r["energy_per_answer_j"] = joules / r["requests"] if joules is not None else None
                     except Exception as e:  # a server that fails a scenario is reported, not the run aborted
                         died = srv.proc.poll() is not None
                         failures.append({"server": name, "scenario": sc, "clients": n, "error": repr(e)[:300],
@@ -239,15 +259,31 @@ def run_load(args: argparse.Namespace) -> int:
                     print(json.dumps(r), flush=True)
             finally:
                 srv.stop()
-    report = {"command": " ".join(sys.argv), "rows": rows, "failures": failures}
+    report = {"command": " ".join(sys.argv), "rows": rows, "failures": failures,
+              "power": {"counter": counter.status, "rows": power}}
     (out / "load.json").write_text(json.dumps(report, indent=2))
     md = load_markdown(rows) + "".join(f"\n{f['server']} failed {f['scenario']} with {f['clients']} client(s): "
                                        f"{f['error']}{' (the server exited)' if f['server_exited'] else ''}\n"
                                        for f in failures)
+    md += power_markdown(report["power"])
     (out / "load.md").write_text(md)
     print(md)
     print(f"\nwrote {out}/load.json, load.md", file=sys.stderr)
     return 0
+
+
+def power_markdown(power: dict) -> str:
+    """The seed's power table (mean watts idle, loading, answering), measured by the package counter."""
+    if not power["rows"]:
+        return f"\nPower and energy per answer: {power['counter']} — not measured, not estimated.\n"
+    lines = ["", f"Power ({power['counter']}):", "", "| phase | server | clients | seconds | mean W | J |",
+             "|---|---|---|---|---|---|"]
+    for p in power["rows"]:
+        watts = f"{p['watts']:.1f}" if p["watts"] is not None else "n/a"
+        joules = f"{p['joules']:.1f}" if p["joules"] is not None else "n/a"
+        lines.append(f"| {p['phase']} | {p['server'] or '—'} | {p['clients']} | {p['seconds']:.1f} | {watts} | "
+                     f"{joules} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_markdown(rows: list[dict]) -> str:
@@ -268,4 +304,6 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="--load: edgevl's --max-batch (at least the clients)")
     p.add_argument("--server-args", default="", help="--load: extra `edgevl serve` flags")
     p.add_argument("--llama-server", default=None, help="--load: llama-server binary, run as -np N beside edgevl")
+    p.add_argument("--energy-counter", default=None,
+                   help="--load: a package energy counter file (microjoules; default: the powercap packages)")
 

@@ -137,3 +137,53 @@ def test_structured_tasks_compare_jump_forward_on_and_off_in_one_run(tmp_path, t
         assert j["same_output"] and j["backend"] == "edgevl-fp32" and j["total_ms_without"] > 0
     assert sum(j["forced_tokens"] for j in jump.values()) > 0
     assert "| without jump-forward |" in (out / "bench.md").read_text()
+
+
+def test_load_mode_reports_power_from_an_energy_counter(tmp_path, tiny_checkpoint):
+    """A counter file advanced by 2 J every 0.1 s (20 W): the table's phases read about that."""
+    import os
+    import threading
+
+    counter = tmp_path / "energy_uj"
+    counter.write_text("0" * 16)
+    stop = threading.Event()
+
+    def advance() -> None:
+        # in place, as sysfs changes (the server keeps the file open), and of a fixed width in one
+        # write, so a reader never sees half a number
+        uj = 0
+        with open(counter, "r+b", buffering=0) as f:
+            while not stop.wait(0.1):
+                uj += 2_000_000
+                os.pwrite(f.fileno(), b"%016d" % uj, 0)
+
+    threading.Thread(target=advance, daemon=True).start()
+    out = tmp_path / "load"
+    try:
+        r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--load", "1", "--model",
+                            str(tiny_checkpoint), "--precisions", "fp32", "--scenarios", "short", "--rounds", "1",
+                            "--energy-counter", str(counter), "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "load.json").read_text())
+    assert report["power"]["counter"].startswith("ok")
+    phases = {p["phase"]: p for p in report["power"]["rows"]}
+    assert set(phases) == {"idle", "loading", "answering (short)"}
+    for p in phases.values():
+        assert 10 < p["watts"] < 40, p  # 20 W, give or take the 0.1 s ticks at each end
+    assert report["rows"][0]["energy_per_answer_j"] > 0
+    assert "| mean W |" in (out / "load.md").read_text()
+
+
+def test_load_mode_says_why_there_is_no_power_figure(tmp_path, tiny_checkpoint):
+    out = tmp_path / "load"
+    r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--load", "1", "--model", str(tiny_checkpoint),
+                        "--precisions", "fp32", "--scenarios", "short", "--rounds", "1", "--energy-counter",
+                        str(tmp_path / "missing"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "load.json").read_text())
+    assert report["power"]["counter"].startswith("n/a") and report["power"]["rows"] == []
+    assert report["rows"][0]["energy_per_answer_j"] is None
+    assert "not measured, not estimated" in (out / "load.md").read_text()
