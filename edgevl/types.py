@@ -8,6 +8,7 @@ and sampled (``VideoPart``) because decoding and its limits belong to preprocess
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -97,6 +98,23 @@ class GenerationRequest:
 
 
 @dataclass
+class PreparedRequest:
+    """A request made ready before it is queued (`Engine.prepare`): tokenised, its images and clips
+    counted, and checked against the context window and the KV budget, so that a request that can
+    never run is refused before any response starts. `generate` runs it as it is (nothing is built twice)."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    max_new_tokens: int  # the answer limit, cut to what the context window leaves
+    image_tokens: int = 0
+    video_tokens: int = 0
+    # the request's one clock: timings (queue_ms, ttft_ms, total_ms) run from the start of prepare
+    t_start: float = field(default_factory=time.perf_counter)
+    preprocess_ms: float = 0.0
+    inputs: object = None  # the engine's own prepared inputs; front ends never look inside
+
+
+@dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -111,10 +129,10 @@ class Usage:
 @dataclass
 class Timings:
     preprocess_ms: float = 0.0
-    queue_ms: float = 0.0  # waiting in the engine for a batch place and KV memory
+    queue_ms: float = 0.0  # from prepared to admitted (a batch place and KV memory): the server's queue included
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
-    ttft_ms: float = 0.0  # from generate() call to the first token
+    ttft_ms: float = 0.0  # from the start of prepare (or of generate, unprepared) to the first token
     decode_ms: float = 0.0
     total_ms: float = 0.0
     tokens_per_s: float = 0.0  # decode speed: tokens after the first / decode time
@@ -184,7 +202,13 @@ class Engine(Protocol):
 
     stats: dict[str, int]  # counters since start: requests, finished, cancelled, errors, ...
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]: ...
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenise and check (context window, max_tokens, KV budget); raises InputError (a 4xx)."""
+        ...
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
+        """The answer's events; a plain GenerationRequest is prepared first."""
+        ...
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int: ...
 

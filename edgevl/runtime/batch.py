@@ -50,7 +50,7 @@ class Work:
     prompt: PreparedPrompt
     needed: int  # KV tokens it may use: prompt + answer limit
     events: queue.Queue = field(default_factory=queue.Queue)
-    t_submit: float = field(default_factory=time.perf_counter)
+    t_submit: float = field(default_factory=time.perf_counter)  # prepared: Timings.queue_ms runs from here
     row: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features

@@ -27,7 +27,7 @@ from edgevl.runtime.batch import BatchLoop, Work
 from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import OnnxModel, open_session
-from edgevl.runtime.prompt import PromptBuilder
+from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder, answer_limit
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import VisionCache
 from edgevl.types import (
@@ -40,6 +40,7 @@ from edgevl.types import (
     ImagePart,
     InputError,
     Message,
+    PreparedRequest,
     SamplingParams,
     TextPart,
     Timings,
@@ -162,28 +163,40 @@ class OrtEngine:
         self.vision_cache.clear()
         self.pool.close()
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """The prompt built and checked before the request is queued: over the context window, or needing
+        more KV cache than the server has at all, is an InputError naming which part is too big."""
         t_start = time.perf_counter()
+        prompt = self.prompts.build(request)
+        n_prompt = int(prompt.ids.size)
+        max_new = answer_limit(n_prompt, request, self.options.max_context)
+        pool = self.pool
+        if not pool.fits_ever(n_prompt + max_new):
+            held = f"the server's KV cache holds {self.options.kv_cache_mb} MB (about {pool.budget_tokens} tokens)"
+            if not pool.fits_ever(n_prompt + 1):
+                mb = pool.bytes_per_token * (n_prompt + 1) / 2**20
+                raise InputError(f"the prompt is {n_prompt} tokens and alone needs {mb:.0f} MB of KV cache; {held}: "
+                                 "send a shorter prompt or fewer or smaller images", code="kv_cache_exceeded")
+            mb = pool.bytes_per_token * (n_prompt + max_new) / 2**20
+            most = min(pool.budget_tokens, pool.max_len) - n_prompt
+            raise InputError(f"the prompt ({n_prompt} tokens) and max_tokens ({max_new}) need {mb:.0f} MB of KV cache; "
+                             f"{held}: ask for at most {most} max_tokens", code="kv_cache_exceeded",
+                             param="max_tokens")
+        return PreparedRequest(request, n_prompt, max_new, prompt.visual_tokens(video=False),
+                               prompt.visual_tokens(video=True), t_start,
+                               (time.perf_counter() - t_start) * 1000, prompt)
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
         with self._stats_lock:
             self.stats["requests"] += 1
-        timings = Timings()
-        prompt = self.prompts.build(request)
-        timings.preprocess_ms = (time.perf_counter() - t_start) * 1000
-        n_prompt = int(prompt.ids.size)
-        window = min(self.options.max_context, request.max_context or self.options.max_context)
-        room = window - n_prompt
-        if room < 1:
-            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {window}",
-                             code="context_length_exceeded")
-        max_new = max(1, min(request.params.max_new_tokens, room))
-        if not self.pool.fits_ever(n_prompt + max_new):
-            mb = self.pool.bytes_per_token * (n_prompt + max_new) / 2**20
-            raise InputError(f"the prompt and answer need {mb:.0f} MB of KV cache; the server's KV cache holds "
-                             f"{self.options.kv_cache_mb} MB: ask for fewer max_tokens", code="kv_cache_exceeded",
-                             param="max_tokens")
-        seq = Sequence(request, prompt.ids.tolist(), max_new, self.eos_ids, self.tokenizer, self.special_ids,
-                       t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True))
-        work = Work(seq, prompt, n_prompt + max_new)
+        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        request = prep.request
+        prompt: PreparedPrompt = prep.inputs
+        timings = Timings(preprocess_ms=prep.preprocess_ms)
+        seq = Sequence(request, prompt.ids.tolist(), prep.max_new_tokens, self.eos_ids, self.tokenizer,
+                       self.special_ids, prep.t_start, timings, prep.image_tokens, prep.video_tokens)
+        work = Work(seq, prompt, prep.prompt_tokens + prep.max_new_tokens,
+                    t_submit=prep.t_start + prep.preprocess_ms / 1000)
         self.loop.submit(work)
         try:
             while True:
@@ -196,4 +209,3 @@ class OrtEngine:
         finally:
             if not seq.finished:
                 request.cancel.set()  # the caller stopped listening: free the batch place at the next step
-

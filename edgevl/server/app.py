@@ -59,7 +59,8 @@ class FaultInjector:
     def generate(self, request):
         from edgevl.types import EngineError, TextPart
 
-        text = " ".join(p.text for m in request.messages for p in m.content if isinstance(p, TextPart))
+        messages = getattr(request, "request", request).messages  # a PreparedRequest or a GenerationRequest
+        text = " ".join(p.text for m in messages for p in m.content if isinstance(p, TextPart))
         for i, ev in enumerate(self.engine.generate(request)):
             if self.marker in text and i == 1:
                 raise EngineError("injected fault")
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch)
         st.governor.start()
         st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
-                                 st.governor, on_start=metrics.queue_wait.observe)
+                                 st.governor)
         st.runner = Runner(st.scheduler, metrics)
         _register_gauges(metrics, st)
         st.ready = True

@@ -77,10 +77,10 @@ async def answer(frames: AsyncIterator[TokenLine | DoneLine], text_key: str | No
     return out
 
 
-def _respond(state, endpoint: str, req: GenerationRequest, http: Request, stream: bool, text_key: str,
-             extra: Extra = lambda text, done: {}, splitter: ToolCallSplitter | None = None):
-    frames = lines(state, state.runner.events(endpoint, state.runner.start(req), http), extra, splitter)
-    return ndjson(frames) if stream else answer(frames, text_key)
+async def _respond(state, endpoint: str, req: GenerationRequest, http: Request, stream: bool, text_key: str,
+                   extra: Extra = lambda text, done: {}, splitter: ToolCallSplitter | None = None):
+    frames = lines(state, state.runner.events(endpoint, await state.runner.start(req), http), extra, splitter)
+    return ndjson(frames) if stream else await answer(frames, text_key)
 
 
 @router.post("/predict", response_model=PredictResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -117,8 +117,7 @@ async def predict(body: PredictRequest, http: Request):
         fin = "tool_calls" if out and done.finish.finish_reason == "stop" else done.finish.finish_reason
         return {"tool_calls": out, "finish_reason": fin}
 
-    result = _respond(state, "predict", req, http, body.stream, "answer", calls, splitter)
-    return result if body.stream else await result
+    return await _respond(state, "predict", req, http, body.stream, "answer", calls, splitter)
 
 
 @router.post("/ocr", response_model=OcrResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -129,8 +128,7 @@ async def ocr(body: OcrRequest, http: Request):
     req = _request(state, [Message("user", [ImagePart(img), TextPart(body.instruction())])], body)
     if body.temperature is None:
         req.params.temperature = 0.0  # transcription wants the likeliest reading, not variety
-    result = _respond(state, "ocr", req, http, body.stream, "text")
-    return result if body.stream else await result
+    return await _respond(state, "ocr", req, http, body.stream, "text")
 
 
 @router.get("/health")

@@ -28,7 +28,8 @@ class Metrics:
                                          registry=r)
         self.prefix_reused = Counter("edgevl_prefix_reused_tokens", "prompt tokens served from the KV cache",
                                      registry=r)
-        self.queue_wait = Histogram("edgevl_queue_wait_seconds", "time a request waited for a batch place",
+        self.queue_wait = Histogram("edgevl_queue_wait_seconds",
+                                    "time from prepared to admitted (a batch place and KV memory)",
                                     buckets=_LATENCY_BUCKETS, registry=r)
 
     def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:

@@ -147,11 +147,11 @@ def _loaded(make: Make) -> Frame:
     return make("", done=True, done_reason="load")
 
 
-def _respond(state, endpoint: str, http: Request, body: Common, req: GenerationRequest, make: Make,
-             splitter: ToolCallSplitter | None, t0: float):
-    run = state.runner.start(req)
+async def _respond(state, endpoint: str, http: Request, body: Common, req: GenerationRequest, make: Make,
+                   splitter: ToolCallSplitter | None, t0: float):
+    run = await state.runner.start(req)
     out = frames(state, state.runner.events(endpoint, run, http), make, splitter, t0)
-    return ndjson(out, shape) if body.stream else fold(out)
+    return ndjson(out, shape) if body.stream else await fold(out)
 
 
 @router.post("/chat", response_model=ChatFrame, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -180,8 +180,7 @@ async def chat(body: ChatRequest, http: Request):
         messages.append(Message(m.role, parts, calls))
     tools = Tooling(tools=body.tools) if body.tools else None
     req, splitter = await _prepare(state, body, messages, tools)
-    result = _respond(state, "ollama_chat", http, body, req, make, splitter, t0)
-    return result if body.stream else await result
+    return await _respond(state, "ollama_chat", http, body, req, make, splitter, t0)
 
 
 @router.post("/generate", response_model=GenerateFrame, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -205,8 +204,7 @@ async def generate(body: GenerateRequest, http: Request):
         parts.append(TextPart(body.prompt))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [Message("user", parts)]
     req, _ = await _prepare(state, body, messages, None)
-    result = _respond(state, "ollama_generate", http, body, req, make, None, t0)
-    return result if body.stream else await result
+    return await _respond(state, "ollama_generate", http, body, req, make, None, t0)
 
 
 async def frames(state, events: AsyncIterator, make: Make, splitter: ToolCallSplitter | None, t0: float

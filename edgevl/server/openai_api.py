@@ -140,7 +140,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     elif kind != "text":
         raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "unsupported_response_format", "response_format")
-    run = state.runner.start(req)
+    run = await state.runner.start(req)  # a 400 for an over-long prompt comes here, before the stream
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,
                      include_usage or not body.stream)
