@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import enum
 import queue
 import threading
 import time
@@ -42,9 +43,27 @@ from edgevl.types import EngineError, Event
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+class State(enum.Enum):
+    """Where a request stands in the loop; only the loop's thread changes it.
+
+    waiting ─► (a KV row) ─► encoding ⇄ prefilling ─► decoding ─► finished | cancelled | failed
+    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision thread)"""
+
+    WAITING = "waiting"
+    ENCODING = "encoding"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+LIVE_STATES = (State.WAITING, State.ENCODING, State.PREFILLING, State.DECODING)
+
+
 @dataclass
 class Work:
-    """A sequence inside the loop: where its prompt stands and where its events go."""
+    """A sequence inside the loop: its state, where its prompt stands and where its events go."""
 
     seq: Sequence
     prompt: PreparedPrompt
@@ -55,10 +74,7 @@ class Work:
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
     draft: list[int] = field(default_factory=list)  # tokens its constraint forces next (jump-forward)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == self.prompt.ids.size and not self.seq.finished
+    state: State = State.WAITING
 
 
 class BatchLoop:
@@ -74,6 +90,8 @@ class BatchLoop:
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
         self.waiting: collections.deque[Work] = collections.deque()
         self.active: list[Work] = []
+        # admitted requests by state, as of the last change: other threads read this, never `active`
+        self._states = {s.value: 0 for s in LIVE_STATES}
         self._cv = threading.Condition()
         self._closed = False
         # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
@@ -98,9 +116,8 @@ class BatchLoop:
         self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
-        with self._cv:
-            return {"running": sum(w.decoding for w in self.active),
-                    "prefilling": sum(not w.decoding for w in self.active), "waiting": len(self.waiting)}
+        """Requests in each live state: the loop's last published snapshot, and its queue now."""
+        return {**self._states, State.WAITING.value: len(self.waiting)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -146,6 +163,7 @@ class BatchLoop:
             w.seq.timings.prefix_reused_tokens = w.prefilled
             self._count("prefix_reused_tokens", w.prefilled)
             self.active.append(w)
+            self._set(w, State.PREFILLING)
 
     def _drop_cancelled(self) -> None:
         for w in list(self.active):
@@ -155,7 +173,7 @@ class BatchLoop:
                 self._emit(w, w.seq.cancel())
 
     def _decode_step(self) -> bool:
-        running = [w for w in self.active if w.decoding and not w.draft]
+        running = [w for w in self.active if w.state is State.DECODING and not w.draft]
         if not running:
             return False
         by_row = {w.row: w for w in running}
@@ -196,7 +214,7 @@ class BatchLoop:
         that draft as one chunk, with logits at every position; the draft is kept while the model,
         masked and sampled as always, chooses it (a forced run of k tokens: one pass, not k steps).
         The KV of a rejected tail is left past the row's length, where the next run overwrites it."""
-        drafting = [w for w in self.active if w.decoding and w.draft]
+        drafting = [w for w in self.active if w.state is State.DECODING and w.draft]
         for w in drafting:
             draft, w.draft = w.draft, []
             n_gen = len(w.seq.generated)
@@ -223,11 +241,13 @@ class BatchLoop:
         newcomer whose images are all encoded reads one chunk of its prompt. → whether a chunk ran."""
         self._collect_vision()
         for w in self.active:
-            if w.decoding or w.seq.finished or w.seq.cancelled:
+            if w.state not in (State.ENCODING, State.PREFILLING) or w.seq.cancelled:
                 continue
             if self._features_ready(w):
+                self._set(w, State.PREFILLING)
                 self._prefill_chunk(w)
                 return True
+            self._set(w, State.ENCODING)
         return False
 
     def _features_ready(self, w: Work) -> bool:
@@ -295,7 +315,10 @@ class BatchLoop:
         self.pool.advance(w.row, p.keys[:end])
         w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
         if end == p.ids.size:
-            self._emit(w, w.seq.accept(logits[0]))
+            events = w.seq.accept(logits[0])
+            if not w.seq.finished:
+                self._set(w, State.DECODING)
+            self._emit(w, events)
             self._plan_draft(w)
 
     def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -321,7 +344,7 @@ class BatchLoop:
     # ---- leaving -----------------------------------------------------------------------------
     def _emit(self, w: Work, events: list[Event]) -> None:
         if w.seq.finished:  # the row is free before the caller hears the end, so its next turn finds it
-            self._leave(w)
+            self._leave(w, State.CANCELLED if w.seq.reason == "cancelled" else State.FINISHED)
             self._count("cancelled" if w.seq.reason == "cancelled" else "finished")
             self._count("generated_tokens", len(w.seq.generated))
         for ev in events:
@@ -329,14 +352,23 @@ class BatchLoop:
 
     def _fail(self, w: Work, error: BaseException) -> None:
         w.seq.finished = True
-        self._leave(w)
+        self._leave(w, State.FAILED)
         self._count("errors")
         w.events.put(error)
 
-    def _leave(self, w: Work) -> None:
+    def _leave(self, w: Work, state: State) -> None:
         if w in self.active:
             self.active.remove(w)
             self.pool.release(w.row)
+        self._set(w, state)
+
+    def _set(self, w: Work, state: State) -> None:
+        """Moves a request to `state` and publishes the counts before anyone hears of the change."""
+        if w.state is state:
+            return
+        w.state = state
+        counts = collections.Counter(x.state for x in self.active)
+        self._states = {s.value: counts[s] for s in LIVE_STATES}  # one assignment: readers see a whole snapshot
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:

@@ -126,10 +126,13 @@ class OrtEngine:
         return self.prompts.chat.token_id(text)
 
     def cache_stats(self) -> dict[str, int]:
-        """Sizes of the caches and of the batch (for /metrics and /api/health)."""
-        kv = self.pool.stats()
+        """Sizes of the caches (for /metrics and /api/health)."""
         return {"vision_cache_entries": len(self.vision_cache), "vision_cache_bytes": self.vision_cache.nbytes,
-                "kv_slots": kv["kv_rows"], "kv_cache_bytes": kv["kv_used_bytes"], **kv, **self.loop.load()}
+                **self.pool.stats()}
+
+    def request_states(self) -> dict[str, int]:
+        """Requests in the engine by state (waiting, encoding, prefilling, decoding)."""
+        return self.loop.load()
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         """Decoder runs by batch size, and prefill chunks by token-count bucket, since start."""

@@ -127,9 +127,11 @@ class TransformersEngine:
         return {k: g[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in g}
 
     def cache_stats(self) -> dict[str, int]:
-        return dict.fromkeys(("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes",
-                              "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling",
-                              "waiting"), 0)
+        return dict.fromkeys(("vision_cache_entries", "vision_cache_bytes", "kv_rows", "kv_running",
+                              "kv_cached_tokens", "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes"), 0)
+
+    def request_states(self) -> dict[str, int]:
+        return dict.fromkeys(("waiting", "encoding", "prefilling", "decoding"), 0)  # no queue: generate runs inline
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         return {}  # one sequence at a time

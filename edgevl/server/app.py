@@ -174,9 +174,10 @@ def _finish(resp: Response, rid: str, endpoint: str, metrics: Metrics, t0: float
 def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
-    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes", "kv_used_bytes",
-                "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
+    metrics.state_gauge("edgevl_requests_in_state", "requests by state (waiting: in the server's queue or the "
+                        "engine's)", ("waiting", "encoding", "prefilling", "decoding"), st.scheduler.request_states)
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
                       lambda k=key: st.scheduler.counts[k])

@@ -37,6 +37,12 @@ class Metrics:
         g = Gauge(name, doc, registry=self.registry)
         g.set_function(fn)
 
+    def state_gauge(self, name: str, doc: str, states: tuple[str, ...], fn: Callable[[], dict[str, int]]) -> None:
+        """A gauge per state, read at scrape time: `fn()` → {state: count}."""
+        g = Gauge(name, doc, ["state"], registry=self.registry)
+        for s in states:
+            g.labels(s).set_function(lambda s=s: fn().get(s, 0))
+
     def histograms(self, fn: Callable[[], dict[str, dict[int, int]]], docs: dict[str, str]) -> None:
         """Histograms the engine counts itself (sequences per decoder step, prefill chunk sizes), read at
         scrape time: `fn()` → {name: {upper bound: count}}."""

@@ -126,6 +126,11 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    def request_states(self) -> dict[str, int]:
+        """Requests by state: the engine's, with this queue's counted as waiting too."""
+        states = self.engine.request_states()
+        return {**states, "waiting": states.get("waiting", 0) + self.queue_depth}
+
     def close(self) -> None:
         with self._cv:
             self._closed = True

@@ -89,16 +89,18 @@ def test_metrics_count_requests_and_tokens(server):
     assert server.metric("edgevl_generated_tokens_total") >= before + 1
     for name in ("edgevl_requests_total", "edgevl_time_to_first_token_seconds_bucket",
                  "edgevl_request_duration_seconds_bucket", "edgevl_queue_depth", "edgevl_in_flight",
-                 "edgevl_vision_cache_entries", "edgevl_kv_cache_bytes", "edgevl_thermal_level",
-                 "edgevl_kv_used_bytes", "edgevl_kv_free_bytes", "edgevl_running", "edgevl_waiting",
-                 "edgevl_queue_wait_seconds_bucket"):
+                 "edgevl_vision_cache_entries", "edgevl_thermal_level",
+                 "edgevl_kv_used_bytes", "edgevl_kv_free_bytes", 'edgevl_requests_in_state{state="decoding"}',
+                 'edgevl_requests_in_state{state="waiting"}', "edgevl_queue_wait_seconds_bucket"):
         assert name in text, name
     # the engine's own histograms: every decoder step and every prefill chunk is counted
     assert server.metric("edgevl_batch_size_bucket", 'le="+Inf"') >= 4
     assert server.metric("edgevl_prefill_chunk_tokens_bucket", 'le="+Inf"') >= 1
-    caches = server.client().get("/api/health").json()["caches"]
-    assert {"running", "prefilling", "waiting", "kv_used_bytes", "kv_free_bytes"} <= set(caches)
+    health = server.client().get("/api/health").json()
+    caches = health["caches"]
+    assert {"kv_used_bytes", "kv_free_bytes"} <= set(caches)
     assert caches["kv_used_bytes"] > 0  # the finished turn is kept for prefix reuse
+    assert set(health["requests"]) == {"waiting", "encoding", "prefilling", "decoding"}
 
 
 def _png_bytes_b64(img: Image.Image, fmt: str = "PNG", **kw) -> str:
