@@ -163,6 +163,26 @@ Event = TokenEvent | FinishEvent
 
 
 @dataclass
+class Histogram:
+    """Observations counted into buckets, with their exact sum: the engine records, /metrics reads.
+    One thread observes; a reader copies `counts` (a count is never half-written under the GIL)."""
+
+    bounds: tuple[float, ...]  # bucket upper bounds, increasing
+    counts: list[int] = field(default_factory=list)  # per bucket, and one more past the last bound
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.total += value
+
+    def clear(self) -> None:
+        self.counts, self.total = [0] * (len(self.bounds) + 1), 0.0
+
+
+@dataclass
 class EngineOptions:
     """How the engine runs; the server's settings map onto these one to one."""
 
@@ -230,6 +250,11 @@ class Engine(Protocol):
         ...
 
     def batch_histograms(self) -> dict[str, dict[int, int]]: ...
+
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        """Histograms of the engine's graph runs, by name and then by kind ("" when it has none):
+        step_seconds (decode, prefill, draft), step_tokens, vision_seconds."""
+        ...
 
     def info(self) -> EngineInfo: ...
 

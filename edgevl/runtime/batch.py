@@ -38,9 +38,11 @@ from edgevl.runtime.model import OnnxModel, RunHandle
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
-from edgevl.types import EngineError, Event
+from edgevl.types import EngineError, Event, Histogram
 
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class State(enum.Enum):
@@ -88,6 +90,10 @@ class BatchLoop:
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
+        # wall time of each decoder run by kind, the tokens it carried, and each vision run's time
+        self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "prefill", "draft")}
+        self.step_tokens = Histogram(TOKEN_BUCKETS)
+        self.vision_seconds = Histogram(SECONDS_BUCKETS)
         self.waiting: collections.deque[Work] = collections.deque()
         self.active: list[Work] = []
         # admitted requests by state, as of the last change: other threads read this, never `active`
@@ -191,6 +197,7 @@ class BatchLoop:
             positions[:, r - lo] = w.prompt.next_position + n_gen - 1
             lengths[r - lo] = w.prompt.ids.size + n_gen
         cos, sin = self.prompts.cos_sin(positions)
+        t0 = time.perf_counter()
         try:
             logits = self.model.decode([k[lo:hi] for k in self.pool.keys], [v[lo:hi] for v in self.pool.values],
                                        ids, cos, sin, lengths)
@@ -198,6 +205,7 @@ class BatchLoop:
             for w in running:
                 self._fail(w, e)
             return True
+        self._ran("decode", t0, len(running))
         self.batch_sizes[len(running)] += 1
         for r, w in by_row.items():
             self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
@@ -222,6 +230,7 @@ class BatchLoop:
             first = w.prompt.next_position + n_gen - 1
             cos, sin = self.prompts.cos_sin(np.tile(np.arange(first, first + ids.shape[1]), (3, 1)))
             row = slice(w.row, w.row + 1)
+            t0 = time.perf_counter()
             try:
                 logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
                                            ids, cos, sin, np.asarray([w.prompt.ids.size + n_gen + len(draft)]),
@@ -229,6 +238,7 @@ class BatchLoop:
             except EngineError as e:
                 self._fail(w, e)
                 continue
+            self._ran("draft", t0, ids.shape[1])
             events, kept = w.seq.accept_draft(logits, draft)
             self._count("forced_tokens", kept)
             self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
@@ -289,6 +299,7 @@ class BatchLoop:
         except EngineError as err:
             self._fail(w, err)
             return
+        self.vision_seconds.observe(ms / 1000)
         self.vision_cache.put(w.prompt.fingerprints[i], f)
         w.feats[i] = f
         w.seq.timings.vision_ms += ms
@@ -303,13 +314,16 @@ class BatchLoop:
         t0 = time.perf_counter()
         start, end = w.prefilled, min(p.ids.size, w.prefilled + self.prefill_chunk)
         row = slice(w.row, w.row + 1)
+        visual = self._visual(w, start, end)
+        t_run = time.perf_counter()
         try:
             logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
                                        p.ids[None, start:end], p.cos[start:end], p.sin[start:end],
-                                       np.asarray([end]), self._visual(w, start, end))
+                                       np.asarray([end]), visual)
         except EngineError as err:
             self._fail(w, err)
             return
+        self._ran("prefill", t_run, end - start)
         self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
         w.prefilled = end
         self.pool.advance(w.row, p.keys[:end])
@@ -340,6 +354,16 @@ class BatchLoop:
         rows = np.concatenate(idx)
         return (np.stack([np.zeros_like(rows), rows], axis=1), np.concatenate(emb).astype(np.float32),
                 np.concatenate(deep, axis=1).astype(np.float32))
+
+    def _ran(self, kind: str, t0: float, tokens: int) -> None:
+        self.step_seconds[kind].observe(time.perf_counter() - t0)
+        self.step_tokens.observe(tokens)
+
+    def clear_histograms(self) -> None:
+        self.batch_sizes.clear()
+        self.chunk_tokens.clear()
+        for h in (*self.step_seconds.values(), self.step_tokens, self.vision_seconds):
+            h.clear()
 
     # ---- leaving -----------------------------------------------------------------------------
     def _emit(self, w: Work, events: list[Event]) -> None:

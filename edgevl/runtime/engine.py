@@ -37,6 +37,7 @@ from edgevl.types import (
     Event,
     FinishEvent,
     GenerationRequest,
+    Histogram,
     ImagePart,
     InputError,
     Message,
@@ -138,6 +139,11 @@ class OrtEngine:
         """Decoder runs by batch size, and prefill chunks by token-count bucket, since start."""
         return {"batch_size": dict(self.loop.batch_sizes), "prefill_chunk_tokens": dict(self.loop.chunk_tokens)}
 
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        loop = self.loop
+        return {"step_seconds": dict(loop.step_seconds), "step_tokens": {"": loop.step_tokens},
+                "vision_seconds": {"": loop.vision_seconds}}
+
     def sampling_defaults(self) -> dict:
         """The checkpoint's recommended sampling (generation_config.json), for callers that set none."""
         g = self.generation_defaults
@@ -158,8 +164,7 @@ class OrtEngine:
         with self._stats_lock:
             for k in self.stats:
                 self.stats[k] = 0
-        self.loop.batch_sizes.clear()
-        self.loop.chunk_tokens.clear()
+        self.loop.clear_histograms()
 
     def close(self) -> None:
         self.loop.close()

@@ -26,6 +26,7 @@ from edgevl.types import (
     EngineOptions,
     Event,
     GenerationRequest,
+    Histogram,
     Message,
     PreparedRequest,
     VideoPart,
@@ -135,6 +136,9 @@ class TransformersEngine:
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         return {}  # one sequence at a time
+
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        return {}  # vision and prompt run as one forward: nothing to tell apart
 
     def json_constraint(self, schema: dict | None, budget: int = 0):
         return self._grammars().json_schema(schema, budget)

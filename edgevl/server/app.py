@@ -190,6 +190,10 @@ def _register_gauges(metrics: Metrics, st) -> None:
                   lambda: {"normal": 0, "throttled": 1, "halted": 2}.get(st.governor.level, -1))
     metrics.gauge("edgevl_allowed_slots", "batch size allowed now (the thermal governor's lever)",
                   lambda: st.governor.allowed_slots())
+    metrics.run_histograms(st.engine.run_histograms,
+                           {"step_seconds": "wall time of a decoder run, by kind (decode, prefill, draft)",
+                            "step_tokens": "tokens a decoder run carried (decode + prompt tokens)",
+                            "vision_seconds": "wall time of a vision-tower run (an image, or a clip)"})
     metrics.histograms(st.engine.batch_histograms,
                        {"batch_size": "sequences per batched decoder step",
                         "prefill_chunk_tokens": "prompt tokens per prefill chunk (bucketed)"})

@@ -103,6 +103,32 @@ def test_metrics_count_requests_and_tokens(server):
     assert set(health["requests"]) == {"waiting", "encoding", "prefilling", "decoding"}
 
 
+def test_metrics_time_every_decoder_and_vision_run(server):
+    def read() -> dict[str, float]:
+        names = ("step_tokens_sum", "step_tokens_count", "vision_seconds_count", "vision_seconds_sum")
+        return {k: server.metric(f"edgevl_{k}") for k in names} | {
+            f"{kind}_{x}": server.metric(f"edgevl_step_seconds_{x}", f'kind="{kind}"')
+            for kind in ("decode", "prefill", "draft") for x in ("count", "sum")}
+
+    before = read()
+    r = server.client().post("/api/predict", json={"image": png_b64(72, 56, seed=9301), "prompt": "Describe.",
+                                                   "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    after, body = read(), r.json()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["vision_seconds_count"] >= 1 and delta["vision_seconds_sum"] > 0  # a picture never seen before
+    assert delta["prefill_count"] >= 1 and delta["prefill_sum"] > 0
+    if body["usage"]["completion_tokens"] > 1:
+        assert delta["decode_count"] >= 1 and delta["decode_sum"] > 0
+    # every prompt token read and every answer token after the first went through a counted decoder run
+    read_tokens = body["usage"]["prompt_tokens"] - body["timings"]["prefix_reused_tokens"]
+    assert delta["step_tokens_sum"] >= read_tokens + body["usage"]["completion_tokens"] - 1
+    assert delta["step_tokens_count"] == delta["prefill_count"] + delta["decode_count"] + delta["draft_count"]
+    text = server.client().get("/metrics").text
+    assert 'edgevl_step_seconds_bucket{kind="draft",le="+Inf"}' in text
+    assert "edgevl_step_tokens_bucket{le=" in text and "edgevl_vision_seconds_bucket{le=" in text
+
+
 def _png_bytes_b64(img: Image.Image, fmt: str = "PNG", **kw) -> str:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
