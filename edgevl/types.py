@@ -19,7 +19,8 @@ from PIL import Image
 Role = Literal["system", "user", "assistant", "tool"]
 # weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it
 Precision = Literal["fp32", "int8", "int4", "int8-nbits"]
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+# what ends an answer in the engine; a timeout or a failure is an exception instead (a 504, an error frame)
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass

@@ -46,27 +46,6 @@ def load_default_engine(settings: Settings) -> Engine:
     return load_engine(model, settings.engine_options())
 
 
-class FaultInjector:
-    """Test hook (EDGEVL_FAULT_INJECT=marker): a request whose text contains the marker fails inside
-    the engine after its first token, as a real engine fault would. Everything else passes through."""
-
-    def __init__(self, engine: Engine, marker: str):
-        self.engine, self.marker = engine, marker
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    def generate(self, request):
-        from edgevl.types import EngineError, TextPart
-
-        messages = getattr(request, "request", request).messages  # a PreparedRequest or a GenerationRequest
-        text = " ".join(p.text for m in messages for p in m.content if isinstance(p, TextPart))
-        for i, ev in enumerate(self.engine.generate(request)):
-            if self.marker in text and i == 1:
-                raise EngineError("injected fault")
-            yield ev
-
-
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     keys = settings.all_api_keys()
@@ -76,8 +55,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI):
         st = app.state
         eng = engine or await asyncio.to_thread(load_default_engine, settings)  # loads and warms
-        if os.environ.get("EDGEVL_FAULT_INJECT"):
-            eng = FaultInjector(eng, os.environ["EDGEVL_FAULT_INJECT"])
         st.engine = eng
         st.info = eng.info()
         st.sampling_defaults = eng.sampling_defaults()

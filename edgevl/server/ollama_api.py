@@ -51,7 +51,7 @@ from edgevl.types import ToolCall as EngineToolCall
 # the Ollama release whose /api this mirrors (logprobs, its newest field served here, came in 0.12.11)
 OLLAMA_VERSION = "0.12.11"
 FAMILY = "qwen3vl"  # edgevl serves Qwen3-VL checkpoints only
-_DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
+_DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop"}
 _REFUSED = {
     "pull": "edgevl serves the one model it was started with and pulls none: download the checkpoint "
             "(e.g. Qwen/Qwen3-VL-2B-Instruct) and restart with `edgevl serve --model DIR`",

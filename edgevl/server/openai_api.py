@@ -49,7 +49,7 @@ from edgevl.server.wire import sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 async def _messages(msgs: list[ChatMessage], state) -> list[Message]:
