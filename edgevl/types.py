@@ -185,7 +185,9 @@ class Histogram:
 
 @dataclass
 class EngineOptions:
-    """How the engine runs; the server's settings map onto these one to one."""
+    """How the engine runs. The server fills them from its settings (`Settings.engine_options`; a few
+    names differ: --threads is intra_op_threads, --vision-cache vision_cache_entries); prepack_weights
+    has no setting."""
 
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
     inter_op_threads: int = 1

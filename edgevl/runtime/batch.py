@@ -1,6 +1,6 @@
 """The loop that owns the CPU: continuous batching with chunked prefill.
 
-    generate() ─► inbox ─► waiting ──(a KV row and budget free?)──► admitted
+    submit() ─► waiting (a deque, under the loop's lock) ──(a KV row and budget free?)──► admitted
                                                                       │
     each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
                    its KV rows (rows lo..hi of the pool; idle rows in between run a harmless

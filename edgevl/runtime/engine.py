@@ -1,11 +1,12 @@
 """The ONNX Runtime engine: the Engine interface over the batch loop.
 
-    generate(request) ─► prompt (template, patches, MRoPE) in the caller's thread
-                      ─► Work into the batch loop ─► events back through the Work's queue
+    prepare(request) ─► prompt (template, patches, MRoPE) and its checks, in the caller's thread
+    generate(prepared) ─► Work into the batch loop ─► events back through the Work's queue
 
-Everything heavy runs on the loop's one thread (runtime/batch.py); this class wires the parts
-together — graphs (model.py), KV pool (kv_pool.py), vision cache (vision_cache.py), prompts
-(prompt.py) — and answers the front ends' questions about them.
+The graphs run on the batch loop's thread (runtime/batch.py), which also feeds the vision tower
+on a thread of its own; this class wires the parts together — graphs (model.py), KV pool
+(kv_pool.py), vision cache (vision_cache.py), prompts (prompt.py) — and answers the front ends'
+questions about them.
 """
 
 from __future__ import annotations
