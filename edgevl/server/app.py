@@ -20,10 +20,11 @@ from fastapi.staticfiles import StaticFiles
 from edgevl import __version__
 from edgevl.ops.thermal import ThermalGovernor, ThermalPolicy
 from edgevl.preprocess.video import VideoConfig
-from edgevl.server import detect_api, edge_api, errors, ollama_api, openai_api
+from edgevl.server import detect_api, edge_api, errors, ollama_api, openai_api, responses_api
 from edgevl.server.errors import error_response
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import LIMITS
+from edgevl.server.response_store import ResponseStore
 from edgevl.server.scheduler import Scheduler
 from edgevl.server.serving import Runner
 from edgevl.server.settings import Settings
@@ -85,11 +86,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.ready = False
     app.state.replica = os.environ.get("EDGEVL_REPLICA_NAME", f"{socket.gethostname()}-{os.getpid()}")
     app.state.metrics = metrics
+    app.state.response_store = ResponseStore(settings.responses_store)
     errors.install(app)
     app.include_router(edge_api.router)
     app.include_router(detect_api.router)
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(responses_api.router)
     limits = {"max_tokens": settings.max_tokens, "max_turns": settings.max_turns,
               "max_prompt_chars": settings.max_context * 8}
     max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -114,10 +117,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                                   "invalid_request_error", "payload_too_large", None, 413)
             return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
         resp = await call_next(request)
-        return _finish(resp, rid, endpoint, metrics, t0, app.state.replica)
+        # by route, so that /v1/responses/{response_id} is one endpoint however many ids are asked for
+        route = getattr(request.scope.get("route"), "path", endpoint)
+        return _finish(resp, rid, route, metrics, t0, app.state.replica)
 
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"])
 
     @app.get("/metrics", include_in_schema=False)

@@ -28,6 +28,10 @@ class ApiError(Exception):
         self.message, self.code, self.param, self.headers = message, code, param, headers or {}
 
 
+class NotFound(ApiError):
+    status = 404
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 

@@ -121,25 +121,27 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
     req = GenerationRequest(await _messages(body.messages, state), params, max_pixels=body.max_pixels)
     fmt = body.response_format or {}
     kind = fmt.get("type", "text")
-    if body.forces_tool_call() and kind != "text":
-        raise ApiError("response_format cannot be combined with a forced tool call", "invalid_request",
-                       "response_format")
-    splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
+    text_constraint = None
     if kind == "json_object":  # llama.cpp's, Together's and Fireworks' form may carry a schema
         schema = fmt.get("schema")
         if schema is not None and not isinstance(schema, dict):
             raise ApiError("response_format.schema must be a JSON schema object", "invalid_schema",
                            "response_format.schema")
-        req.constraint = await constraint_for(state, schema, params.max_new_tokens)
+        text_constraint = await constraint_for(state, schema, params.max_new_tokens)
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise ApiError("response_format.json_schema.schema must be a JSON schema object", "invalid_schema",
                            "response_format")
-        req.constraint = await constraint_for(state, spec["schema"], params.max_new_tokens)
+        text_constraint = await constraint_for(state, spec["schema"], params.max_new_tokens)
     elif kind != "text":
         raise ApiError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
                        "unsupported_response_format", "response_format")
+    splitter = await prepare_tools(state, req, body)  # a forced call brings its own constraint
+    if not body.forces_tool_call():
+        # response_format shapes a text answer; a forced call has none, so there the call's grammar
+        # rules (as at OpenAI: agent SDKs send an output schema with tool_choice "required")
+        req.constraint = text_constraint
     run = await state.runner.start(req)  # a 400 for an over-long prompt comes here, before the stream
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import Request
 from PIL import Image
@@ -18,7 +19,7 @@ from edgevl.preprocess.image import decode_image
 from edgevl.preprocess.video import VideoConfig, VideoError, VideoLimits, decode_video, video_from_frames
 from edgevl.server.errors import ApiError
 from edgevl.server.metrics import Metrics
-from edgevl.server.protocol import Timings, Tooling, Usage
+from edgevl.server.protocol import Timings, Usage
 from edgevl.server.remote import fetch_image
 from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
@@ -110,7 +111,19 @@ async def constraint_for(state, schema: dict | None, budget: int):
     return await asyncio.to_thread(state.engine.json_constraint, schema, budget)
 
 
-async def prepare_tools(state, req: GenerationRequest, body: Tooling) -> ToolCallSplitter | None:
+class ToolRequest(Protocol):
+    """What a dialect's request says about tools (the chat request's Tooling, the Responses request)."""
+
+    parallel_tool_calls: bool | None
+
+    def tool_mode(self) -> str: ...  # none | auto | required | the one function's name
+
+    def forces_tool_call(self) -> bool: ...
+
+    def tool_dicts(self) -> list[dict] | None: ...  # in the chat shape: {"type": "function", "function": {...}}
+
+
+async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> ToolCallSplitter | None:
     """Lists the tools for the model (even with tool_choice none, as OpenAI does); a forced call
     (required, or a named function) constrains decoding to tool calls and nothing else.
     → what finds the calls in the answer (None when none are wanted)."""

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_turns: int = Field(64, ge=1, le=10000, description="messages per conversation")
     vision_cache: int = Field(16, ge=0, le=100000, description="image embeddings kept for repeated images")
     prefix_cache: bool = Field(True, description="re-use the KV cache of a conversation's earlier turns")
+    responses_store: int = Field(256, ge=0, le=100000,
+                                 description="responses kept for previous_response_id and GET /v1/responses (0: none)")
     max_memory_mb: int = Field(0, ge=0, description="refuse to start if the model would need more (0: no check)")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (public addresses only)")
     allow_remote_hosts: Annotated[list[str], NoDecode] = Field(

@@ -53,3 +53,14 @@ def ndjson(frames: AsyncIterator[BaseModel], shape: Shape | None = None) -> Stre
             yield (json.dumps({**_error(e, shape), "done": True}, ensure_ascii=False) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=_HEADERS)
+
+
+def named_sse(frames: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """Server-sent events named by each frame's `type` (`event: TYPE` before its data), as OpenAI's
+    Responses API sends them: no `[DONE]`, and the frames carry their own errors."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async for frame in frames:
+            yield f"event: {frame.type}\ndata: ".encode() + frame.model_dump_json().encode() + b"\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)

@@ -39,7 +39,8 @@ def _operations(url: str) -> list:
 def test_every_operation_survives_generated_requests(fuzz_server):
     ops = _operations(fuzz_server.url)
     assert {op.path for op in ops} >= {"/api/predict", "/api/ocr", "/api/detect", "/api/health",
-                                       "/v1/chat/completions", "/v1/models", *OLLAMA_PATHS}
+                                       "/v1/chat/completions", "/v1/models", "/v1/responses",
+                                       "/v1/responses/{response_id}", *OLLAMA_PATHS}
     for op in ops:
         _check(op, SEEN.setdefault(f"{op.method.upper()} {op.path}", {}), fuzz_server.url)()
     print("fuzz statuses:", SEEN)
@@ -157,3 +158,59 @@ def test_ollama_chat_with_formats_tools_and_options_never_5xx(fuzz_server):
 
     check()
     print("ollama chat statuses:", SEEN["ollama chat"])
+
+
+
+def test_responses_with_tools_formats_and_stored_turns_never_5xx(fuzz_server):
+    """Past validation on /v1/responses: random function tools and tool choices, text formats, logprobs,
+    streams, and previous_response_id pointing at stored, unknown and deleted responses."""
+    from hypothesis import strategies as st
+
+    from tests.server.conftest import png_b64
+
+    image = "data:image/png;base64," + png_b64(64, 48)
+    stored = httpx.post(fuzz_server.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 2},
+                        timeout=60).json()["id"]
+    deleted = httpx.post(fuzz_server.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 2},
+                         timeout=60).json()["id"]
+    assert httpx.delete(f"{fuzz_server.url}/v1/responses/{deleted}", timeout=10).status_code == 200
+    tools = st.lists(st.builds(lambda n, p: {"type": "function", "name": n, "parameters": p},
+                               st.sampled_from(["f", "g", "h"]), _schemas()), max_size=3)
+    choice = st.one_of(st.none(), st.sampled_from(["auto", "none", "required"]),
+                       st.sampled_from(["f", "g", "x"]).map(lambda n: {"type": "function", "name": n}))
+    fmt = st.one_of(st.none(), st.just({"format": {"type": "json_object"}}),
+                    _schemas().map(lambda s: {"format": {"type": "json_schema", "name": "s", "schema": s}}))
+    item = st.sampled_from([
+        {"role": "user", "content": [{"type": "input_image", "image_url": image, "detail": "low"},
+                                     {"type": "input_text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_image", "image_url": image}]},
+        {"role": "developer", "content": "be brief"}])
+    body = st.fixed_dictionaries({
+        "input": st.one_of(st.just("hi"), st.lists(item, min_size=1, max_size=4)),
+        "tools": tools, "tool_choice": choice, "text": fmt, "parallel_tool_calls": st.booleans(),
+        "previous_response_id": st.sampled_from([None, stored, deleted, "resp_unknown"]),
+        "include": st.sampled_from([None, ["message.output_text.logprobs"]]), "top_logprobs": st.integers(0, 3),
+        "stream": st.booleans(), "store": st.booleans(), "max_output_tokens": st.integers(1, 8)}).map(
+        lambda b: {k: v for k, v in b.items() if v is not None})
+
+    @given(b=body)
+    @settings(max_examples=int(os.environ.get("EDGEVL_FUZZ_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    def check(b: dict) -> None:
+        if not b["tools"]:
+            b.pop("tool_choice", None)
+        if "include" not in b:
+            b.pop("top_logprobs")
+        r = httpx.post(fuzz_server.url + "/v1/responses", json=b, timeout=60)
+        SEEN.setdefault("responses", {}).setdefault(r.status_code, 0)
+        SEEN["responses"][r.status_code] += 1
+        assert r.status_code < 500, (b, r.status_code, r.text[:300])
+        assert '"server_error"' not in r.text and "response.failed" not in r.text, r.text[:300]
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    print("responses statuses:", SEEN["responses"])

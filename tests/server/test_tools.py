@@ -154,6 +154,23 @@ def test_tool_choice_none_and_bad_tools_are_refused_or_honoured(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_beside_a_response_format_is_the_call(client, stream):
+    """Agent SDKs (openai-agents) send their output schema with every turn, also with
+    tool_choice "required": the forced call is the answer, and the schema still has to compile."""
+    output = {"type": "json_schema", "json_schema": {"name": "Report", "schema": {
+        "type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}}}
+    calls, finish, text = _ask(client, stream, tool_choice="required", seed=2, response_format=output)
+    assert finish == "tool_calls" and calls and not text
+    for c in calls:
+        jsonschema.validate(json.loads(c["arguments"]), SCHEMAS[c["name"]])
+    recursive = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(client, stream, tool_choice="required", response_format={
+            "type": "json_schema", "json_schema": {"name": "r", "schema": recursive}})
+    assert e.value.body["code"] == "invalid_schema"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_predict_takes_tools_too(server, stream):
     body = {"prompt": "Zoom in twice.", "tools": TOOLS, "tool_choice": "required", "max_tokens": 100, "seed": 4,
             "temperature": 1.0, "stream": stream}
