@@ -42,6 +42,12 @@ def test_openai_stream_over_the_context_is_a_400(small):
     assert e.value.status_code == 400 and e.value.code == "context_length_exceeded"
 
 
+def test_responses_stream_over_the_context_is_a_400(small):
+    with pytest.raises(openai.BadRequestError) as e:
+        list(_client(small).responses.create(model="m", input=LONG, max_output_tokens=4, stream=True))
+    assert e.value.status_code == 400 and "the context holds 4096" in e.value.message
+
+
 @pytest.mark.parametrize("path,body", [
     ("/api/predict", {"prompt": LONG, "max_tokens": 4, "stream": True}),
     ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": LONG}], "stream": True}),
