@@ -8,6 +8,7 @@ and sampled (``VideoPart``) because decoding and its limits belong to preprocess
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -18,7 +19,8 @@ from PIL import Image
 Role = Literal["system", "user", "assistant", "tool"]
 # weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it
 Precision = Literal["fp32", "int8", "int4", "int8-nbits"]
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+# what ends an answer in the engine; a timeout or a failure is an exception instead (a 504, an error frame)
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass
@@ -100,6 +102,23 @@ class GenerationRequest:
 
 
 @dataclass
+class PreparedRequest:
+    """A request made ready before it is queued (`Engine.prepare`): tokenised, its images and clips
+    counted, and checked against the context window and the KV budget, so that a request that can
+    never run is refused before any response starts. `generate` runs it as it is (nothing is built twice)."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    max_new_tokens: int  # the answer limit, cut to what the context window leaves
+    image_tokens: int = 0
+    video_tokens: int = 0
+    # the request's one clock: timings (queue_ms, ttft_ms, total_ms) run from the start of prepare
+    t_start: float = field(default_factory=time.perf_counter)
+    preprocess_ms: float = 0.0
+    inputs: object = None  # the engine's own prepared inputs; front ends never look inside
+
+
+@dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -115,10 +134,10 @@ class Usage:
 @dataclass
 class Timings:
     preprocess_ms: float = 0.0
-    queue_ms: float = 0.0  # waiting in the engine for a batch place and KV memory
+    queue_ms: float = 0.0  # from prepared to admitted (a batch place and KV memory): the server's queue included
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
-    ttft_ms: float = 0.0  # from generate() call to the first token
+    ttft_ms: float = 0.0  # from the start of prepare (or of generate, unprepared) to the first token
     decode_ms: float = 0.0
     total_ms: float = 0.0
     tokens_per_s: float = 0.0  # decode speed: tokens after the first / decode time
@@ -159,8 +178,30 @@ Event = TokenEvent | FinishEvent
 
 
 @dataclass
+class Histogram:
+    """Observations counted into buckets, with their exact sum: the engine records, /metrics reads.
+    One thread observes; a reader copies `counts` (a count is never half-written under the GIL)."""
+
+    bounds: tuple[float, ...]  # bucket upper bounds, increasing
+    counts: list[int] = field(default_factory=list)  # per bucket, and one more past the last bound
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.total += value
+
+    def clear(self) -> None:
+        self.counts, self.total = [0] * (len(self.bounds) + 1), 0.0
+
+
+@dataclass
 class EngineOptions:
-    """How the engine runs; the server's settings map onto these one to one."""
+    """How the engine runs. The server fills them from its settings (`Settings.engine_options`; a few
+    names differ: --threads is intra_op_threads, --vision-cache vision_cache_entries); prepack_weights
+    has no setting."""
 
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice (one per physical core)
     inter_op_threads: int = 1
@@ -201,7 +242,13 @@ class Engine(Protocol):
 
     stats: dict[str, int]  # counters since start: requests, finished, cancelled, errors, ...
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]: ...
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenise and check (context window, max_tokens, KV budget); raises InputError (a 4xx)."""
+        ...
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
+        """The answer's events; a plain GenerationRequest is prepared first."""
+        ...
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int: ...
 
@@ -217,7 +264,17 @@ class Engine(Protocol):
 
     def cache_stats(self) -> dict[str, int]: ...
 
+    def request_states(self) -> dict[str, int]:
+        """Requests inside the engine by state: waiting (for a batch place and KV memory), encoding
+        (pictures in the vision tower), prefilling (reading the prompt), decoding."""
+        ...
+
     def batch_histograms(self) -> dict[str, dict[int, int]]: ...
+
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        """Histograms of the engine's graph runs, by name and then by kind ("" when it has none):
+        step_seconds (decode, prefill, draft), step_tokens, vision_seconds."""
+        ...
 
     def info(self) -> EngineInfo: ...
 

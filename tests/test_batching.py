@@ -132,6 +132,7 @@ def test_cancel_during_prefill_stops_between_chunks(tiny_onnx):
         deadline = time.monotonic() + 30
         while sum(e.batch_histograms()["prefill_chunk_tokens"].values()) < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
+        assert e.request_states() == {"waiting": 0, "encoding": 0, "prefilling": 1, "decoding": 0}
         req.cancel.set()
         t.join(30)
         chunks = sum(e.batch_histograms()["prefill_chunk_tokens"].values())
@@ -139,7 +140,7 @@ def test_cancel_during_prefill_stops_between_chunks(tiny_onnx):
         assert isinstance(fin, FinishEvent) and fin.finish_reason == "cancelled"
         assert fin.usage.completion_tokens == 0
         assert chunks < 600 // 16, f"{chunks} chunks ran: the prefill was not stopped"
-        assert e.cache_stats()["running"] == e.cache_stats()["prefilling"] == 0
+        assert not any(e.request_states().values())
         # the engine goes on serving
         ok = list(e.generate(GenerationRequest([Message("user", [TextPart("hi")])],
                                                SamplingParams(max_new_tokens=3, ignore_eos=True))))
@@ -161,8 +162,14 @@ def test_kv_budget_admits_only_what_fits(tiny_onnx):
                    for i in range(2)]
         for t in threads:
             t.start()
+        seen: set[tuple] = set()  # one decodes while the other waits for its KV memory
+        while any(t.is_alive() for t in threads):
+            seen.add(tuple(sorted(e.request_states().items())))
+            time.sleep(0.002)
         for t in threads:
             t.join(120)
+        assert (("decoding", 1), ("encoding", 0), ("prefilling", 0), ("waiting", 1)) in seen, seen
+        assert not any(e.request_states().values())
         assert all(r[-1].usage.completion_tokens == 680 for r in results)
         sizes = e.batch_histograms()["batch_size"]
         assert set(sizes) == {1}, f"two sequences shared a KV budget that holds one: {sizes}"
@@ -183,8 +190,10 @@ def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
         t = threading.Thread(target=lambda: events.extend(e.generate(req)))
         t.start()
         deadline = time.monotonic() + 30
-        while e.stats["vision_cache_misses"] < 1 and time.monotonic() < deadline:
+        while e.request_states()["encoding"] < 1 and time.monotonic() < deadline:
             time.sleep(0.0005)  # the image has gone to the vision thread
+        assert e.request_states() == {"waiting": 0, "encoding": 1, "prefilling": 0, "decoding": 0}
+        assert e.stats["vision_cache_misses"] == 1
         req.cancel.set()
         t.join(30)
         assert isinstance(events[-1], FinishEvent) and events[-1].finish_reason == "cancelled"
@@ -237,7 +246,7 @@ def test_a_request_that_breaks_admission_fails_alone_and_the_loop_serves_on(tiny
         err = outcome(777 - n_prompt)
         assert isinstance(err, RuntimeError) and "injected" in str(err)
         assert outcome(4)[-1].usage.completion_tokens == 4
-        assert e.cache_stats()["running"] == e.cache_stats()["prefilling"] == 0
+        assert not any(e.request_states().values())
     finally:
         e.close()
 

@@ -11,7 +11,7 @@ from edgevl.preprocess import positions as P
 from edgevl.runtime.constrain import Recorder
 from edgevl.runtime.engine import OrtEngine
 from edgevl.runtime.vision_cache import ImageFeatures
-from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent
+from edgevl.types import GenerationRequest, ImagePart, InputError, Message, SamplingParams, TextPart, TokenEvent
 from tests.conftest import make_image
 
 torch = pytest.importorskip("torch")
@@ -132,3 +132,21 @@ def test_reference_engine_streams_the_same_tokens(engine, reference):
     theirs = [e.token_id for e in events if isinstance(e, TokenEvent)]
     assert ours == theirs
     assert events[-1].usage.completion_tokens == 12 and events[-1].timings.ttft_ms > 0
+
+
+def test_both_engines_prepare_the_same_request_alike(engine, reference):
+    """prepare: the same counts from both backends, a prepared request runs as it is, and a prompt
+    over the context window is refused before anything runs."""
+    msgs = _messages([(200, 120)])
+    ours, theirs = (e.prepare(GenerationRequest(msgs, SamplingParams(max_new_tokens=5, ignore_eos=True)))
+                    for e in (engine, reference))
+    assert (ours.prompt_tokens, ours.image_tokens, ours.max_new_tokens) == (
+        theirs.prompt_tokens, theirs.image_tokens, theirs.max_new_tokens)
+    assert ours.image_tokens > 0
+    fin = list(reference.generate(theirs))[-1]
+    assert fin.usage.prompt_tokens == theirs.prompt_tokens and fin.usage.completion_tokens == 5
+    too_long = GenerationRequest([Message("user", [TextPart("word " * 2000)])], max_context=256)
+    for e in (engine, reference):
+        with pytest.raises(InputError) as err:
+            e.prepare(too_long)
+        assert err.value.code == "context_length_exceeded"

@@ -33,10 +33,13 @@ _COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", 
 
 def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32",
                  vision_precision: str | None = None, lm_head_precision: str | None = None) -> Path:
-    """Write vision.onnx, decoder.onnx (+ .data), the tokenizer/processor files and a manifest.
+    """Write vision.onnx, embed.onnx and decoder.onnx (each with its .data), the tokenizer/processor
+    files and a manifest.
 
-    `vision_precision` defaults to `precision`; the vision tower is compute-bound and small, so
-    some deployments keep it in fp32 while quantizing the bandwidth-bound decoder.
+    `vision_precision` defaults to DEFAULT_VISION_PRECISION[precision] (int8 for the 4-bit exports:
+    the vision tower is compute-bound and small; fp32 may be asked for while the bandwidth-bound
+    decoder is quantized). `lm_head_precision` defaults to `precision`, but int8 under int4: the
+    last layer decides every token.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")

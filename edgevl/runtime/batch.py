@@ -1,6 +1,6 @@
 """The loop that owns the CPU: continuous batching with chunked prefill.
 
-    generate() ─► inbox ─► waiting ──(a KV row and budget free?)──► admitted
+    submit() ─► waiting (a deque, under the loop's lock) ──(a KV row and budget free?)──► admitted
                                                                       │
     each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
                    its KV rows (rows lo..hi of the pool; idle rows in between run a harmless
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import enum
 import queue
 import threading
 import time
@@ -43,28 +44,45 @@ from edgevl.runtime.model import OnnxModel, RunHandle
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
-from edgevl.types import EngineError, Event
+from edgevl.types import EngineError, Event, Histogram
 
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class State(enum.Enum):
+    """Where a request stands in the loop; only the loop's thread changes it.
+
+    waiting ─► (a KV row) ─► encoding ⇄ prefilling ─► decoding ─► finished | cancelled | failed
+    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision thread)"""
+
+    WAITING = "waiting"
+    ENCODING = "encoding"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+LIVE_STATES = (State.WAITING, State.ENCODING, State.PREFILLING, State.DECODING)
 
 
 @dataclass
 class Work:
-    """A sequence inside the loop: where its prompt stands and where its events go."""
+    """A sequence inside the loop: its state, where its prompt stands and where its events go."""
 
     seq: Sequence
     prompt: PreparedPrompt
     needed: int  # KV tokens it may use: prompt + answer limit
     events: queue.Queue = field(default_factory=queue.Queue)
-    t_submit: float = field(default_factory=time.perf_counter)
+    t_submit: float = field(default_factory=time.perf_counter)  # prepared: Timings.queue_ms runs from here
     row: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
     draft: list[int] = field(default_factory=list)  # tokens its constraint forces next (jump-forward)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == self.prompt.ids.size and not self.seq.finished
+    state: State = State.WAITING
 
 
 class BatchLoop:
@@ -80,8 +98,14 @@ class BatchLoop:
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
+        # wall time of each decoder run by kind, the tokens it carried, and each vision run's time
+        self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "prefill", "draft")}
+        self.step_tokens = Histogram(TOKEN_BUCKETS)
+        self.vision_seconds = Histogram(SECONDS_BUCKETS)
         self.waiting: collections.deque[Work] = collections.deque()
         self.active: list[Work] = []
+        # admitted requests by state, as of the last change: other threads read this, never `active`
+        self._states = {s.value: 0 for s in LIVE_STATES}
         self._cv = threading.Condition()
         self._closed = False
         # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
@@ -106,9 +130,8 @@ class BatchLoop:
         self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
-        with self._cv:
-            return {"running": sum(w.decoding for w in self.active),
-                    "prefilling": sum(not w.decoding for w in self.active), "waiting": len(self.waiting)}
+        """Requests in each live state: the loop's last published snapshot, and its queue now."""
+        return {**self._states, State.WAITING.value: len(self.waiting)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -158,6 +181,7 @@ class BatchLoop:
             w.seq.timings.prefix_reused_tokens = w.prefilled
             self._count("prefix_reused_tokens", w.prefilled)
             self.active.append(w)
+            self._set(w, State.PREFILLING)
 
     def _drop_cancelled(self) -> None:
         for w in list(self.active):
@@ -167,7 +191,7 @@ class BatchLoop:
                 self._emit(w, w.seq.cancel())
 
     def _decode_step(self) -> bool:
-        running = [w for w in self.active if w.decoding and not w.draft]
+        running = [w for w in self.active if w.state is State.DECODING and not w.draft]
         if not running:
             return False
         by_row = {w.row: w for w in running}
@@ -185,6 +209,7 @@ class BatchLoop:
             positions[:, r - lo] = w.prompt.next_position + n_gen - 1
             lengths[r - lo] = w.prompt.ids.size + n_gen
         cos, sin = self.prompts.cos_sin(positions)
+        t0 = time.perf_counter()
         try:
             logits = self.model.decode([k[lo:hi] for k in self.pool.keys], [v[lo:hi] for v in self.pool.values],
                                        ids, cos, sin, lengths)
@@ -192,6 +217,7 @@ class BatchLoop:
             for w in running:
                 self._fail(w, e)
             return True
+        self._ran("decode", t0, len(running))
         self.batch_sizes[len(running)] += 1
         self._charge([(w, 1) for w in running])
         for r, w in by_row.items():
@@ -209,7 +235,7 @@ class BatchLoop:
         that draft as one chunk, with logits at every position; the draft is kept while the model,
         masked and sampled as always, chooses it (a forced run of k tokens: one pass, not k steps).
         The KV of a rejected tail is left past the row's length, where the next run overwrites it."""
-        drafting = [w for w in self.active if w.decoding and w.draft]
+        drafting = [w for w in self.active if w.state is State.DECODING and w.draft]
         for w in drafting:
             draft, w.draft = w.draft, []
             n_gen = len(w.seq.generated)
@@ -217,6 +243,7 @@ class BatchLoop:
             first = w.prompt.next_position + n_gen - 1
             cos, sin = self.prompts.cos_sin(np.tile(np.arange(first, first + ids.shape[1]), (3, 1)))
             row = slice(w.row, w.row + 1)
+            t0 = time.perf_counter()
             try:
                 logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
                                            ids, cos, sin, np.asarray([w.prompt.ids.size + n_gen + len(draft)]),
@@ -225,6 +252,7 @@ class BatchLoop:
                 self._fail(w, e)
                 continue
             self._charge([(w, ids.shape[1])])
+            self._ran("draft", t0, ids.shape[1])
             events, kept = w.seq.accept_draft(logits, draft)
             self._count("forced_tokens", kept)
             self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
@@ -237,11 +265,13 @@ class BatchLoop:
         newcomer whose images are all encoded reads one chunk of its prompt. → whether a chunk ran."""
         self._collect_vision()
         for w in self.active:
-            if w.decoding or w.seq.finished or w.seq.cancelled:
+            if w.state not in (State.ENCODING, State.PREFILLING) or w.seq.cancelled:
                 continue
             if self._features_ready(w):
+                self._set(w, State.PREFILLING)
                 self._prefill_chunk(w)
                 return True
+            self._set(w, State.ENCODING)
         return False
 
     def _features_ready(self, w: Work) -> bool:
@@ -283,6 +313,7 @@ class BatchLoop:
         except EngineError as err:
             self._fail(w, err)
             return
+        self.vision_seconds.observe(ms / 1000)
         self.vision_cache.put(w.prompt.fingerprints[i], f)
         w.feats[i] = f
         w.seq.timings.vision_ms += ms
@@ -297,20 +328,26 @@ class BatchLoop:
         t0 = time.perf_counter()
         start, end = w.prefilled, min(p.ids.size, w.prefilled + self.prefill_chunk)
         row = slice(w.row, w.row + 1)
+        visual = self._visual(w, start, end)
+        t_run = time.perf_counter()
         try:
             logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
                                        p.ids[None, start:end], p.cos[start:end], p.sin[start:end],
-                                       np.asarray([end]), self._visual(w, start, end))
+                                       np.asarray([end]), visual)
         except EngineError as err:
             self._fail(w, err)
             return
+        self._ran("prefill", t_run, end - start)
         self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
         self._charge([(w, end - start)])
         w.prefilled = end
         self.pool.advance(w.row, p.keys[:end])
         w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
         if end == p.ids.size:
-            self._emit(w, w.seq.accept(logits[0]))
+            events = w.seq.accept(logits[0])
+            if not w.seq.finished:
+                self._set(w, State.DECODING)
+            self._emit(w, events)
             self._plan_draft(w)
 
     def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -333,6 +370,16 @@ class BatchLoop:
         return (np.stack([np.zeros_like(rows), rows], axis=1), np.concatenate(emb).astype(np.float32),
                 np.concatenate(deep, axis=1).astype(np.float32))
 
+    def _ran(self, kind: str, t0: float, tokens: int) -> None:
+        self.step_seconds[kind].observe(time.perf_counter() - t0)
+        self.step_tokens.observe(tokens)
+
+    def clear_histograms(self) -> None:
+        self.batch_sizes.clear()
+        self.chunk_tokens.clear()
+        for h in (*self.step_seconds.values(), self.step_tokens, self.vision_seconds):
+            h.clear()
+
     # ---- leaving -----------------------------------------------------------------------------
     def _charge(self, tokens: list[tuple[Work, int]]) -> None:
         """The energy since the previous run, shared by the sequences of this one by their tokens in it
@@ -348,7 +395,7 @@ class BatchLoop:
 
     def _emit(self, w: Work, events: list[Event]) -> None:
         if w.seq.finished:  # the row is free before the caller hears the end, so its next turn finds it
-            self._leave(w)
+            self._leave(w, State.CANCELLED if w.seq.reason == "cancelled" else State.FINISHED)
             self._count("cancelled" if w.seq.reason == "cancelled" else "finished")
             self._count("generated_tokens", len(w.seq.generated))
         for ev in events:
@@ -356,14 +403,23 @@ class BatchLoop:
 
     def _fail(self, w: Work, error: BaseException) -> None:
         w.seq.finished = True
-        self._leave(w)
+        self._leave(w, State.FAILED)
         self._count("errors")
         w.events.put(error)
 
-    def _leave(self, w: Work) -> None:
+    def _leave(self, w: Work, state: State) -> None:
         if w in self.active:
             self.active.remove(w)
             self.pool.release(w.row)
+        self._set(w, state)
+
+    def _set(self, w: Work, state: State) -> None:
+        """Moves a request to `state` and publishes the counts before anyone hears of the change."""
+        if w.state is state:
+            return
+        w.state = state
+        counts = collections.Counter(x.state for x in self.active)
+        self._states = {s.value: counts[s] for s in LIVE_STATES}  # one assignment: readers see a whole snapshot
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:

@@ -1,11 +1,12 @@
 """The ONNX Runtime engine: the Engine interface over the batch loop.
 
-    generate(request) ─► prompt (template, patches, MRoPE) in the caller's thread
-                      ─► Work into the batch loop ─► events back through the Work's queue
+    prepare(request) ─► prompt (template, patches, MRoPE) and its checks, in the caller's thread
+    generate(prepared) ─► Work into the batch loop ─► events back through the Work's queue
 
-Everything heavy runs on the loop's one thread (runtime/batch.py); this class wires the parts
-together — graphs (model.py), KV pool (kv_pool.py), vision cache (vision_cache.py), prompts
-(prompt.py) — and answers the front ends' questions about them.
+The graphs run on the batch loop's thread (runtime/batch.py), which also feeds the vision tower
+on a thread of its own; this class wires the parts together — graphs (model.py), KV pool
+(kv_pool.py), vision cache (vision_cache.py), prompts (prompt.py) — and answers the front ends'
+questions about them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edgevl.runtime.batch import BatchLoop, Work
 from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import OnnxModel, open_session
-from edgevl.runtime.prompt import PromptBuilder
+from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder, answer_limit
 from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import VisionCache
@@ -39,9 +40,11 @@ from edgevl.types import (
     Event,
     FinishEvent,
     GenerationRequest,
+    Histogram,
     ImagePart,
     InputError,
     Message,
+    PreparedRequest,
     SamplingParams,
     TextPart,
     Timings,
@@ -133,14 +136,22 @@ class OrtEngine:
         return self.prompts.chat.token_id(text)
 
     def cache_stats(self) -> dict[str, int]:
-        """Sizes of the caches and of the batch (for /metrics and /api/health)."""
-        kv = self.pool.stats()
+        """Sizes of the caches (for /metrics and /api/health)."""
         return {"vision_cache_entries": len(self.vision_cache), "vision_cache_bytes": self.vision_cache.nbytes,
-                "kv_slots": kv["kv_rows"], "kv_cache_bytes": kv["kv_used_bytes"], **kv, **self.loop.load()}
+                **self.pool.stats()}
+
+    def request_states(self) -> dict[str, int]:
+        """Requests in the engine by state (waiting, encoding, prefilling, decoding)."""
+        return self.loop.load()
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         """Decoder runs by batch size, and prefill chunks by token-count bucket, since start."""
         return {"batch_size": dict(self.loop.batch_sizes), "prefill_chunk_tokens": dict(self.loop.chunk_tokens)}
+
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        loop = self.loop
+        return {"step_seconds": dict(loop.step_seconds), "step_tokens": {"": loop.step_tokens},
+                "vision_seconds": {"": loop.vision_seconds}}
 
     def sampling_defaults(self) -> dict:
         """The checkpoint's recommended sampling (generation_config.json), for callers that set none."""
@@ -162,8 +173,7 @@ class OrtEngine:
         with self._stats_lock:
             for k in self.stats:
                 self.stats[k] = 0
-        self.loop.batch_sizes.clear()
-        self.loop.chunk_tokens.clear()
+        self.loop.clear_histograms()
 
     def close(self) -> None:
         self.loop.close()
@@ -171,34 +181,41 @@ class OrtEngine:
         self.vision_cache.clear()
         self.pool.close()
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """The prompt built and checked before the request is queued: over the context window, or needing
+        more KV cache than the server has at all, is an InputError naming which part is too big."""
         t_start = time.perf_counter()
+        prompt = self.prompts.build(request)
+        n_prompt = int(prompt.ids.size)
+        max_new = answer_limit(n_prompt, request, self.options.max_context)
+        pool = self.pool
+        if not pool.fits_ever(n_prompt + max_new):
+            held = f"the server's KV cache holds {self.options.kv_cache_mb} MB (about {pool.budget_tokens} tokens)"
+            if not pool.fits_ever(n_prompt + 1):
+                mb = pool.bytes_per_token * (n_prompt + 1) / 2**20
+                raise InputError(f"the prompt is {n_prompt} tokens and alone needs {mb:.0f} MB of KV cache; {held}: "
+                                 "send a shorter prompt or fewer or smaller images", code="kv_cache_exceeded")
+            mb = pool.bytes_per_token * (n_prompt + max_new) / 2**20
+            most = min(pool.budget_tokens, pool.max_len) - n_prompt
+            raise InputError(f"the prompt ({n_prompt} tokens) and max_tokens ({max_new}) need {mb:.0f} MB of KV cache; "
+                             f"{held}: ask for at most {most} max_tokens", code="kv_cache_exceeded",
+                             param="max_tokens")
+        return PreparedRequest(request, n_prompt, max_new, prompt.visual_tokens(video=False),
+                               prompt.visual_tokens(video=True), t_start,
+                               (time.perf_counter() - t_start) * 1000, prompt)
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
         with self._stats_lock:
             self.stats["requests"] += 1
-        timings = Timings()
-        prompt = self.prompts.build(request)
-        timings.preprocess_ms = (time.perf_counter() - t_start) * 1000
-        n_prompt = int(prompt.ids.size)
-        window = min(self.options.max_context, request.max_context or self.options.max_context)
-        room = window - n_prompt
-        if room < 1:
-            raise InputError(f"the prompt is {n_prompt} tokens; the context holds {window}",
-                             code="context_length_exceeded")
-        max_new = max(1, min(request.params.max_new_tokens, room))
-        if not self.pool.fits_ever(n_prompt + max_new):
-            held = f"the server's KV cache holds {self.options.kv_cache_mb} MB"
-            if not self.pool.fits_ever(n_prompt + 1):  # no answer length would do: the prompt is the cause
-                mb = self.pool.bytes_per_token * (n_prompt + 1) / 2**20
-                raise InputError(f"the prompt alone is {n_prompt} tokens and needs {mb:.0f} MB of KV cache; {held}: "
-                                 "send a shorter prompt or smaller images", code="kv_cache_exceeded")
-            mb = self.pool.bytes_per_token * (n_prompt + max_new) / 2**20
-            fits = min(self.pool.budget_tokens, self.pool.max_len) - n_prompt  # ≥ 1: the prompt + 1 fits
-            raise InputError(f"the prompt and answer need {mb:.0f} MB of KV cache; {held}: ask for at most {fits} "
-                             "max_tokens", code="kv_cache_exceeded", param="max_tokens")
-        seq = Sequence(request, prompt.ids.tolist(), max_new, self.eos_ids, self.tokenizer, self.special_ids,
-                       t_start, timings, prompt.visual_tokens(video=False), prompt.visual_tokens(video=True),
+        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        request = prep.request
+        prompt: PreparedPrompt = prep.inputs
+        timings = Timings(preprocess_ms=prep.preprocess_ms)
+        seq = Sequence(request, prompt.ids.tolist(), prep.max_new_tokens, self.eos_ids, self.tokenizer,
+                       self.special_ids, prep.t_start, timings, prep.image_tokens, prep.video_tokens,
                        self.think, self.options.reasoning_budget)
-        work = Work(seq, prompt, n_prompt + max_new)
+        work = Work(seq, prompt, prep.prompt_tokens + prep.max_new_tokens,
+                    t_submit=prep.t_start + prep.preprocess_ms / 1000)
         self.loop.submit(work)
         try:
             while True:
@@ -211,4 +228,3 @@ class OrtEngine:
         finally:
             if not seq.finished:
                 request.cancel.set()  # the caller stopped listening: free the batch place at the next step
-

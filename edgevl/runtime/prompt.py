@@ -80,6 +80,17 @@ class PromptBuilder:
         return pos.text_cos_sin(positions, self.inv_freq, t.mrope_section, t.mrope_interleaved)
 
 
+def answer_limit(n_prompt: int, request: GenerationRequest, max_context: int) -> int:
+    """The answer tokens a prompt leaves in the context window (the request's max_tokens, cut to fit);
+    a prompt that fills the window alone is an InputError."""
+    window = min(max_context, request.max_context or max_context)
+    room = window - n_prompt
+    if room < 1:
+        raise InputError(f"the prompt is {n_prompt} tokens; the context holds {window}",
+                         code="context_length_exceeded")
+    return max(1, min(request.params.max_new_tokens, room))
+
+
 def _fingerprint(part: ImagePart | VideoPart, patches: ImagePatches | VideoPatches) -> str:
     """The vision cache key: a whole clip is one entry, so a second question skips the encoder."""
     h = hashlib.blake2b(digest_size=16)

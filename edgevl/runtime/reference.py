@@ -18,6 +18,7 @@ import numpy as np
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
 from edgevl.runtime.generate import token_bytes
+from edgevl.runtime.prompt import answer_limit
 from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.reference_video import ReferenceVideoProcessor
 from edgevl.runtime.sequence import Sequence
@@ -26,7 +27,9 @@ from edgevl.types import (
     EngineOptions,
     Event,
     GenerationRequest,
+    Histogram,
     Message,
+    PreparedRequest,
     TextPart,
     VideoPart,
 )
@@ -131,12 +134,17 @@ class TransformersEngine:
         return {k: g[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in g}
 
     def cache_stats(self) -> dict[str, int]:
-        return dict.fromkeys(("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_cache_bytes",
-                              "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling",
-                              "waiting"), 0)
+        return dict.fromkeys(("vision_cache_entries", "vision_cache_bytes", "kv_rows", "kv_running",
+                              "kv_cached_tokens", "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes"), 0)
+
+    def request_states(self) -> dict[str, int]:
+        return dict.fromkeys(("waiting", "encoding", "prefilling", "decoding"), 0)  # no queue: generate runs inline
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         return {}  # one sequence at a time
+
+    def run_histograms(self) -> dict[str, dict[str, Histogram]]:
+        return {}  # vision and prompt run as one forward: nothing to tell apart
 
     def json_constraint(self, schema: dict | None, budget: int = 0):
         return self._grammars().json_schema(schema, budget)
@@ -166,21 +174,30 @@ class TransformersEngine:
             out = self.model(**self.processor(messages))
         return out.logits[0, -1].float().numpy()
 
-    def generate(self, request: GenerationRequest) -> Iterator[Event]:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """transformers' inputs, built and checked against the context window before the request is queued."""
+        t0 = time.perf_counter()
+        inputs = self.processor(request.messages)
+        ids = inputs["input_ids"][0].tolist()
+        max_new = answer_limit(len(ids), request, self.options.max_context)
+        return PreparedRequest(request, len(ids), max_new, ids.count(self.ckpt.config.image_token_id),
+                               ids.count(self.ckpt.config.raw.get("video_token_id")), t0,
+                               (time.perf_counter() - t0) * 1000, inputs)
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
         """Token by token with the model's own KV cache, so TTFT and decode speed are measurable."""
         import torch
 
-        t0 = time.perf_counter()
         self.stats["requests"] += 1
-        inputs = self.processor(request.messages)
-        ids = inputs["input_ids"][0].tolist()
-        seq = Sequence(request, ids, request.params.max_new_tokens, self.eos_ids, self.tokenizer,
-                       self.special_ids, t0, n_image_tokens=ids.count(self.ckpt.config.image_token_id),
-                       n_video_tokens=ids.count(self.ckpt.config.raw.get("video_token_id")), think=self.think,
+        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        inputs = prep.inputs
+        seq = Sequence(prep.request, inputs["input_ids"][0].tolist(), prep.max_new_tokens, self.eos_ids,
+                       self.tokenizer, self.special_ids, prep.t_start, n_image_tokens=prep.image_tokens,
+                       n_video_tokens=prep.video_tokens, think=self.think,
                        reasoning_budget=self.options.reasoning_budget)
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         t_model = time.perf_counter()
-        seq.timings.preprocess_ms = (t_model - t0) * 1000
+        seq.timings.preprocess_ms = prep.preprocess_ms
         with torch.no_grad():
             out = self.model(**inputs, use_cache=True)
             seq.timings.prefill_ms = (time.perf_counter() - t_model) * 1000  # vision and prompt: one forward

@@ -142,7 +142,7 @@ async def messages(body: MessagesRequest, http: Request):
     splitter = await prepare_tools(state, req, tooling)  # a forced call brings its own constraint
     if fmt is not None:
         req.constraint = await constraint_for(state, fmt.schema_, req.params)
-    run = state.runner.start(req)
+    run = await state.runner.start(req)  # a 400 for a prompt that can never run comes here, before the stream
     events = _events(state, state.runner.events("messages", run, http), splitter)
     if body.stream:
         return sse_events(events, error_shape, Ping())

@@ -44,26 +44,6 @@ def load_default_engine(settings: Settings) -> Engine:
     return load_engine(model, settings.engine_options())
 
 
-class FaultInjector:
-    """Test hook (EDGEVL_FAULT_INJECT=marker): a request whose text contains the marker fails inside
-    the engine after its first token, as a real engine fault would. Everything else passes through."""
-
-    def __init__(self, engine: Engine, marker: str):
-        self.engine, self.marker = engine, marker
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
-
-    def generate(self, request):
-        from edgevl.types import EngineError, TextPart
-
-        text = " ".join(p.text for m in request.messages for p in m.content if isinstance(p, TextPart))
-        for i, ev in enumerate(self.engine.generate(request)):
-            if self.marker in text and i == 1:
-                raise EngineError("injected fault")
-            yield ev
-
-
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     keys = settings.all_api_keys()
@@ -73,8 +53,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI):
         st = app.state
         eng = engine or await asyncio.to_thread(load_default_engine, settings)  # loads and warms
-        if os.environ.get("EDGEVL_FAULT_INJECT"):
-            eng = FaultInjector(eng, os.environ["EDGEVL_FAULT_INJECT"])
         st.engine = eng
         st.info = eng.info()
         st.sampling_defaults = eng.sampling_defaults()
@@ -84,7 +62,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch)
         st.governor.start()
         st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
-                                 st.governor, on_start=metrics.queue_wait.observe)
+                                 st.governor)
         st.runner = Runner(st.scheduler, metrics)
         st.energy = EnergyCounter(settings.energy_counter)  # the box's, for /metrics; the engine reads its own
         log.info("energy: %s", st.energy.status)
@@ -148,9 +126,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
     metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
-    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_slots", "kv_running", "kv_cache_bytes",
-                "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes", "running", "prefilling", "waiting"):
+    for key in ("vision_cache_entries", "vision_cache_bytes", "kv_running", "kv_used_bytes", "kv_free_bytes",
+                "kv_budget_bytes"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
+    metrics.state_gauge("edgevl_requests_in_state", "requests by state (waiting: in the server's queue or the "
+                        "engine's)", ("waiting", "encoding", "prefilling", "decoding"), st.scheduler.request_states)
     for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
         metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
                       lambda k=key: st.scheduler.counts[k])
@@ -176,6 +156,10 @@ def _register_gauges(metrics: Metrics, st) -> None:
                   lambda: {"normal": 0, "throttled": 1, "halted": 2}.get(st.governor.level, -1))
     metrics.gauge("edgevl_allowed_slots", "batch size allowed now (the thermal governor's lever)",
                   lambda: st.governor.allowed_slots())
+    metrics.run_histograms(st.engine.run_histograms,
+                           {"step_seconds": "wall time of a decoder run, by kind (decode, prefill, draft)",
+                            "step_tokens": "tokens a decoder run carried (decode + prompt tokens)",
+                            "vision_seconds": "wall time of a vision-tower run (an image, or a clip)"})
     metrics.histograms(st.engine.batch_histograms,
                        {"batch_size": "sequences per batched decoder step",
                         "prefill_chunk_tokens": "prompt tokens per prefill chunk (bucketed)"})

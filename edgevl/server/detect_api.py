@@ -41,5 +41,5 @@ async def detect(body: DetectRequest, http: Request):
     def boxes(text: str, done: Done) -> dict:
         return _result(text, img.size, orientation)
 
-    frames = lines(state, state.runner.events("detect", state.runner.start(req), http), boxes)
+    frames = lines(state, state.runner.events("detect", await state.runner.start(req), http), boxes)
     return ndjson(frames) if body.stream else await answer(frames, None)

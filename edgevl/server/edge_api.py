@@ -89,10 +89,10 @@ async def answer(frames: AsyncIterator[TokenLine | ReasoningLine | DoneLine], te
     return out
 
 
-def _respond(state, endpoint: str, req: GenerationRequest, http: Request, stream: bool, text_key: str,
-             extra: Extra = lambda text, done: {}, splitter: ToolCallSplitter | None = None):
-    frames = lines(state, state.runner.events(endpoint, state.runner.start(req), http), extra, splitter)
-    return ndjson(frames) if stream else answer(frames, text_key)
+async def _respond(state, endpoint: str, req: GenerationRequest, http: Request, stream: bool, text_key: str,
+                   extra: Extra = lambda text, done: {}, splitter: ToolCallSplitter | None = None):
+    frames = lines(state, state.runner.events(endpoint, await state.runner.start(req), http), extra, splitter)
+    return ndjson(frames) if stream else await answer(frames, text_key)
 
 
 @router.post("/predict", response_model=PredictResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -129,8 +129,7 @@ async def predict(body: PredictRequest, http: Request):
         fin = "tool_calls" if out and done.finish.finish_reason == "stop" else done.finish.finish_reason
         return {"tool_calls": out, "finish_reason": fin}
 
-    result = _respond(state, "predict", req, http, body.stream, "answer", calls, splitter)
-    return result if body.stream else await result
+    return await _respond(state, "predict", req, http, body.stream, "answer", calls, splitter)
 
 
 @router.post("/ocr", response_model=OcrResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -141,8 +140,7 @@ async def ocr(body: OcrRequest, http: Request):
     req = _request(state, [Message("user", [ImagePart(img), TextPart(body.instruction())])], body)
     if body.temperature is None:
         req.params.temperature = 0.0  # transcription wants the likeliest reading, not variety
-    result = _respond(state, "ocr", req, http, body.stream, "text")
-    return result if body.stream else await result
+    return await _respond(state, "ocr", req, http, body.stream, "text")
 
 
 @router.get("/health")
@@ -161,7 +159,8 @@ async def health(http: Request) -> JSONResponse:
             "random_weights": info.random_weights, "thinking": info.thinking,
             "reasoning_budget": s.reasoning_budget, "threads": info.intra_op_threads,
             "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
-            "in_flight": sched.running, "max_context": info.max_context, "max_pixels": s.max_pixels,
+            "in_flight": sched.running, "requests": sched.request_states(),
+            "max_context": info.max_context, "max_pixels": s.max_pixels,
             "max_tokens": s.max_tokens, "max_images": s.max_images, "max_videos": s.max_videos,
             "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
             "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),

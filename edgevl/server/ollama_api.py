@@ -51,7 +51,7 @@ from edgevl.types import ToolCall as EngineToolCall
 # the Ollama release whose /api this mirrors (logprobs, its newest field served here, came in 0.12.11)
 OLLAMA_VERSION = "0.12.11"
 FAMILY = "qwen3vl"  # edgevl serves Qwen3-VL checkpoints only
-_DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
+_DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop"}
 _REFUSED = {
     "pull": "edgevl serves the one model it was started with and pulls none: download the checkpoint "
             "(e.g. Qwen/Qwen3-VL-2B-Instruct) and restart with `edgevl serve --model DIR`",
@@ -147,11 +147,11 @@ def _loaded(make: Make) -> Frame:
     return make("", done=True, done_reason="load")
 
 
-def _respond(state, endpoint: str, http: Request, body: Common, req: GenerationRequest, make: Make,
-             splitter: ToolCallSplitter | None, t0: float):
-    run = state.runner.start(req)
+async def _respond(state, endpoint: str, http: Request, body: Common, req: GenerationRequest, make: Make,
+                   splitter: ToolCallSplitter | None, t0: float):
+    run = await state.runner.start(req)
     out = frames(state, state.runner.events(endpoint, run, http), make, splitter, t0)
-    return ndjson(out, shape) if body.stream else fold(out)
+    return ndjson(out, shape) if body.stream else await fold(out)
 
 
 @router.post("/chat", response_model=ChatFrame, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -180,8 +180,7 @@ async def chat(body: ChatRequest, http: Request):
         messages.append(Message(m.role, parts, calls))
     tools = Tooling(tools=body.tools) if body.tools else None
     req, splitter = await _prepare(state, body, messages, tools)
-    result = _respond(state, "ollama_chat", http, body, req, make, splitter, t0)
-    return result if body.stream else await result
+    return await _respond(state, "ollama_chat", http, body, req, make, splitter, t0)
 
 
 @router.post("/generate", response_model=GenerateFrame, responses={400: {}, 413: {}, 429: {}, 503: {}})
@@ -205,8 +204,7 @@ async def generate(body: GenerateRequest, http: Request):
         parts.append(TextPart(body.prompt))
     messages = ([Message("system", [TextPart(body.system)])] if body.system else []) + [Message("user", parts)]
     req, _ = await _prepare(state, body, messages, None)
-    result = _respond(state, "ollama_generate", http, body, req, make, None, t0)
-    return result if body.stream else await result
+    return await _respond(state, "ollama_generate", http, body, req, make, None, t0)
 
 
 async def frames(state, events: AsyncIterator, make: Make, splitter: ToolCallSplitter | None, t0: float

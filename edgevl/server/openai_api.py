@@ -50,7 +50,7 @@ from edgevl.server.wire import sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "timeout": "length", "error": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 async def _messages(msgs: list[ChatMessage], state, http: Request) -> list[Message]:
@@ -143,7 +143,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         # response_format shapes a text answer; a forced call has none, so there the call's grammar
         # rules (as at OpenAI: agent SDKs send an output schema with tool_choice "required")
         req.constraint = text_constraint
-    run = state.runner.start(req)
+    run = await state.runner.start(req)  # a 400 for an over-long prompt comes here, before the stream
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = _chunks(state, state.runner.events("chat", run, http), splitter, body.logprobs or False,
                      include_usage or not body.stream)

@@ -1,4 +1,5 @@
-"""Typed requests and responses: the edge API (/api/*) and the OpenAI-compatible API (/v1/*).
+"""Typed requests and responses: the edge API (/api/predict, /api/ocr, /api/detect) and the
+OpenAI-compatible API (/v1/*); Ollama's are in ollama_protocol.py.
 
 Validation lives on the models (limits come from Settings through the validation context), and
 so does the conversion into engine requests, so routers stay thin.

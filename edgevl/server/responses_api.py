@@ -91,7 +91,7 @@ async def create_response(body: ResponsesRequest, http: Request):
     # both (the format is for the final answer, turns later), so the format is kept and has nothing to constrain
     if fmt.type != "text" and not body.forces_tool_call():
         req.constraint = await constraint_for(state, fmt.schema_, params)
-    run = state.runner.start(req)
+    run = await state.runner.start(req)  # a 400 for a prompt that can never run comes here, before the stream
     response = _skeleton(body, state.info.model_name, params, stored=body.store is not False and store.capacity > 0)
     conversation = history + new
 

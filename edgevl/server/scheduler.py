@@ -1,6 +1,6 @@
 """Admission, a bounded queue, worker threads, cancellation and timeouts.
 
-    submit() ──► full? 429 now ──► pending deque ──► worker thread ──► engine.generate()
+    submit() ──► full? 429 now ──► pending deque ──► worker thread ──► engine.generate(prepared)
        │            hot? 503 now                       (≤ allowed slots)      │ events
        └──────────── job.events (asyncio.Queue) ◄──── call_soon_threadsafe ◄──┘
 
@@ -17,25 +17,28 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from edgevl.ops.thermal import ThermalGovernor
 from edgevl.server.errors import QueueFull, Timeout, Unavailable
-from edgevl.types import Engine, Event, GenerationRequest
+from edgevl.types import Engine, Event, GenerationRequest, PreparedRequest
 
 _DONE = object()
 
 
 @dataclass
 class Job:
-    request: GenerationRequest
+    prepared: PreparedRequest  # queue time runs from its t_start (the engine's timings), not from here
     loop: asyncio.AbstractEventLoop
     deadline: float
-    submitted: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     started: bool = False
     finished: bool = False
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.prepared.request
 
     def put(self, item: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -63,13 +66,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int, queue_size: int, timeout_s: float,
-                 governor: ThermalGovernor | None = None, on_start: Callable[[float], None] | None = None):
+                 governor: ThermalGovernor | None = None):
         self.engine = engine
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.timeout_s = timeout_s
         self.governor = governor
-        self.on_start = on_start  # called with the seconds a job waited in the queue
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -81,25 +83,34 @@ class Scheduler:
             w.start()
 
     # ---- called on the event loop ----------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Job:
-        job = Job(request, asyncio.get_running_loop(), time.monotonic() + self.timeout_s)
+    def check(self) -> None:
+        """Raises the 429/503 a submit would, so a request is refused before it is prepared."""
         with self._cv:
-            if self._closed:
-                raise Unavailable("the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
-            if self.governor is not None and not self.governor.admitting():
-                self.counts["rejected_thermal"] += 1
-                raise Unavailable("the CPU is too hot; no new work until it cools down", "thermal_limit",
-                                  headers={"Retry-After": "30"})
-            idle = max(0, self._slots() - self.running)
-            if len(self._pending) - idle >= self.queue_size:
-                self.counts["rejected_queue_full"] += 1
-                raise QueueFull(f"the server is busy: {self.running} running, {len(self._pending)} waiting "
-                                f"(queue size {self.queue_size})", "queue_full",
-                                headers={"Retry-After": str(self._retry_after())})
+            self._refuse()
+
+    def submit(self, prepared: PreparedRequest) -> Job:
+        job = Job(prepared, asyncio.get_running_loop(), time.monotonic() + self.timeout_s)
+        with self._cv:
+            self._refuse()
             self._pending.append(job)
             self.counts["submitted"] += 1
             self._cv.notify_all()
         return job
+
+    def _refuse(self) -> None:
+        """Called holding the lock."""
+        if self._closed:
+            raise Unavailable("the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
+        if self.governor is not None and not self.governor.admitting():
+            self.counts["rejected_thermal"] += 1
+            raise Unavailable("the CPU is too hot; no new work until it cools down", "thermal_limit",
+                              headers={"Retry-After": "30"})
+        idle = max(0, self._slots() - self.running)
+        if len(self._pending) - idle >= self.queue_size:
+            self.counts["rejected_queue_full"] += 1
+            raise QueueFull(f"the server is busy: {self.running} running, {len(self._pending)} waiting "
+                            f"(queue size {self.queue_size})", "queue_full",
+                            headers={"Retry-After": str(self._retry_after())})
 
     def abandon(self, job: Job) -> None:
         """The client is gone: drop the job from the queue, or stop it between tokens."""
@@ -117,6 +128,11 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    def request_states(self) -> dict[str, int]:
+        """Requests by state: the engine's, with this queue's counted as waiting too."""
+        states = self.engine.request_states()
+        return {**states, "waiting": states.get("waiting", 0) + self.queue_depth}
 
     def close(self) -> None:
         with self._cv:
@@ -143,13 +159,11 @@ class Scheduler:
                 job = self._pending.popleft()
                 job.started = True
                 self.running += 1
-            if self.on_start is not None:
-                self.on_start(time.monotonic() - job.submitted)
             try:
                 if job.request.cancel.is_set():
                     self.counts["cancelled_waiting"] += 1
                 else:
-                    for ev in self.engine.generate(job.request):
+                    for ev in self.engine.generate(job.prepared):
                         job.put(ev)
             except BaseException as e:  # one request fails; the worker and the engine go on
                 self.counts["failed"] += 1

@@ -8,7 +8,6 @@ import binascii
 import contextlib
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -199,17 +198,11 @@ async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> Too
 
 @dataclass
 class Done:
-    """How a run ended, with the figures every API reports (queue time computed here, once)."""
+    """How a run ended, with the figures every API reports."""
 
     finish: FinishEvent
     usage: Usage
     timings: Timings
-
-
-@dataclass
-class Run:
-    job: Job
-    t0: float
 
 
 class Runner:
@@ -219,9 +212,12 @@ class Runner:
         self.scheduler = scheduler
         self.metrics = metrics
 
-    def start(self, req: GenerationRequest) -> Run:
-        """Queues the request: 429/503 are raised here, before any response starts."""
-        return Run(self.scheduler.submit(req), time.perf_counter())
+    async def start(self, req: GenerationRequest) -> Job:
+        """Prepares (off the event loop) and queues the request: 429/503, and a 400 for a prompt over
+        the context window or the KV budget, are raised here, before any response starts."""
+        self.scheduler.check()  # a busy server refuses before spending a prompt's preprocessing
+        prepared = await asyncio.to_thread(self.scheduler.engine.prepare, req)
+        return self.scheduler.submit(prepared)
 
     def record(self, endpoint: str, fin: FinishEvent) -> None:
         m = self.metrics
@@ -230,26 +226,26 @@ class Runner:
         m.generated_tokens.inc(fin.usage.completion_tokens)
         m.vision_cache_hits.inc(fin.timings.vision_cache_hits)
         m.prefix_reused.inc(fin.timings.prefix_reused_tokens)
+        m.queue_wait.observe(fin.timings.queue_ms / 1000)
         if fin.usage.completion_tokens:
             m.ttft.labels(endpoint).observe(fin.timings.ttft_ms / 1000)
         m.latency.labels(endpoint).observe(fin.timings.total_ms / 1000)
 
-    async def events(self, endpoint: str, run: Run, http: Request) -> AsyncIterator[TokenEvent | Done]:
+    async def events(self, endpoint: str, job: Job, http: Request) -> AsyncIterator[TokenEvent | Done]:
         """The job's events, the last one a Done; the job is abandoned if the client disconnects or
         the stream is closed."""
-        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, run.job))
+        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, job))
         try:
-            async for ev in run.job.stream():
+            async for ev in job.stream():
                 if isinstance(ev, FinishEvent):
                     self.record(endpoint, ev)
-                    queue_ms = max(0.0, (time.perf_counter() - run.t0) * 1000 - ev.timings.total_ms)
-                    yield Done(ev, usage_of(ev), timings_of(ev, queue_ms))
+                    yield Done(ev, usage_of(ev), timings_of(ev))
                     return
                 yield ev
             raise ApiError("the request was cancelled", "cancelled")
         finally:
             watcher.cancel()
-            self.scheduler.abandon(run.job)
+            self.scheduler.abandon(job)
 
 
 async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> None:
@@ -268,11 +264,11 @@ def usage_of(fin: FinishEvent) -> Usage:
                  reasoning_tokens=u.reasoning_tokens)
 
 
-def timings_of(fin: FinishEvent, queue_ms: float = 0.0) -> Timings:
+def timings_of(fin: FinishEvent) -> Timings:
     t = fin.timings
     return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
                    preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
-                   prefill_ms=round(t.prefill_ms, 2), queue_ms=round(queue_ms + t.queue_ms, 2),
+                   prefill_ms=round(t.prefill_ms, 2), queue_ms=round(t.queue_ms, 2),
                    vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
                    energy_j=round(t.energy_j, 4) if t.energy_j is not None else None,
                    forced_tokens=t.forced_tokens)

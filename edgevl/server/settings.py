@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Qwen3-VL checkpoint or exported folder (default: the demo model)")
     precision: Precision = Field("fp32", description="weights used when exporting a checkpoint")
     # -- CPU
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads per generation (0: one per core)")
+    threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per graph, shared by the whole batch "
+                                                      "(0: one per physical core)")
     inter_op_threads: int = Field(1, ge=1, le=64, description="inter-op threads (parallel execution mode only)")
     execution_mode: Literal["sequential", "parallel"] = Field("sequential", description="ONNX Runtime graph execution")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(

@@ -58,10 +58,11 @@ class Server:
             return f.read()
 
 
-def start_server(tmp_path_factory, *args: str, env: dict | None = None) -> Server:
+def start_server(tmp_path_factory, *args: str, env: dict | None = None, module: str = "edgevl.cli") -> Server:
+    """`python -m <module> serve ...`: edgevl's CLI, or a test wrapper around it (tests/fault_server.py)."""
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    proc = subprocess.Popen([sys.executable, "-m", "edgevl.cli", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--port", str(port), *args],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

@@ -89,16 +89,44 @@ def test_metrics_count_requests_and_tokens(server):
     assert server.metric("edgevl_generated_tokens_total") >= before + 1
     for name in ("edgevl_requests_total", "edgevl_time_to_first_token_seconds_bucket",
                  "edgevl_request_duration_seconds_bucket", "edgevl_queue_depth", "edgevl_in_flight",
-                 "edgevl_vision_cache_entries", "edgevl_kv_cache_bytes", "edgevl_thermal_level",
-                 "edgevl_kv_used_bytes", "edgevl_kv_free_bytes", "edgevl_running", "edgevl_waiting",
-                 "edgevl_queue_wait_seconds_bucket"):
+                 "edgevl_vision_cache_entries", "edgevl_thermal_level",
+                 "edgevl_kv_used_bytes", "edgevl_kv_free_bytes", 'edgevl_requests_in_state{state="decoding"}',
+                 'edgevl_requests_in_state{state="waiting"}', "edgevl_queue_wait_seconds_bucket"):
         assert name in text, name
     # the engine's own histograms: every decoder step and every prefill chunk is counted
     assert server.metric("edgevl_batch_size_bucket", 'le="+Inf"') >= 4
     assert server.metric("edgevl_prefill_chunk_tokens_bucket", 'le="+Inf"') >= 1
-    caches = server.client().get("/api/health").json()["caches"]
-    assert {"running", "prefilling", "waiting", "kv_used_bytes", "kv_free_bytes"} <= set(caches)
+    health = server.client().get("/api/health").json()
+    caches = health["caches"]
+    assert {"kv_used_bytes", "kv_free_bytes"} <= set(caches)
     assert caches["kv_used_bytes"] > 0  # the finished turn is kept for prefix reuse
+    assert set(health["requests"]) == {"waiting", "encoding", "prefilling", "decoding"}
+
+
+def test_metrics_time_every_decoder_and_vision_run(server):
+    def read() -> dict[str, float]:
+        names = ("step_tokens_sum", "step_tokens_count", "vision_seconds_count", "vision_seconds_sum")
+        return {k: server.metric(f"edgevl_{k}") for k in names} | {
+            f"{kind}_{x}": server.metric(f"edgevl_step_seconds_{x}", f'kind="{kind}"')
+            for kind in ("decode", "prefill", "draft") for x in ("count", "sum")}
+
+    before = read()
+    r = server.client().post("/api/predict", json={"image": png_b64(72, 56, seed=9301), "prompt": "Describe.",
+                                                   "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    after, body = read(), r.json()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["vision_seconds_count"] >= 1 and delta["vision_seconds_sum"] > 0  # a picture never seen before
+    assert delta["prefill_count"] >= 1 and delta["prefill_sum"] > 0
+    if body["usage"]["completion_tokens"] > 1:
+        assert delta["decode_count"] >= 1 and delta["decode_sum"] > 0
+    # every prompt token read and every answer token after the first went through a counted decoder run
+    read_tokens = body["usage"]["prompt_tokens"] - body["timings"]["prefix_reused_tokens"]
+    assert delta["step_tokens_sum"] >= read_tokens + body["usage"]["completion_tokens"] - 1
+    assert delta["step_tokens_count"] == delta["prefill_count"] + delta["decode_count"] + delta["draft_count"]
+    text = server.client().get("/metrics").text
+    assert 'edgevl_step_seconds_bucket{kind="draft",le="+Inf"}' in text
+    assert "edgevl_step_tokens_bucket{le=" in text and "edgevl_vision_seconds_bucket{le=" in text
 
 
 def _png_bytes_b64(img: Image.Image, fmt: str = "PNG", **kw) -> str:

@@ -204,8 +204,8 @@ def test_context_size_exceeded(server):
     messages = [{"role": "user", "content": "This is a test " * 3000}]
     err = _refused(_post(server, {"messages": messages}))
     assert err["code"] == "context_length_exceeded"
-    *_, last = _sse(server, {"messages": messages})  # a stream reports it as its last event
-    assert last["error"]["code"] == "context_length_exceeded"
+    # checked before the response starts: a stream is refused with a 400 too, not a 200 and an error event
+    assert _refused(_post(server, {"messages": messages, "stream": True}))["code"] == "context_length_exceeded"
     assert _post(server, {"messages": BOOK, "max_tokens": 2}).status_code == 200
 
 

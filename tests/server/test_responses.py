@@ -327,7 +327,7 @@ def images() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     s = start_server(tmp_path_factory, "--responses-store", "2", "--allow-remote-images", "--allow-remote-hosts",
-                     "127.0.0.1", env={"EDGEVL_FAULT_INJECT": "FAULT-MARKER"})
+                     "127.0.0.1", module="tests.fault_server")  # FAULT-MARKER in a prompt fails it in the engine
     yield s
     stop_server(s)
 
