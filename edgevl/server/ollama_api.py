@@ -42,7 +42,7 @@ from edgevl.server.ollama_protocol import (
 )
 from edgevl.server.protocol import Tooling, call_id
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
+from edgevl.server.serving import Done, constraint_for, load_image, logprob_entries, prepare_tools
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
@@ -253,12 +253,8 @@ def _figures(done: Done, t0: float) -> dict:
 
 
 def _logprob(engine, ev: TokenEvent) -> Logprob:
-    def entry(token_id: int, logprob: float) -> dict:
-        raw = engine.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
-
-    return Logprob(**entry(ev.token_id, ev.logprob),
-                   top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in ev.top_logprobs or []])
+    first, rivals = logprob_entries(engine, ev)
+    return Logprob(**first, top_logprobs=[TopLogprob(**r) for r in rivals])
 
 
 async def fold(frames: AsyncIterator[Frame]) -> Frame:

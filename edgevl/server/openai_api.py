@@ -41,6 +41,7 @@ from edgevl.server.serving import (
     check_max_frames,
     constraint_for,
     load_image,
+    logprob_entries,
     prepare_tools,
     video_from_base64,
     video_from_frames_base64,
@@ -197,12 +198,8 @@ def _calls_delta(pieces: list[CallPiece]) -> list[ToolCallDelta] | None:
 
 
 def _logprob(engine, ev: TokenEvent) -> TokenLogprob:
-    def entry(token_id: int, logprob: float) -> dict:
-        raw = engine.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
-
-    return TokenLogprob(**entry(ev.token_id, ev.logprob),
-                        top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in ev.top_logprobs or []])
+    first, rivals = logprob_entries(engine, ev)
+    return TokenLogprob(**first, top_logprobs=[TopLogprob(**r) for r in rivals])
 
 
 async def _fold(chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletion:

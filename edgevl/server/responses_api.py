@@ -54,7 +54,7 @@ from edgevl.server.responses_protocol import (
     response_id,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
+from edgevl.server.serving import Done, constraint_for, load_image, logprob_entries, prepare_tools
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
@@ -356,12 +356,8 @@ async def _guarded(builder: _Builder, events: AsyncIterator[StreamEvent]) -> Asy
 
 
 def _logprob(engine, ev: TokenEvent) -> Logprob:
-    def entry(token_id: int, logprob: float) -> dict:
-        raw = engine.token_bytes(token_id)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
-
-    return Logprob(**entry(ev.token_id, ev.logprob),
-                   top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in ev.top_logprobs or []])
+    first, rivals = logprob_entries(engine, ev)
+    return Logprob(**first, top_logprobs=[TopLogprob(**r) for r in rivals])
 
 
 def _delta_logprob(lp: Logprob) -> DeltaLogprob:

@@ -272,3 +272,14 @@ def timings_of(fin: FinishEvent) -> Timings:
                    vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
                    energy_j=round(t.energy_j, 4) if t.energy_j is not None else None,
                    forced_tokens=t.forced_tokens)
+
+
+def logprob_entries(engine, ev: TokenEvent) -> tuple[dict, list[dict]]:
+    """The sampled token's and its likeliest rivals' {"token", "logprob", "bytes"}: the entries OpenAI's
+    chat, its Responses API and Ollama all write (each in its own model)."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = engine.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return entry(ev.token_id, ev.logprob), [entry(t, lp) for t, lp in ev.top_logprobs or []]
