@@ -1,0 +1,107 @@
+"""A Thinking checkpoint behind the other dialects (Anthropic Messages, Ollama, OpenAI Responses),
+each through its official client: the thought in the dialect's own place, never in the answer.
+
+The server runs the tiny Thinking checkpoint with `--reasoning-budget 64`; with random weights its
+thoughts never close on their own, so every thought here is ended by a budget. Greedy answers are
+compared with /v1/chat/completions', whose usage counts the thought's tokens."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+
+from tests.server.conftest import png_b64
+
+QUESTION = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def chat(thinking_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _reference(chat: openai.OpenAI, budget: int, max_tokens: int) -> tuple[str, str, int, int]:
+    """The greedy thought, answer, reasoning and completion tokens /v1/chat/completions gives for QUESTION
+    and the image."""
+    r = chat.chat.completions.create(model="m", max_tokens=max_tokens, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64()}},
+                                     {"type": "text", "text": QUESTION}]}], extra_body={"reasoning_budget": budget})
+    return ((r.choices[0].message.model_extra or {}).get("reasoning_content"), r.choices[0].message.content,
+            r.usage.completion_tokens_details.reasoning_tokens, r.usage.completion_tokens)
+
+
+# ---- Anthropic Messages --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def claude(thinking_server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _claude_messages() -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png_b64()}},
+        {"type": "text", "text": QUESTION}]}]
+
+
+def test_anthropic_thinking_block_before_the_text(claude, chat):
+    thought, answer, n_thought, n_out = _reference(chat, 7, 20)
+    assert n_thought == 7
+    kw = dict(model="m", max_tokens=20, messages=_claude_messages(), thinking={"type": "enabled", "budget_tokens": 7},
+              extra_body={"temperature": 0})
+    r = claude.messages.create(**kw)
+    assert [b.type for b in r.content] == ["thinking", "text"]
+    assert r.content[0].thinking == thought and r.content[0].signature == ""
+    assert r.content[1].text == answer and "think>" not in r.content[1].text
+    assert r.usage.output_tokens == n_out and r.stop_reason == "max_tokens"
+    with claude.messages.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content] == [b.to_dict() for b in r.content]
+    kinds = [e.delta.type for e in events if e.type == "content_block_delta"]
+    assert kinds == ["thinking_delta"] * kinds.count("thinking_delta") + ["signature_delta"] \
+        + ["text_delta"] * kinds.count("text_delta")
+    assert "".join(e.delta.thinking for e in events if e.type == "content_block_delta"
+                   and e.delta.type == "thinking_delta") == thought
+
+
+def test_anthropic_without_thinking_the_model_does_not_think(claude, chat):
+    thought, answer, n_thought, n_out = _reference(chat, 0, 8)
+    assert n_thought == 0 and not thought
+    for thinking in ({}, {"thinking": {"type": "disabled"}}):
+        r = claude.messages.create(model="m", max_tokens=8, messages=_claude_messages(),
+                                   extra_body={"temperature": 0}, **thinking)
+        assert [b.type for b in r.content] == ["text"] and r.content[0].text == answer
+        assert r.usage.output_tokens == n_out
+
+
+def test_anthropic_adaptive_thinks_for_the_server_budget(claude):
+    r = claude.messages.create(model="m", max_tokens=80, messages=_claude_messages(), thinking={"type": "adaptive"},
+                               extra_body={"temperature": 0})
+    assert r.content[0].type == "thinking" and r.content[0].thinking.strip()
+    assert r.content[1].type == "text" and r.content[1].text.strip()
+
+
+@pytest.mark.parametrize("thinking, max_tokens, says", [
+    ({"type": "enabled", "budget_tokens": 65}, 100, "at most 64"),
+    ({"type": "enabled", "budget_tokens": 20}, 20, "less than max_tokens"),
+    ({"type": "enabled"}, 20, "budget_tokens"),
+])
+def test_anthropic_budgets_the_server_cannot_keep_are_refused(claude, thinking, max_tokens, says):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model="m", max_tokens=max_tokens, messages=_claude_messages(), thinking=thinking)
+    assert e.value.body["error"]["type"] == "invalid_request_error" and says in e.value.body["error"]["message"]
+
+
+def test_anthropic_thinking_given_back_reaches_the_template(claude):
+    """A thought in an assistant turn after the last question (a tool loop) is in the prompt."""
+    tools = [{"name": "zoom", "input_schema": {"type": "object", "properties": {}}}]
+
+    def count(thought: str) -> int:
+        return claude.messages.count_tokens(model="m", tools=tools, messages=[
+            {"role": "user", "content": "Zoom in."},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": thought, "signature": ""},
+                                              {"type": "tool_use", "id": "toolu_1", "name": "zoom", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "done"}]}],
+            thinking={"type": "enabled", "budget_tokens": 8}).input_tokens
+
+    assert count("I should zoom in on the car first.") > count("Zoom.")
