@@ -8,6 +8,7 @@ compared with /v1/chat/completions', whose usage counts the thought's tokens."""
 from __future__ import annotations
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -105,3 +106,48 @@ def test_anthropic_thinking_given_back_reaches_the_template(claude):
             thinking={"type": "enabled", "budget_tokens": 8}).input_tokens
 
     assert count("I should zoom in on the car first.") > count("Zoom.")
+
+
+# ---- Ollama --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(thinking_server) -> ollama.Client:
+    return ollama.Client(host=thinking_server.url, timeout=120)
+
+
+def _ollama_turn() -> list[dict]:
+    return [{"role": "user", "content": QUESTION, "images": [png_b64()]}]
+
+
+def test_ollama_think_puts_the_thought_in_thinking(llama, chat):
+    thought, answer, n_thought, n_out = _reference(chat, 64, 80)  # the server's budget: Ollama sends none
+    assert n_thought == 64
+    kw = dict(model="m", options={"temperature": 0, "num_predict": 80})
+    for think in (True, None):  # a Thinking checkpoint thinks unless told not to, as Ollama's do
+        r = llama.chat(messages=_ollama_turn(), think=think, **kw)
+        assert r.message.thinking == thought and r.message.content == answer and "think>" not in answer
+        assert r.eval_count == n_out and r.done_reason == "length"
+    parts = list(llama.chat(messages=_ollama_turn(), think=True, stream=True, **kw))
+    kinds = ["t" if p.message.thinking else "c" for p in parts if p.message.thinking or p.message.content]
+    assert kinds == sorted(kinds, reverse=True) and "t" in kinds and "c" in kinds  # thought, then answer
+    assert "".join(p.message.thinking or "" for p in parts) == thought
+    assert "".join(p.message.content for p in parts) == answer
+    g = llama.generate(prompt=QUESTION, images=[png_b64()], think=True, **kw)
+    assert g.thinking == thought and g.response == answer
+    pieces = list(llama.generate(prompt=QUESTION, images=[png_b64()], think=True, stream=True, **kw))
+    assert "".join(p.thinking or "" for p in pieces) == thought and "".join(p.response for p in pieces) == answer
+
+
+def test_ollama_think_false_does_not_think(llama, chat):
+    thought, answer, n_thought, n_out = _reference(chat, 0, 8)
+    r = llama.chat(model="m", messages=_ollama_turn(), think=False, options={"temperature": 0, "num_predict": 8})
+    assert not r.message.thinking and r.message.content == answer and r.eval_count == n_out
+    g = llama.generate(model="m", prompt=QUESTION, images=[png_b64()], think=False,
+                       options={"temperature": 0, "num_predict": 8})
+    assert not g.thinking and g.response == answer
+
+
+def test_ollama_shows_thinking_and_refuses_levels(llama):
+    assert "thinking" in llama.show("m").capabilities
+    with pytest.raises(ollama.ResponseError) as e:
+        llama.chat(model="m", messages=_ollama_turn(), think="high")
+    assert e.value.status_code == 400 and "think" in e.value.error
