@@ -151,3 +151,62 @@ def test_ollama_shows_thinking_and_refuses_levels(llama):
     with pytest.raises(ollama.ResponseError) as e:
         llama.chat(model="m", messages=_ollama_turn(), think="high")
     assert e.value.status_code == 400 and "think" in e.value.error
+
+
+# ---- OpenAI Responses ----------------------------------------------------------------------------
+def _responses_input() -> list[dict]:
+    return [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64," + png_b64()},
+                                         {"type": "input_text", "text": QUESTION}]}]
+
+
+def test_responses_reasoning_item_before_the_message(chat):
+    thought, answer, n_thought, n_out = _reference(chat, 9, 24)
+    kw = dict(model="m", input=_responses_input(), max_output_tokens=24, temperature=0,
+              extra_body={"reasoning_budget": 9})
+    r = chat.responses.create(**kw)
+    assert [it.type for it in r.output] == ["reasoning", "message"]
+    item = r.output[0]
+    assert item.summary == [] and [(c.type, c.text) for c in item.content] == [("reasoning_text", thought)]
+    assert r.output_text == answer and "think>" not in r.output_text
+    assert r.usage.output_tokens_details.reasoning_tokens == n_thought == 9 and r.usage.output_tokens == n_out
+    events = list(chat.responses.create(stream=True, **kw))
+    types = [e.type for e in events]
+    first_text = types.index("response.output_text.delta")
+    assert types.index("response.reasoning_text.done") < first_text
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == thought
+    assert next(e.text for e in events if e.type == "response.reasoning_text.done") == thought
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer
+    last = events[-1].response
+    assert last.output[0].content[0].text == thought and last.usage.output_tokens_details.reasoning_tokens == 9
+    with chat.responses.stream(**kw) as stream:  # the SDK's accumulating helper (cut by max_output_tokens)
+        final = [e for e in stream if e.type == "response.incomplete"][-1].response
+    assert final.output[0].content[0].text == thought and final.output_text == answer
+
+
+def test_responses_effort_none_does_not_think_and_levels_are_refused(chat):
+    thought, answer, _, n_out = _reference(chat, 0, 8)
+    r = chat.responses.create(model="m", input=_responses_input(), max_output_tokens=8, temperature=0,
+                              reasoning={"effort": "none"})
+    assert [it.type for it in r.output] == ["message"] and r.output_text == answer
+    assert r.usage.output_tokens_details.reasoning_tokens == 0 and r.usage.output_tokens == n_out
+    with pytest.raises(openai.BadRequestError) as e:
+        chat.responses.create(model="m", input="Hi", max_output_tokens=8, reasoning={"effort": "high"})
+    assert "reasoning" in str(e.value)
+
+
+def test_responses_reasoning_given_back_reaches_the_template(chat, thinking_server):
+    r = chat.responses.create(model="m", input="Zoom in.", max_output_tokens=12, extra_body={"reasoning_budget": 4})
+    assert r.output[0].type == "reasoning"
+    again = chat.responses.create(model="m", previous_response_id=r.id, input="And then?", max_output_tokens=4)
+    assert again.status == "incomplete"
+
+    def prompt_tokens(thought: str) -> int:  # a thought after the last user message is shown by the template
+        items = [{"role": "user", "content": "Zoom in."},
+                 {"type": "reasoning", "id": "rs_1", "summary": [],
+                  "content": [{"type": "reasoning_text", "text": thought}]},
+                 {"type": "function_call", "call_id": "c1", "name": "zoom", "arguments": "{}"},
+                 {"type": "function_call_output", "call_id": "c1", "output": "done"}]
+        return chat.responses.create(model="m", input=items, max_output_tokens=1,
+                                     extra_body={"reasoning_budget": 0}).usage.input_tokens
+
+    assert prompt_tokens("I should zoom in on the car first.") > prompt_tokens("Zoom.")
