@@ -241,7 +241,7 @@ BUILTIN_TOOL = "only function tools are supported (no built-in tools such as web
 
 class ResponsesRequest(Sampling):
     """POST /v1/responses. Extensions shared with the other endpoints: top_k, repetition_penalty, seed,
-    stop, max_pixels, ignore_eos."""
+    stop, max_pixels, ignore_eos, reasoning_budget."""
 
     model_config = ConfigDict(extra="forbid")
 
