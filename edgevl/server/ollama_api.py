@@ -237,7 +237,7 @@ async def frames(state, events: AsyncIterator, make: Make, splitter: ToolCallSpl
             if ev.logprob is not None:
                 held.append(_logprob(state.engine, ev))
             if ev.reasoning:  # never part of the answer, nor seen by the splitter
-                frame = make("", None, list(held) or None, thinking=ev.text) if ev.text or held else None
+                frame = make("", None, list(held) or None, thinking=ev.text or None) if ev.text or held else None
                 held.clear()
             else:
                 frame = piece(*(splitter.feed(ev.text) if splitter else (ev.text, [])))

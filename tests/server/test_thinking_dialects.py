@@ -210,3 +210,13 @@ def test_responses_reasoning_given_back_reaches_the_template(chat, thinking_serv
                                      extra_body={"reasoning_budget": 0}).usage.input_tokens
 
     assert prompt_tokens("I should zoom in on the car first.") > prompt_tokens("Zoom.")
+
+
+def test_ollama_logprobs_cover_the_thought_too(llama):
+    r = llama.chat(model="m", messages=_ollama_turn(), think=True, logprobs=True,
+                   options={"temperature": 0, "num_predict": 70})
+    assert r.message.thinking and len(r.logprobs) == r.eval_count == 70
+    parts = list(llama.chat(model="m", messages=_ollama_turn(), think=True, logprobs=True, stream=True,
+                            options={"temperature": 0, "num_predict": 70}))
+    assert all(p.message.thinking is None or p.message.thinking for p in parts)  # no empty thought pieces
+    assert sum(len(p.logprobs or []) for p in parts) == 70
