@@ -220,3 +220,18 @@ def test_ollama_logprobs_cover_the_thought_too(llama):
                             options={"temperature": 0, "num_predict": 70}))
     assert all(p.message.thinking is None or p.message.thinking for p in parts)  # no empty thought pieces
     assert sum(len(p.logprobs or []) for p in parts) == 70
+
+
+def test_anthropic_tool_use_after_the_thought(claude):
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": False}}]
+    kw = dict(model="m", max_tokens=80, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+              messages=[{"role": "user", "content": "Weather in Paris?"}],
+              thinking={"type": "enabled", "budget_tokens": 6}, extra_body={"temperature": 0})
+    r = claude.messages.create(**kw)
+    assert [b.type for b in r.content] == ["thinking", "tool_use"] and r.stop_reason == "tool_use"
+    assert r.content[0].thinking.strip() and isinstance(r.content[1].input["city"], str)
+    with claude.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content][0] == r.content[0].to_dict()
+    assert final.content[1].input == r.content[1].input
