@@ -32,12 +32,16 @@ from edgevl.server.anthropic_protocol import (
     MessageStart,
     MessageStop,
     Ping,
+    SignatureDelta,
     StopDelta,
     StopReason,
     StreamEvent,
     TextBlock,
     TextBlockParam,
     TextDelta,
+    ThinkingBlock,
+    ThinkingBlockParam,
+    ThinkingDelta,
     TokenCount,
     ToolResultBlockParam,
     ToolUseBlock,
@@ -58,13 +62,36 @@ router = APIRouter(prefix="/v1", tags=["anthropic"], route_class=SafeRoute)
 errors.register_shape("/v1/messages", error_shape, STATUSES)
 
 
-def _thinking(body: CountTokensRequest) -> None:
-    """The seam for Thinking checkpoints: once the engine says a model reasons, `enabled` and `adaptive`
-    turn its reasoning on and `_events` sends it as `thinking` blocks (ThinkingBlock, ThinkingDelta).
-    This model does not think, so asking it to would change nothing: refused."""
-    if body.thinking is not None and body.thinking.type != "disabled":
-        raise ApiError(f"thinking {body.thinking.type!r} is not supported: this model does not think "
-                       "(only {'type': 'disabled'} is accepted)", "invalid_parameter", "thinking")
+def _thinking(body: CountTokensRequest, state, max_tokens: int | None = None) -> int | None:
+    """The reasoning budget `thinking` asks for. On a Thinking checkpoint `enabled` thinks for at most
+    budget_tokens (below max_tokens, as Anthropic requires; its 1024 minimum is not enforced, a small
+    model's thought is short), `adaptive` for the server's budget (None), and `disabled` or no
+    `thinking` not at all (0: Anthropic's models think only when asked). A model that does not think
+    would change nothing if asked to: refused."""
+    t = body.thinking
+    if not state.info.thinking:
+        if t is not None and t.type != "disabled":
+            raise ApiError(f"thinking {t.type!r} is not supported: this model does not think "
+                           "(only {'type': 'disabled'} is accepted)", "invalid_parameter", "thinking")
+        return None
+    if t is None or t.type == "disabled":
+        return 0
+    if t.type == "adaptive":
+        return None
+    if t.type != "enabled":
+        raise ApiError(f"thinking {t.type!r} is not supported (enabled, adaptive or disabled)",
+                       "invalid_parameter", "thinking.type")
+    if t.budget_tokens is None:
+        raise ApiError("thinking.budget_tokens: required when thinking is enabled", "invalid_parameter",
+                       "thinking.budget_tokens")
+    if max_tokens is not None and t.budget_tokens >= max_tokens:
+        raise ApiError("thinking.budget_tokens: must be less than max_tokens", "invalid_parameter",
+                       "thinking.budget_tokens")
+    top = state.settings.reasoning_budget
+    if 0 <= top < t.budget_tokens:
+        raise ApiError(f"thinking.budget_tokens: must be at most {top} (the server's reasoning_budget)",
+                       "invalid_parameter", "thinking.budget_tokens")
+    return t.budget_tokens
 
 
 async def _conversation(body: CountTokensRequest, state) -> list[Message]:
@@ -99,12 +126,14 @@ async def _conversation(body: CountTokensRequest, state) -> list[Message]:
         if last is not None and last.role == msg.role and msg.role in ("user", "assistant"):
             last.content += msg.content
             last.tool_calls += msg.tool_calls
+            last.reasoning += msg.reasoning
         elif msg.content or msg.tool_calls or msg.role == "assistant":
             out.append(msg)
 
     for i, m in enumerate(body.messages):
         parts: list = []
         calls: list[ToolCall] = []
+        thought = ""
         for j, b in enumerate(m.content):
             where = f"messages.{i}.content.{j}"
             if isinstance(b, TextBlockParam):
@@ -123,8 +152,10 @@ async def _conversation(body: CountTokensRequest, state) -> list[Message]:
                     result.append(TextPart(c.text) if isinstance(c, TextBlockParam)
                                   else await image(c, f"{where}.content.{k}"))
                 out.append(Message("tool", result))
-            # thinking and redacted_thinking blocks: an earlier turn's reasoning stays out of the prompt
-        add(Message(m.role, parts, calls))
+            elif isinstance(b, ThinkingBlockParam):
+                thought += b.thinking
+            # redacted_thinking: encrypted by Anthropic, nothing this model could read
+        add(Message(m.role, parts, calls, thought))
     return out
 
 
@@ -132,8 +163,9 @@ async def _conversation(body: CountTokensRequest, state) -> list[Message]:
 async def messages(body: MessagesRequest, http: Request):
     """Anthropic's Messages API: text and images in, text and tool_use blocks out."""
     state = http.app.state
-    _thinking(body)
+    budget = _thinking(body, state, body.max_tokens)
     req = GenerationRequest(await _conversation(body, state), body.sampling(state.sampling_defaults))
+    req.params.reasoning_budget = budget
     tooling = body.tooling()
     fmt = body.output_config.format if body.output_config else None
     if fmt is not None and tooling.forces_tool_call():
@@ -153,7 +185,7 @@ async def messages(body: MessagesRequest, http: Request):
 async def count_tokens(body: CountTokensRequest, http: Request) -> TokenCount:
     """The prompt's tokens, images and tools included: what /v1/messages reports as usage.input_tokens."""
     state = http.app.state
-    _thinking(body)
+    _thinking(body, state)  # refused as /v1/messages would; the budget leaves the prompt as it is
     tooling = body.tooling()
     req = GenerationRequest(await _conversation(body, state), SamplingParams(), tools=tooling.tool_dicts())
     return TokenCount(input_tokens=await asyncio.to_thread(state.engine.count_prompt_tokens, req))
@@ -168,6 +200,14 @@ class _Blocks:
         self.index = -1
         self.open: str | None = None  # the type of the block being written
         self.blank = ""  # whitespace held before a text block opens
+        self.answered = False  # a text or tool_use block has opened (a thought is not an answer)
+
+    def thought(self, text: str) -> list[StreamEvent]:
+        """A piece of the thought: it comes before any text or call, in a thinking block of its own."""
+        if not text:
+            return []
+        start = self._start(ThinkingBlock(thinking="")) if self.open != "thinking" else []
+        return start + [ContentBlockDelta(index=self.index, delta=ThinkingDelta(thinking=text))]
 
     def text(self, text: str) -> list[StreamEvent]:
         if not text:
@@ -193,21 +233,26 @@ class _Blocks:
 
     def close(self) -> list[StreamEvent]:
         """At the end: an answer that was only whitespace is that text; the last block stops."""
-        out = self._start(TextBlock(text="")) + [ContentBlockDelta(index=0, delta=TextDelta(text=self.blank))] \
-            if self.index < 0 and self.blank else []
+        out: list[StreamEvent] = []
+        if not self.answered and self.blank:
+            out = self._start(TextBlock(text="")) + [ContentBlockDelta(index=self.index,
+                                                                       delta=TextDelta(text=self.blank))]
         return out + self._stop()
 
-    def _start(self, block: TextBlock | ToolUseBlock) -> list[StreamEvent]:
+    def _start(self, block: TextBlock | ToolUseBlock | ThinkingBlock) -> list[StreamEvent]:
         out = self._stop()
         self.index += 1
         self.open = block.type
+        self.answered = self.answered or block.type != "thinking"
         return out + [ContentBlockStart(index=self.index, content_block=block)]
 
     def _stop(self) -> list[StreamEvent]:
         if self.open is None:
             return []
+        # Anthropic ends a thought with its signature; this one is unsigned (an empty signature)
+        signed = [ContentBlockDelta(index=self.index, delta=SignatureDelta())] if self.open == "thinking" else []
         self.open = None
-        return [ContentBlockStop(index=self.index)]
+        return signed + [ContentBlockStop(index=self.index)]
 
 
 def _stop_reason(done: Done, called: bool) -> StopReason:
@@ -227,6 +272,10 @@ async def _events(state, events: AsyncIterator, splitter: ToolCallSplitter | Non
     yield Ping()
     blocks = _Blocks()
     async for ev in events:
+        if isinstance(ev, TokenEvent) and ev.reasoning:  # never part of the answer, nor seen by the splitter
+            for frame in blocks.thought(ev.text):
+                yield frame
+            continue
         if isinstance(ev, TokenEvent):
             text, pieces = splitter.feed(ev.text) if splitter else (ev.text, [])
         elif isinstance(ev, Done):
@@ -257,6 +306,8 @@ async def _fold(events: AsyncIterator[StreamEvent]) -> AnthropicMessage:
         elif isinstance(ev, ContentBlockDelta):
             if isinstance(ev.delta, TextDelta):
                 message.content[ev.index].text += ev.delta.text
+            elif isinstance(ev.delta, ThinkingDelta):
+                message.content[ev.index].thinking += ev.delta.thinking
             elif isinstance(ev.delta, InputJsonDelta):
                 inputs[ev.index] = inputs.get(ev.index, "") + ev.delta.partial_json
         elif isinstance(ev, MessageDelta):

@@ -92,8 +92,9 @@ class ToolResultBlockParam(_Strict):
 
 
 class ThinkingBlockParam(_Strict):
-    """An earlier answer's reasoning, echoed back by clients. Accepted and left out of the prompt, as
-    Anthropic leaves earlier turns' thinking out of the context."""
+    """An earlier answer's reasoning, echoed back by clients: the turn's reasoning for the chat template
+    (a Thinking checkpoint's shows it only in turns after the last user question, i.e. in a tool loop,
+    as Anthropic keeps thinking only there). The signature is not checked: none is made here."""
 
     type: Literal["thinking"]
     thinking: str
@@ -180,12 +181,14 @@ ToolChoice = Annotated[ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolCho
 
 
 class ThinkingConfig(BaseModel):
-    """Extended thinking: which types are served is decided in `anthropic_api._thinking` (the seam for
-    Thinking checkpoints); its other fields (budget_tokens, display) are read there."""
+    """Extended thinking: which types are served, and how budget_tokens bounds a thought, is decided in
+    `anthropic_api._thinking` (it knows whether the checkpoint thinks and the server's budget)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
+    budget_tokens: int | None = Field(None, ge=0, description="enabled: thought tokens at most, then the "
+                                      "thought is closed and the answer follows")
 
 
 class OutputFormat(_Strict):
@@ -340,7 +343,8 @@ class ToolUseBlock(BaseModel):
 
 
 class ThinkingBlock(BaseModel):
-    """For a Thinking checkpoint's reasoning (not produced yet: this model does not think)."""
+    """A Thinking checkpoint's thought. Nothing here is signed: `signature` is always empty, and a
+    thinking block given back is taken as it is."""
 
     type: Literal["thinking"] = "thinking"
     thinking: str
@@ -400,7 +404,14 @@ class ThinkingDelta(BaseModel):
     thinking: str
 
 
-BlockDelta = Annotated[TextDelta | InputJsonDelta | ThinkingDelta, Field(discriminator="type")]
+class SignatureDelta(BaseModel):
+    """Ends a thinking block, as in Anthropic's stream (empty: see ThinkingBlock)."""
+
+    type: Literal["signature_delta"] = "signature_delta"
+    signature: str = ""
+
+
+BlockDelta = Annotated[TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta, Field(discriminator="type")]
 
 
 class ContentBlockDelta(BaseModel):

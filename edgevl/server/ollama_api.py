@@ -98,21 +98,27 @@ def shape(message: str, type_: str, code: str, param: str | None, status: int) -
 for _path in PATHS:
     errors.register_shape(_path, shape)
 
-Make = Callable[..., Frame]  # (text, calls, logprobs, **final fields) → the endpoint's object
+Make = Callable[..., Frame]  # (text, calls, logprobs, thinking=, **final fields) → the endpoint's object
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _thinking(state, body: Common) -> bool:
-    """Whether the answer shows its reasoning. No checkpoint served today is a Thinking one (the
-    `thinking` branch adds them: EngineInfo will say so and this will split the reasoning out);
-    until then asking for it is refused as Ollama refuses it."""
-    if body.think in (None, False):
-        return False
-    raise ApiError(f'"{body.model or state.info.model_name}" does not support thinking', "thinking_unsupported",
-                   "think")
+def _thinking(state, body: Common) -> int | None:
+    """The reasoning budget `think` asks for. A Thinking checkpoint thinks unless think is false (budget
+    0), as Ollama's thinking models do, for at most the server's budget (None); its thought comes in
+    `thinking`, never in the answer. Other models refuse think: true as Ollama does. Levels ("high", …)
+    are gpt-oss's: this model has one kind of thought, so they are refused rather than ignored."""
+    if isinstance(body.think, str):
+        raise ApiError(f'think "{body.think}": thinking levels are not supported (true or false)',
+                       "invalid_parameter", "think")
+    if not state.info.thinking:
+        if body.think:
+            raise ApiError(f'"{body.model or state.info.model_name}" does not support thinking',
+                           "thinking_unsupported", "think")
+        return None
+    return 0 if body.think is False else None
 
 
 def _count_images(n: int, state, param: str) -> None:
@@ -127,12 +133,14 @@ async def _images(values: list[str], state, param: str) -> list[ImagePart]:
 async def _prepare(state, body: Common, messages: list[Message], tools: Tooling | None
                    ) -> tuple[GenerationRequest, ToolCallSplitter | None]:
     s = state.settings
+    budget = _thinking(state, body)
     opts = body.opts()
     if opts.num_ctx is not None and opts.num_ctx > state.info.max_context:
         raise ApiError(f"options.num_ctx: must be at most {state.info.max_context} (the server's max_context)",
                        "invalid_parameter", "options.num_ctx")
     params = opts.sampling(state.sampling_defaults, s.default_max_tokens, s.max_tokens)
     params.logprobs = body.top_k_logprobs()
+    params.reasoning_budget = budget
     req = GenerationRequest(messages, params, max_context=opts.num_ctx)
     splitter = await prepare_tools(state, req, tools) if tools is not None else None
     if body.format == "json":
@@ -162,9 +170,9 @@ async def chat(body: ChatRequest, http: Request):
     name = state.info.model_name
 
     def make(text: str, calls: list[ToolCall] | None = None, logprobs: list[Logprob] | None = None,
-             **final) -> ChatFrame:
-        return ChatFrame(model=name, created_at=_now(), message=OutMessage(content=text, tool_calls=calls),
-                         logprobs=logprobs, **final)
+             thinking: str | None = None, **final) -> ChatFrame:
+        return ChatFrame(model=name, created_at=_now(), logprobs=logprobs, **final,
+                         message=OutMessage(content=text, thinking=thinking, tool_calls=calls))
 
     _thinking(state, body)
     if not body.messages:
@@ -177,7 +185,7 @@ async def chat(body: ChatRequest, http: Request):
             parts.append(TextPart(m.content))
         calls = [EngineToolCall(c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
                  for c in m.tool_calls or []]
-        messages.append(Message(m.role, parts, calls))
+        messages.append(Message(m.role, parts, calls, m.thinking or ""))
     tools = Tooling(tools=body.tools) if body.tools else None
     req, splitter = await _prepare(state, body, messages, tools)
     return await _respond(state, "ollama_chat", http, body, req, make, splitter, t0)
@@ -192,8 +200,9 @@ async def generate(body: GenerateRequest, http: Request):
     name = state.info.model_name
 
     def make(text: str, calls: list[ToolCall] | None = None, logprobs: list[Logprob] | None = None,
-             **final) -> GenerateFrame:
-        return GenerateFrame(model=name, created_at=_now(), response=text, logprobs=logprobs, **final)
+             thinking: str | None = None, **final) -> GenerateFrame:
+        return GenerateFrame(model=name, created_at=_now(), response=text, thinking=thinking, logprobs=logprobs,
+                             **final)
 
     _thinking(state, body)
     if not body.prompt.strip() and not body.images:
@@ -209,8 +218,8 @@ async def generate(body: GenerateRequest, http: Request):
 
 async def frames(state, events: AsyncIterator, make: Make, splitter: ToolCallSplitter | None, t0: float
                  ) -> AsyncIterator[Frame]:
-    """Engine events → Ollama's objects: text (and whole tool calls) as they come, then the last
-    object with done: true, why it ended and the figures."""
+    """Engine events → Ollama's objects: a thinking model's thought (in `thinking`), then text (and whole
+    tool calls) as they come, then the last object with done: true, why it ended and the figures."""
     held: list[Logprob] = []
 
     def piece(text: str, pieces: list[CallPiece]) -> Frame | None:
@@ -225,7 +234,11 @@ async def frames(state, events: AsyncIterator, make: Make, splitter: ToolCallSpl
         if isinstance(ev, TokenEvent):
             if ev.logprob is not None:
                 held.append(_logprob(state.engine, ev))
-            frame = piece(*(splitter.feed(ev.text) if splitter else (ev.text, [])))
+            if ev.reasoning:  # never part of the answer, nor seen by the splitter
+                frame = make("", None, list(held) or None, thinking=ev.text or None) if ev.text or held else None
+                held.clear()
+            else:
+                frame = piece(*(splitter.feed(ev.text) if splitter else (ev.text, [])))
         elif isinstance(ev, Done):
             frame = piece(*(splitter.flush() if splitter else ("", [])))
         else:
@@ -261,18 +274,20 @@ async def fold(frames: AsyncIterator[Frame]) -> Frame:
     """The "stream": false answer: the last object, with the text, calls and log-probabilities that
     all the objects carried."""
     text: list[str] = []
+    thought: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[Logprob] = []
     last: Frame | None = None
     async for f in frames:
         last = f
         text.append(f.message.content if isinstance(f, ChatFrame) else f.response)
+        thought.append((f.message.thinking if isinstance(f, ChatFrame) else f.thinking) or "")
         calls += (f.message.tool_calls or []) if isinstance(f, ChatFrame) else []
         logprobs += f.logprobs or []
     if isinstance(last, ChatFrame):
-        last.message = OutMessage(content="".join(text), tool_calls=calls or None)
+        last.message = OutMessage(content="".join(text), thinking="".join(thought) or None, tool_calls=calls or None)
     else:
-        last.response = "".join(text)
+        last.response, last.thinking = "".join(text), "".join(thought) or None
     last.logprobs = logprobs or None
     return last
 
@@ -323,7 +338,7 @@ async def show(body: ShowRequest, http: Request) -> Shown:
     listed = _listed(state)
     modelfile = "\n".join([f"# served by edgevl; any model name answers with {info.model_name}",
                            f"FROM {info.model_name}", *(f"PARAMETER {line}" for line in lines)]) + "\n"
-    capabilities = ["completion", "vision", "tools"]
+    capabilities = ["completion", "vision", "tools"] + (["thinking"] if info.thinking else [])
     return Shown(modelfile=modelfile, parameters="\n".join(lines), details=listed["details"],
                  model_info={"general.architecture": FAMILY, "general.basename": info.model_name,
                              f"{FAMILY}.context_length": info.max_context},

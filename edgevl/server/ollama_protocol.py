@@ -158,8 +158,8 @@ class ChatMessage(NullIsUnset):
     content: str = ""
     images: list[str] | None = Field(None, description="base64 images (user and tool messages)")
     tool_calls: list[ToolCall] | None = Field(None, description="assistant turns: the calls it made")
-    thinking: str | None = Field(None, description="accepted when echoed back; earlier reasoning is not shown "
-                                 "to the model")
+    thinking: str | None = Field(None, description="assistant turns: the thought, echoed back (a Thinking "
+                                 "checkpoint's template shows it only in turns after the last user message)")
     tool_name: str | None = Field(None, description="tool turns: which tool answered (accepted)")
     tool_call_id: str | None = Field(None, description="tool turns: the call this answers (accepted)")
 
@@ -192,7 +192,8 @@ class Common(NullIsUnset):
     stream: bool = Field(True, description="NDJSON objects as the answer is written (Ollama's default)")
     keep_alive: float | str | None = Field(None, description="accepted: the model stays loaded while the server "
                                            "runs")
-    think: Think | None = Field(None, description="reasoning of Thinking checkpoints; refused for other models")
+    think: Think | None = Field(None, description="Thinking checkpoints think unless false (the thought comes in "
+                                "`thinking`); true is refused for other models")
     logprobs: bool | None = Field(None, description="each answer token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many likeliest alternatives")
 

@@ -39,6 +39,13 @@ from edgevl.server.responses_protocol import (
     OutputMessage,
     OutputText,
     OutputTextPart,
+    OutputTokensDetails,
+    ReasoningDelta,
+    ReasoningDone,
+    ReasoningItem,
+    ReasoningOut,
+    ReasoningTextParam,
+    ReasoningTextPart,
     Response,
     ResponseError,
     ResponseLifecycle,
@@ -81,6 +88,11 @@ async def create_response(body: ResponsesRequest, http: Request):
         history = prev.history + _as_input(prev.response.output)
     new = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
     params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens)
+    if body.reasoning is not None and body.reasoning.effort == "none":
+        if body.reasoning_budget:
+            raise ApiError("reasoning.effort 'none' turns the thought off; it cannot come with a reasoning_budget",
+                           "invalid_parameter", "reasoning_budget")
+        params.reasoning_budget = 0  # a Thinking checkpoint closes its thought at once; others have none
     if body.wants_logprobs():
         params.logprobs = body.top_logprobs or 0
     messages = await _messages(body.instructions, history, new, state)
@@ -148,7 +160,10 @@ def _as_input(output: list[OutputItem]) -> list[InputItem]:
     """A stored answer as the items a client would give back."""
     items: list[InputItem] = []
     for it in output:
-        if isinstance(it, OutputMessage):
+        if isinstance(it, ReasoningOut):
+            items.append(ReasoningItem(type="reasoning", id=it.id, content=[
+                ReasoningTextParam(type="reasoning_text", text=p.text) for p in it.content]))
+        elif isinstance(it, OutputMessage):
             items.append(MessageItem(role="assistant", content=[OutputText(type="output_text", text=p.text)
                                                                  for p in it.content]))
         elif isinstance(it, FunctionCallOut):
@@ -160,10 +175,12 @@ def _as_input(output: list[OutputItem]) -> list[InputItem]:
 async def _messages(instructions: str | None, history: list[InputItem], new: list[InputItem], state
                     ) -> list[Message]:
     """Items → the engine's messages: function calls join the assistant turn before them, their outputs
-    become tool turns (the chat template shows both as the checkpoint expects)."""
+    become tool turns (the chat template shows both as the checkpoint expects); a reasoning item is the
+    thought of the assistant turn after it."""
     s = state.settings
     out = [Message("system", [TextPart(instructions)])] if instructions else []
     calls: set[str] = set()
+    thought = ""
     n_images = 0
 
     async def image(part: InputImage, where: str) -> ImagePart:
@@ -187,14 +204,21 @@ async def _messages(instructions: str | None, history: list[InputItem], new: lis
                     parts.append(await image(p, f"{where}.content.{j}"))
                 else:
                     parts.append(TextPart(p if isinstance(p, str) else p.refusal if p.type == "refusal" else p.text))
-            out.append(Message("system" if item.role == "developer" else item.role, parts))
+            if item.role == "assistant":
+                out.append(Message("assistant", parts, reasoning=thought))
+                thought = ""
+            else:
+                out.append(Message("system" if item.role == "developer" else item.role, parts))
+        elif isinstance(item, ReasoningItem):
+            thought += "".join(p.text for p in item.content or [])
         elif isinstance(item, FunctionCallItem):
             calls.add(item.call_id)
             call = ToolCall(item.name, item.arguments)
-            if out and out[-1].role == "assistant":
+            if out and out[-1].role == "assistant" and not thought:
                 out[-1].tool_calls.append(call)
             else:
-                out.append(Message("assistant", [], [call]))
+                out.append(Message("assistant", [], [call], thought))
+                thought = ""
         elif isinstance(item, FunctionCallOutputItem):
             if item.call_id not in calls:
                 raise ApiError(f"no function_call with call_id {item.call_id!r} comes before this output",
@@ -215,15 +239,15 @@ class _Builder:
     """Engine events → Responses stream events, in one place. Output items open as their first
     piece arrives (a message with one output_text part, or a function call) and close when the next
     one opens or the answer ends; the Response keeps every item, so the last event carries it whole.
-    A Thinking checkpoint's reasoning would be one more kind of item, opened and closed the same way
-    (a `reasoning` item streamed as response.reasoning_text.delta events, before the message)."""
+    A Thinking checkpoint's thought is a `reasoning` item before them, with one reasoning_text part
+    streamed as response.reasoning_text.delta events."""
 
     def __init__(self, response: Response, splitter: ToolCallSplitter | None, logprobs_from=None):
         self.response = response
         self.splitter = splitter
         self.engine = logprobs_from  # None: no logprobs asked for
         self.seq = 0
-        self.open: OutputMessage | FunctionCallOut | None = None
+        self.open: OutputMessage | FunctionCallOut | ReasoningOut | None = None
         self.held: list[Logprob] = []  # logprobs of tokens whose text is not out yet
 
     def _ev(self, cls, **fields) -> StreamEvent:
@@ -238,7 +262,10 @@ class _Builder:
         yield self._lifecycle("response.created")
         yield self._lifecycle("response.in_progress")
         async for ev in events:
-            if isinstance(ev, TokenEvent):
+            if isinstance(ev, TokenEvent) and ev.reasoning:  # never part of the answer, nor seen by the splitter
+                for out in self._thought(ev.text):
+                    yield out
+            elif isinstance(ev, TokenEvent):
                 if self.engine is not None and ev.logprob is not None:
                     self.held.append(_logprob(self.engine, ev))
                 text, pieces = self.splitter.feed(ev.text) if self.splitter else (ev.text, [])
@@ -288,6 +315,23 @@ class _Builder:
                             delta=text, logprobs=[_delta_logprob(lp) for lp in held]))
         return out
 
+    def _thought(self, text: str) -> list[StreamEvent]:
+        if not text:
+            return []
+        out: list[StreamEvent] = []
+        if not isinstance(self.open, ReasoningOut):
+            out += self._close("completed")
+            self.open = item = ReasoningOut(id=item_id("rs"))
+            part = ReasoningTextPart()
+            out.append(self._added(item))
+            item.content.append(part)
+            out.append(self._ev(ContentPartEvent, type="response.content_part.added", item_id=item.id,
+                                output_index=self._index(), content_index=0, part=part.model_copy()))
+        self.open.content[0].text += text
+        out.append(self._ev(ReasoningDelta, item_id=self.open.id, output_index=self._index(), content_index=0,
+                            delta=text))
+        return out
+
     def _call(self, piece: CallPiece) -> list[StreamEvent]:
         out: list[StreamEvent] = []
         if piece.name is not None:
@@ -301,7 +345,7 @@ class _Builder:
         out.append(self._ev(ArgumentsDelta, item_id=call.id, output_index=self._index(), delta=piece.arguments))
         return out
 
-    def _added(self, item: OutputMessage | FunctionCallOut) -> StreamEvent:
+    def _added(self, item: OutputMessage | FunctionCallOut | ReasoningOut) -> StreamEvent:
         self.response.output.append(item)
         return self._ev(OutputItemEvent, type="response.output_item.added", output_index=self._index(),
                         item=item.model_copy(deep=True))
@@ -311,7 +355,12 @@ class _Builder:
         if item is None:
             return []
         i, out = self._index(item), []
-        if isinstance(item, OutputMessage):
+        if isinstance(item, ReasoningOut):
+            part = item.content[0]
+            out.append(self._ev(ReasoningDone, item_id=item.id, output_index=i, content_index=0, text=part.text))
+            out.append(self._ev(ContentPartEvent, type="response.content_part.done", item_id=item.id, output_index=i,
+                                content_index=0, part=part))
+        elif isinstance(item, OutputMessage):
             part = item.content[0]
             out.append(self._ev(TextDone, item_id=item.id, output_index=i, content_index=0, text=part.text,
                                 logprobs=[_delta_logprob(lp) for lp in part.logprobs or []]))
@@ -324,7 +373,7 @@ class _Builder:
         out.append(self._ev(OutputItemEvent, type="response.output_item.done", output_index=i, item=item))
         return out
 
-    def _index(self, item: OutputMessage | FunctionCallOut | None = None) -> int:
+    def _index(self, item: OutputMessage | FunctionCallOut | ReasoningOut | None = None) -> int:
         target = item or self.open
         return next(i for i, it in enumerate(self.response.output) if it is target)
 
@@ -337,6 +386,7 @@ class _Builder:
             r.completed_at = now()
         r.usage = ResponseUsage(
             input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=u.reasoning_tokens),
             input_tokens_details=InputTokensDetails(cached_tokens=done.timings.prefix_reused_tokens,
                                                     image_tokens=u.image_tokens, video_tokens=u.video_tokens))
         r.timings = done.timings

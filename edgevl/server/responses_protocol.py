@@ -125,12 +125,35 @@ def _item_type(v: Any) -> str:
     return (v.get("type") or "message") if isinstance(v, dict) else getattr(v, "type", "message")
 
 
+class ReasoningTextParam(_Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class SummaryTextParam(_Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningItem(_Strict):
+    """A thought an earlier answer gave, given back: the next assistant turn's reasoning for the chat template
+    (a Thinking checkpoint's shows it only in turns after the last user message). Summaries and encrypted
+    content (none is made here) are accepted and not shown."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryTextParam] = Field(default_factory=list)
+    content: list[ReasoningTextParam] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type, custom_error_type="invalid_item",
-                  custom_error_message="an input item's type must be message, function_call or function_call_output "
-                                       "(other items, and item_reference, are not supported)")]
+                  custom_error_message="an input item's type must be message, function_call, function_call_output "
+                                       "or reasoning (other items, and item_reference, are not supported)")]
 
 
 # ---- tools, formats ---------------------------------------------------------------------------
@@ -191,9 +214,11 @@ class ReasoningConfig(_Strict):
 
     @model_validator(mode="after")
     def _effort(self) -> ReasoningConfig:
-        # Thinking checkpoints would serve this (and emit a reasoning output item); this model does not reason
+        # a Thinking checkpoint has one kind of thought, bounded by tokens (reasoning_budget), not levels; "none"
+        # turns it off (`responses_api`); no summaries are written
         if self.effort not in (None, "none") or self.summary or self.generate_summary:
-            raise ValueError("this model does not reason: reasoning effort and summaries are not supported")
+            raise ValueError("reasoning effort levels and summaries are not supported (effort 'none' turns a "
+                             "Thinking checkpoint's thought off; reasoning_budget bounds it)")
         return self
 
 
@@ -208,7 +233,7 @@ REFUSED = {
     "prompt": "stored prompt templates are not supported",
     "context_management": "context compaction is not supported",
 }
-# what `include` may name: logprobs are served; there is no reasoning, so nothing encrypted to include;
+# what `include` may name: logprobs are served; a thought is never encrypted (encrypted_content stays null);
 # a stored response's input keeps its image URLs as sent, so asking for them changes nothing
 INCLUDABLE = {"message.output_text.logprobs", "reasoning.encrypted_content", "message.input_image.image_url"}
 BUILTIN_TOOL = "only function tools are supported (no built-in tools such as web_search or file_search)"
@@ -216,7 +241,7 @@ BUILTIN_TOOL = "only function tools are supported (no built-in tools such as web
 
 class ResponsesRequest(Sampling):
     """POST /v1/responses. Extensions shared with the other endpoints: top_k, repetition_penalty, seed,
-    stop, max_pixels, ignore_eos."""
+    stop, max_pixels, ignore_eos, reasoning_budget."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -408,8 +433,23 @@ class FunctionCallOut(BaseModel):
     status: ItemStatus = "in_progress"
 
 
-# A reasoning item (Thinking checkpoints) would join this union, streamed by the same builder.
-OutputItem = Annotated[OutputMessage | FunctionCallOut, Field(discriminator="type")]
+class ReasoningTextPart(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str = ""
+
+
+class ReasoningOut(BaseModel):
+    """A Thinking checkpoint's thought, before the message: its text whole, no summary, nothing encrypted."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningTextPart] = Field(default_factory=list)
+    encrypted_content: str | None = None
+    status: ItemStatus = "in_progress"
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallOut | ReasoningOut, Field(discriminator="type")]
 
 
 class InputTokensDetails(BaseModel):
@@ -498,7 +538,7 @@ class ContentPartEvent(_Event):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputTextPart
+    part: Annotated[OutputTextPart | ReasoningTextPart, Field(discriminator="type")]
 
 
 class DeltaLogprob(BaseModel):
@@ -525,6 +565,22 @@ class TextDone(_Event):
     logprobs: list[DeltaLogprob] = Field(default_factory=list)
 
 
+class ReasoningDelta(_Event):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningDone(_Event):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 class ArgumentsDelta(_Event):
     type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
     item_id: str
@@ -547,8 +603,8 @@ class ErrorEvent(_Event):
     param: str | None = None
 
 
-StreamEvent = (ResponseLifecycle | OutputItemEvent | ContentPartEvent | TextDelta | TextDone | ArgumentsDelta
-               | ArgumentsDone | ErrorEvent)
+StreamEvent = (ResponseLifecycle | OutputItemEvent | ContentPartEvent | TextDelta | TextDone | ReasoningDelta
+               | ReasoningDone | ArgumentsDelta | ArgumentsDone | ErrorEvent)
 
 
 def response_id() -> str:
