@@ -41,9 +41,10 @@ TOOLS = [{"type": "function", "function": {"name": "locate", "description": "whe
                                                "object": {"type": "string", "maxLength": 16}},
                                                "required": ["object"], "additionalProperties": False}}}]
 # /metrics gauges sampled each interval
-GAUGES = ("edgevl_kv_used_bytes", "edgevl_kv_running", "edgevl_kv_slots", "edgevl_kv_budget_bytes",
-          "edgevl_vision_cache_entries", "edgevl_vision_cache_bytes", "edgevl_in_flight", "edgevl_queue_depth",
-          "edgevl_running", "edgevl_prefilling", "edgevl_waiting", "edgevl_decode_running")
+GAUGES = ("edgevl_kv_used_bytes", "edgevl_kv_running", "edgevl_kv_budget_bytes", "edgevl_vision_cache_entries",
+          "edgevl_vision_cache_bytes", "edgevl_in_flight", "edgevl_queue_depth", "edgevl_decode_running")
+# edgevl_requests_in_state{state="..."}: requests waiting, encoding, prefilling and decoding
+STATES = {f'edgevl_requests_in_state{{state="{s}"}}': s for s in ("waiting", "encoding", "prefilling", "decoding")}
 
 
 @dataclass
@@ -152,6 +153,8 @@ def gauges(base: str) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in GAUGES:
             out[name.removeprefix("edgevl_")] = float(value)
+        elif name in STATES:
+            out[STATES[name]] = float(value)
     return out
 
 
@@ -167,7 +170,7 @@ def sample(srv: Server, base: str) -> dict:
 def quiesce(base: str, timeout_s: float = 120.0) -> None:
     """Waits for the server to be idle: nothing in flight, decoding, prefilling or queued."""
     deadline = time.monotonic() + timeout_s
-    busy = ("in_flight", "queue_depth", "running", "prefilling", "waiting", "decode_running", "kv_running")
+    busy = ("in_flight", "queue_depth", "waiting", "encoding", "prefilling", "decoding", "decode_running", "kv_running")
     while time.monotonic() < deadline:
         g = gauges(base)
         if not any(g.get(k, 0) for k in busy):
@@ -242,7 +245,7 @@ def run_soak(args: argparse.Namespace) -> int:
         "interval_s": args.soak_interval, "warmup_s": args.soak_warmup, "model": args.model, "precision": precision,
         "warmup": warmup, "baseline_idle": baseline, "intervals": rows, "after_idle": after,
         "rss_slope_mb_per_min": rss_slope([r["t_s"] for r in rows], [r["rss_mb"] for r in rows]),
-        "growth": {k: after[k] - baseline[k] for k in ("rss_mb", "fds", "threads", "kv_running", "kv_slots",
+        "growth": {k: after[k] - baseline[k] for k in ("rss_mb", "fds", "threads", "kv_running",
                                                         "vision_cache_entries") if k in after and k in baseline},
         "requests": len(main), "by_status": _count(o.status for o in main), "by_kind": _count(o.kind for o in main),
         "p95_latency_s": _p95([o.latency_s for o in main if o.status == "ok"]),

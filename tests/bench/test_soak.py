@@ -24,7 +24,7 @@ def _soak(tmp_path, tiny_checkpoint, *args: str, timeout: int) -> dict:
 
 def _idle_and_no_errors(report: dict) -> None:
     after = report["after_idle"]
-    assert after["in_flight"] == after["kv_running"] == after["decode_running"] == after["running"] == 0
+    assert after["in_flight"] == after["kv_running"] == after["decode_running"] == after["decoding"] == 0
     assert set(report["by_status"]) <= {"ok", "left"}, report["by_status"]  # no 4xx, no 5xx, no dropped connection
     assert report["by_status"].get("ok", 0) > 0
     for row in report["intervals"]:
