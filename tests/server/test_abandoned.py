@@ -33,7 +33,7 @@ def wait_idle(server: Server, deadline_s: float = 30.0) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         h = httpx.get(server.url + "/api/health", timeout=10).json()
-        if h["in_flight"] == 0 and h["queue_depth"] == 0 and h["caches"]["running"] == 0:
+        if h["in_flight"] == 0 and h["queue_depth"] == 0 and not any(h["requests"].values()):
             return time.monotonic() - t0
         time.sleep(0.05)
     raise AssertionError(f"still busy {deadline_s} s after the client left: {h}")
