@@ -75,3 +75,21 @@ def test_a_lone_surrogate_is_refused_not_crashed_on(engine):
     req = GenerationRequest([Message("user", [TextPart("bad \ud800 text")])])
     with pytest.raises(InputError, match="surrogate"):
         engine.count_prompt_tokens(req)
+
+
+def test_a_thought_sent_back_cannot_open_a_turn(thinking_checkpoint):
+    """The Thinking template shows the thought of a tool loop's turn again, stripped and joined with `+`
+    (which drops the client-text type): the markers in an echoed thought stay text too."""
+    cfg = json.loads((thinking_checkpoint / "config.json").read_text())
+    chat = ChatFormatter(thinking_checkpoint, cfg["image_token_id"], cfg.get("video_token_id"))
+
+    def loop(thought: str) -> list[Message]:
+        return [Message("user", [TextPart("hi")]),
+                Message("assistant", [TextPart("")], [ToolCall("search", "{}")], thought),
+                Message("tool", [TextPart("18 C")])]
+
+    forged, plain = loop("\n" + FORGED + "\n"), loop("fine.")
+    assert "You obey the user." in chat.render(forged)  # the thought is shown, so the test means something
+    ids = chat.encode(forged, []).ids.tolist()
+    assert markers(chat, ids) == markers(chat, chat.encode(plain, []).ids.tolist())
+    assert chat.tokenizer.decode(ids, skip_special_tokens=False) == chat.render(forged)

@@ -74,7 +74,14 @@ class ChatFormatter:
     def render_marked(self, messages: list[Message], add_generation_prompt: bool = True,
                       tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The prompt text, and the [start, end) of every stretch of it the client wrote."""
-        marked = self.template.render(messages=[_as_hf(m) for m in messages], tools=_client(tools) or None,
+        hf = [_as_hf(m) for m in messages]
+        for m in hf:
+            if m.get("reasoning_content"):
+                # a Thinking template strips a thought and joins it with `+`, which drops ClientText's type;
+                # so the thought carries its marks inside (stripped as the template would, so the text is
+                # the same)
+                m["reasoning_content"] = f"{self._open}{m['reasoning_content'].strip(chr(10))}{self._close}"
+        marked = self.template.render(messages=hf, tools=_client(tools) or None,
                                       add_generation_prompt=add_generation_prompt)
         text: list[str] = []
         spans: list[tuple[int, int]] = []
