@@ -193,7 +193,7 @@ class OrtEngine:
             held = f"the server's KV cache holds {self.options.kv_cache_mb} MB (about {pool.budget_tokens} tokens)"
             if not pool.fits_ever(n_prompt + 1):
                 mb = pool.bytes_per_token * (n_prompt + 1) / 2**20
-                raise InputError(f"the prompt is {n_prompt} tokens and alone needs {mb:.0f} MB of KV cache; {held}: "
+                raise InputError(f"the prompt alone is {n_prompt} tokens and needs {mb:.0f} MB of KV cache; {held}: "
                                  "send a shorter prompt or fewer or smaller images", code="kv_cache_exceeded")
             mb = pool.bytes_per_token * (n_prompt + max_new) / 2**20
             most = min(pool.budget_tokens, pool.max_len) - n_prompt

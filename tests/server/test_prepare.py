@@ -64,7 +64,7 @@ def test_a_prompt_alone_over_the_kv_budget_names_the_prompt(small):
         list(_client(small).chat.completions.create(model="m", messages=[{"role": "user", "content": MID}],
                                                     max_tokens=1, stream=True))
     assert e.value.code == "kv_cache_exceeded" and e.value.param is None
-    assert "the prompt is" in e.value.message and "max_tokens" not in e.value.message
+    assert "the prompt alone is" in e.value.message and "max_tokens" not in e.value.message
     status, err = _stream_status(small, "/api/predict", {"prompt": MID, "max_tokens": 1, "stream": True})
     assert status == 400 and err["error"]["code"] == "kv_cache_exceeded" and err["error"]["param"] is None
 
