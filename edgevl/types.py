@@ -218,7 +218,10 @@ class EngineOptions:
     max_memory_mb: int = 0  # refuse to load a model whose predicted RSS is larger (0: no check)
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
-    prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
+    prefill_chunk: int = 256  # prompt tokens of a chunk read on its own (no sequence decoding)
+    # tokens one decoder run carries while sequences decode: a token each, and a newcomer's prompt
+    # slice with the rest (0: the slice runs separately, prefill_chunk long)
+    step_tokens: int = 32
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each
@@ -273,7 +276,7 @@ class Engine(Protocol):
 
     def run_histograms(self) -> dict[str, dict[str, Histogram]]:
         """Histograms of the engine's graph runs, by name and then by kind ("" when it has none):
-        step_seconds (decode, prefill, draft), step_tokens, vision_seconds."""
+        step_seconds (decode, mixed, prefill, draft), step_tokens, vision_seconds."""
         ...
 
     def info(self) -> EngineInfo: ...

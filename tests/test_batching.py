@@ -54,10 +54,13 @@ def _tokens(events: list) -> list[int]:
     return [e.token_id for e in events if isinstance(e, TokenEvent) and e.token_id >= 0]
 
 
-@pytest.fixture(scope="module")
-def batch_engine(tiny_onnx):
-    # prefix reuse off: every run reads its whole prompt, so alone and batched do the same work
-    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False))
+@pytest.fixture(scope="module", params=[0, 24], ids=["chunks-alone", "mixed-steps"])
+def batch_engine(tiny_onnx, request):
+    """step_tokens 0: a newcomer's prompt chunks run on their own; 24: slices of it ride in the decoding
+    rows' runs (mixed steps). Prefix reuse off: every run reads its whole prompt, so alone and batched
+    do the same work."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False,
+                                           step_tokens=request.param))
     yield e
     e.close()
 
@@ -95,11 +98,15 @@ def test_batched_greedy_equals_alone_with_logits_within_tolerance(batch_engine):
         req, rec = _request(i)
         alone.append((_tokens(list(batch_engine.generate(req))), rec.logits))
     before = dict(batch_engine.batch_histograms()["batch_size"])
+    mixed_before = batch_engine.stats["mixed_steps"]
     pairs = [_request(i) for i in range(len(REQUESTS))]
     batched = _run_staggered(batch_engine, [r for r, _ in pairs])
     after = batch_engine.batch_histograms()["batch_size"]
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert any(n > 0 for k, n in grew.items() if k >= 3), f"never decoded 3+ sequences together: {grew}"
+    mixed = batch_engine.stats["mixed_steps"] - mixed_before
+    # every newcomer joins running streams: with a step budget, its prompt rides in their runs
+    assert (mixed > 0) == (batch_engine.options.step_tokens > 0), mixed
     for i, ((toks_alone, logits_alone), (_, rec)) in enumerate(zip(alone, pairs)):
         toks = _tokens(batched[i])
         assert isinstance(batched[i][-1], FinishEvent) and len(toks) == REQUESTS[i][2]

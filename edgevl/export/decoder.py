@@ -17,7 +17,12 @@ length in `seqlens_k`; a prompt chunk runs as a batch of one.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
+from onnx import TensorProto, helper
 
 from edgevl.checkpoint import ModelConfig, Weights
 from edgevl.export.builder import BFLOAT16, FLOAT, INT32, INT64, MS, GraphBuilder, QuantSpec, bf16_bits
@@ -28,6 +33,7 @@ from edgevl.export.quantize import quantize_per_channel_int8
 # the moment that set fp32's peak RSS); in slices of 32768 vocabulary rows (256 MB there) the
 # overlap is a fifth of that, and the slices' products are the same numbers.
 LM_HEAD_SLICE_ROWS = 32768
+BOOL = TensorProto.BOOL
 
 
 def embedding_precision(cfg: ModelConfig, w: Weights, head: QuantSpec | None) -> str:
@@ -75,12 +81,19 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     n_deep = len(cfg.vision.deepstack_visual_indexes)
     lm = "model.language_model"
 
-    x = b.input("inputs_embeds", FLOAT, ["batch", "seq", h])
-    cos = b.input("cos", FLOAT, ["rows", hd])  # rows = batch * seq, row-major: each token's own angles
-    sin = b.input("sin", FLOAT, ["rows", hd])
-    seqlens_k = b.input("seqlens_k", INT32, ["batch"])  # per sequence: its total length - 1
-    total_len = b.input("total_sequence_length", INT32, [])  # the longest sequence's total length
-    visual_idx = b.input("visual_idx", INT64, ["num_visual", 2])  # (batch row, position) of image tokens
+    # Every token of the run packed in one row: group A's rows × their tokens, row-major, then group
+    # B's tokens (see _attention)
+    x = b.input("inputs_embeds", FLOAT, [1, "tokens", h])
+    cos = b.input("cos", FLOAT, ["tokens", hd])  # each token's own angles
+    sin = b.input("sin", FLOAT, ["tokens", hd])
+    groups = Groups(
+        mixed=b.input("mixed", BOOL, []),
+        a_shape=b.input("a_shape", INT64, [2]),  # group A: (rows, new tokens per row)
+        seqlens_k=b.input("seqlens_k", INT32, ["batch"]),  # per row of A: its total length - 1
+        total_len=b.input("total_sequence_length", INT32, []),  # A's longest total length
+        b_seqlens_k=b.input("b_seqlens_k", INT32, [1]),  # group B (one row): its total length - 1
+        b_total_len=b.input("b_total_sequence_length", INT32, []))
+    visual_idx = b.input("visual_idx", INT64, ["num_visual", 2])  # (0, packed position) of image tokens
     visual = b.input("image_embeds", FLOAT, ["num_visual", h])
     deep = b.input("deepstack_embeds", FLOAT, [n_deep, "num_visual", h]) if n_deep else None
 
@@ -88,7 +101,8 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
     head_spec = b.quant if lm_head == "default" else lm_head
     tied = t.tie_word_embeddings or "lm_head.weight" not in w
     x = b.op("ScatterND", [x, visual_idx, visual], "/model/embed_tokens/MergeImages")
-    rope = b.rope_tables(cos, sin, hd, "/model/rotary", batch_shape_of=x)
+    rope = b.rope_tables(cos, sin, hd, "/model/rotary")
+    groups.a_tokens = b.op("ReduceProd", [groups.a_shape], "/model/groups/ATokens", keepdims=1)
 
     def norm_w(name: str) -> str:
         return b.init(name, w.get(name))
@@ -105,14 +119,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
                        axis=-1)
         q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, rope, f"{n}/attn/q")
         k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
-        past_k = b.input(f"past_key_values.{i}.key", FLOAT, ["batch", nkv, "max_len", hd])
-        past_v = b.input(f"past_key_values.{i}.value", FLOAT, ["batch", nkv, "max_len", hd])
-        a, _, _ = b.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len],
-                         f"{n}/attn/GroupQueryAttention", domain=MS,
-                         out_names=[f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value"],
-                         num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))
-        b.outputs.append(_vi(f"present.{i}.key", ["batch", nkv, "max_len", hd]))
-        b.outputs.append(_vi(f"present.{i}.value", ["batch", nkv, "max_len", hd]))
+        a = _attention(b, q, k, v, i, groups, nq, nkv, hd, n)
         o = b.linear(a, w.get(f"{p}.self_attn.o_proj.weight"), None, f"{n}/attn/o_proj")
         hn, _, _, x = b.op("SkipSimplifiedLayerNormalization",
                            [x, o, norm_w(f"{p}.post_attention_layernorm.weight")],
@@ -140,19 +147,17 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
         else:
             x = b.op("Add", [x, d], f"{n}/residual")
 
-    # the last `num_logits` positions of each row (1 but for a jump-forward draft, whose every
-    # position is checked against the model's own choice)
-    n_logits = b.input("num_logits", INT64, [1])
-    last = b.op("Slice", [x, b.op("Neg", [n_logits], "/model/last_positions/Neg"), b.const([np.iinfo(np.int64).max]),
-                          b.const([1])], "/model/last_position")
+    # logits only where a token is chosen: each decoding row's position, the last of a prompt's final
+    # chunk, every position of a jump-forward draft (each is checked against the model's own choice)
+    logit_idx = b.input("logit_idx", INT64, ["num_logits"])
+    last = b.op("Gather", [b.reshape(x, [-1, h], "/model/Unpack"), logit_idx], "/model/logit_positions", axis=0)
     last = b.op("SimplifiedLayerNormalization", [last, norm_w(f"{lm}.norm.weight")], "/model/norm",
                 axis=-1, epsilon=eps)
-    last = b.reshape(last, [-1, h], "/lm_head/Flatten")
     head = embed if tied else w.get("lm_head.weight")
     slices = [b.linear(last, head[r:r + LM_HEAD_SLICE_ROWS], None, f"/lm_head/slice{i}", quant=head_spec)
               for i, r in enumerate(range(0, head.shape[0], LM_HEAD_SLICE_ROWS))]
     logits = slices[0] if len(slices) == 1 else b.op("Concat", slices, "/lm_head/Concat", axis=-1)
-    b.output(logits, "logits", FLOAT, ["rows", t.vocab_size])  # rows = batch * num_logits, row-major
+    b.output(logits, "logits", FLOAT, ["num_logits", t.vocab_size])
 
 
 def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, eps: float,
@@ -162,7 +167,80 @@ def _head_norm_rope(b: GraphBuilder, x: str, heads: int, hd: int, gamma: str, ep
     return b.rope(b.reshape(x, [0, 0, heads * hd], f"{name}/Flatten"), rope, heads, f"{name}/rope")
 
 
-def _vi(name: str, shape: list):
-    from onnx import helper
+@dataclass
+class Groups:
+    """The run's two groups of rows (graph inputs): A, rows with the same number of new tokens (decoding
+    rows, or one prompt chunk); B, when `mixed`, one more row with its own (a newcomer's prompt slice)."""
 
+    mixed: str
+    a_shape: str
+    seqlens_k: str
+    total_len: str
+    b_seqlens_k: str
+    b_total_len: str
+    a_tokens: str = ""  # rows × tokens of A: where B's tokens start in the packed run
+
+
+def _attention(b: GraphBuilder, q: str, k: str, v: str, i: int, g: Groups, nq: int, nkv: int, hd: int,
+               n: str) -> str:
+    """Attention over the KV pool for packed (1, T, ·) q/k/v.
+
+    GroupQueryAttention takes one new-token count for all its rows, so a run that carries decoding
+    rows (one token each) and a prompt slice (many) runs it twice, once per group, each against its
+    own rows of the pool: `If(mixed)`. The projections and the MLP around it see all T tokens at
+    once, which is what makes the mixed run cheap: the weights are read once for both.
+    Group A's KV comes in as past_key_values.{i}.*, B's as b_key_values.{i}.*; the engine binds each
+    present output to its past buffer, so GroupQueryAttention writes the new tokens in place (an
+    unmixed run binds a one-token spare to B, which the else branch passes through)."""
+    shape = [nkv, "max_len", hd]
+    past = [b.input(f"past_key_values.{i}.{x}", FLOAT, ["batch", *shape]) for x in ("key", "value")]
+    b_past = [b.input(f"b_key_values.{i}.{x}", FLOAT, [1, *shape]) for x in ("key", "value")]
+    outs = [f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value", f"b_present.{i}.key",
+            f"b_present.{i}.value"]
+    b.outputs += [_vi(f"present.{i}.key", ["batch", *shape]), _vi(f"present.{i}.value", ["batch", *shape]),
+                  _vi(f"b_present.{i}.key", [1, *shape]), _vi(f"b_present.{i}.value", [1, *shape])]
+    attrs = dict(domain=MS, num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))
+
+    def gqa(qkv: list[str], kv: list[str], lens: list[str], name: str) -> list[str]:
+        return b.op("GroupQueryAttention", [*qkv, *kv, *lens], name, n_out=3, **attrs)
+
+    def as_rows(x: str, width: int, name: str) -> str:  # packed (1, T_A, w) → (rows, tokens, w)
+        return b.reshape_to(x, b.op("Concat", [g.a_shape, b.const([width])], f"{name}/Shape", axis=0), name)
+
+    def packed(x: str, name: str) -> str:  # (rows, tokens, w) → (1, rows·tokens, w)
+        return b.reshape(x, [1, -1, nq * hd], name)
+
+    widths = (nq * hd, nkv * hd, nkv * hd)
+    with _branch(b) as mixed_nodes:
+        end = g.a_tokens
+        a_part = [as_rows(b.op("Slice", [t, b.const([0]), end, b.const([1])], f"{n}/attn/mixed/A{j}"), w,
+                          f"{n}/attn/mixed/A{j}/Rows") for j, (t, w) in enumerate(zip((q, k, v), widths))]
+        b_part = [b.op("Slice", [t, end, b.const([np.iinfo(np.int64).max]), b.const([1])], f"{n}/attn/mixed/B{j}")
+                  for j, t in enumerate((q, k, v))]
+        oa, pka, pva = gqa(a_part, past, [g.seqlens_k, g.total_len], f"{n}/attn/mixed/A")
+        ob, pkb, pvb = gqa(b_part, b_past, [g.b_seqlens_k, g.b_total_len], f"{n}/attn/mixed/B")
+        o = b.op("Concat", [packed(oa, f"{n}/attn/mixed/A/Packed"), ob], f"{n}/attn/mixed/Concat", axis=1)
+        mixed_out = [o, pka, pva, pkb, pvb]
+    with _branch(b) as plain_nodes:
+        rows = [as_rows(t, w, f"{n}/attn/plain/{j}/Rows") for j, (t, w) in enumerate(zip((q, k, v), widths))]
+        oa, pka, pva = gqa(rows, past, [g.seqlens_k, g.total_len], f"{n}/attn/plain/GroupQueryAttention")
+        plain_out = [packed(oa, f"{n}/attn/plain/Packed"), pka, pva,
+                     *(b.op("Identity", [p], f"{n}/attn/plain/b_pass{j}") for j, p in enumerate(b_past))]
+    b.op("If", [g.mixed], f"{n}/attn/If", out_names=outs,
+         then_branch=helper.make_graph(mixed_nodes, f"{n}/attn/mixed", [], [_vi(o) for o in mixed_out]),
+         else_branch=helper.make_graph(plain_nodes, f"{n}/attn/plain", [], [_vi(o) for o in plain_out]))
+    return outs[0]
+
+
+@contextlib.contextmanager
+def _branch(b: GraphBuilder) -> Iterator[list]:
+    """Nodes added inside go to a list of their own (an If branch); constants and weights stay outer."""
+    outer, b.nodes = b.nodes, []
+    try:
+        yield b.nodes
+    finally:
+        b.nodes = outer
+
+
+def _vi(name: str, shape: list | None = None):
     return helper.make_tensor_value_info(name, FLOAT, shape)

@@ -40,7 +40,7 @@ from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImagePatches
 from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.kv_pool import KVPool
-from edgevl.runtime.model import OnnxModel, RunHandle
+from edgevl.runtime.model import Group, OnnxModel, RunHandle
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
@@ -88,19 +88,22 @@ class Work:
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
-                 jump_forward: bool = True, energy: EnergyCounter | None = None):
+                 jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        # tokens one decoder run may carry while sequences decode: theirs, and a newcomer's prompt
+        # slice with the rest (0, or a graph exported before mixed runs: the slice runs on its own)
+        self.step_tokens = step_tokens if model.can_mix else 0
         self.jump_forward = jump_forward and model.has_num_logits
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
         # wall time of each decoder run by kind, the tokens it carried, and each vision run's time
-        self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "prefill", "draft")}
-        self.step_tokens = Histogram(TOKEN_BUCKETS)
+        self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "mixed", "prefill", "draft")}
+        self.run_tokens = Histogram(TOKEN_BUCKETS)
         self.vision_seconds = Histogram(SECONDS_BUCKETS)
         self.waiting: collections.deque[Work] = collections.deque()
         self.active: list[Work] = []
@@ -150,8 +153,8 @@ class BatchLoop:
                 self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
-                decoded = self._decode_step() | self._draft_steps()
-                if not self._prefill_step() and not decoded:
+                ran = self._step() | self._draft_steps()
+                if not ran:
                     self._wait_for_vision()
             except BaseException as e:  # a bug here must not leave callers waiting forever
                 for w in list(self.active):
@@ -190,41 +193,100 @@ class BatchLoop:
                     self._vision[3].cancel()  # stop the encoder mid-run; its thread is free again soon
                 self._emit(w, w.seq.cancel())
 
-    def _decode_step(self) -> bool:
+    def _step(self) -> bool:
+        """One step: the decoding sequences' next tokens, and the oldest ready newcomer's next prompt
+        slice — in one decoder run when both are there and `step_tokens` allows (the slice gets what
+        the decoding rows leave of it), else one run each (the slice `prefill_chunk` long).
+        → whether a decoder run happened."""
         running = [w for w in self.active if w.state is State.DECODING and not w.draft]
-        if not running:
-            return False
-        by_row = {w.row: w for w in running}
-        lo, hi = min(by_row), max(by_row) + 1
+        newcomer = self._ready_newcomer()
+        if running and newcomer is not None and self.step_tokens:
+            self._run(running, newcomer, max(1, self.step_tokens - len(running)))
+        elif running or newcomer is not None:
+            if running:
+                self._run(running, None, 0)
+            if newcomer is not None and newcomer in self.active and not newcomer.seq.cancelled:
+                self._run([], newcomer, self.prefill_chunk)
+        return bool(running) or newcomer is not None
+
+    def _run(self, running: list[Work], w: Work | None, slice_tokens: int) -> None:
+        """One decoder run: `running` decode a token each (group A: their rows lo..hi of the pool) and
+        `w` reads up to `slice_tokens` of its prompt (group B, or A when no one decodes)."""
+        by_row = {x.row: x for x in running}
+        lo, hi = (min(by_row), max(by_row) + 1) if by_row else (0, 0)
+        start = end = 0
+        if w is not None:
+            start, end = w.prefilled, min(w.prompt.ids.size, w.prefilled + slice_tokens)
         ids = np.zeros((hi - lo, 1), np.int64)
         positions = np.zeros((3, hi - lo), np.int64)
         lengths = np.zeros(hi - lo, np.int64)
         for r in range(lo, hi):
-            w = by_row.get(r)
-            if w is None:  # a bystander row (idle, or a newcomer mid-prompt): a dummy token past its content
-                lengths[r - lo] = self.pool.idle_length(r) + 1
+            x = by_row.get(r)
+            if x is None:  # a bystander row (idle, or a newcomer mid-prompt): a dummy token past its content
+                # (the newcomer of this very run: past the slice it writes now)
+                lengths[r - lo] = end + 1 if w is not None and r == w.row else self.pool.idle_length(r) + 1
                 continue
-            n_gen = len(w.seq.generated)
-            ids[r - lo, 0] = w.seq.last_token
-            positions[:, r - lo] = w.prompt.next_position + n_gen - 1
-            lengths[r - lo] = w.prompt.ids.size + n_gen
-        cos, sin = self.prompts.cos_sin(positions)
+            n_gen = len(x.seq.generated)
+            ids[r - lo, 0] = x.seq.last_token
+            positions[:, r - lo] = x.prompt.next_position + n_gen - 1
+            lengths[r - lo] = x.prompt.ids.size + n_gen
+        keys, values = self.pool.keys, self.pool.values
+        decode = Group([k[lo:hi] for k in keys], [v[lo:hi] for v in values], ids, lengths)
+        n_a = hi - lo
+        logit_idx = [r - lo for r in by_row]
+        cos, sin = [], []  # packed: group A's tokens, then the slice's
+        if running:
+            c, s = self.prompts.cos_sin(positions)
+            cos.append(c)
+            sin.append(s)
+        chunk = visual = None
         t0 = time.perf_counter()
+        if w is not None:
+            p = w.prompt
+            chunk = Group([k[w.row:w.row + 1] for k in keys], [v[w.row:w.row + 1] for v in values],
+                          p.ids[None, start:end], np.asarray([end]))
+            visual = self._visual(w, start, end, offset=n_a)
+            cos.append(p.cos[start:end])
+            sin.append(p.sin[start:end])
+            if end == p.ids.size:
+                logit_idx.append(n_a + end - start - 1)
+        cos, sin = np.concatenate(cos), np.concatenate(sin)
+        t_run = time.perf_counter()
         try:
-            logits = self.model.decode([k[lo:hi] for k in self.pool.keys], [v[lo:hi] for v in self.pool.values],
-                                       ids, cos, sin, lengths)
+            if not running:  # a prompt chunk alone
+                logits = self.model.decode(chunk.keys, chunk.values, chunk.ids, cos, sin, chunk.lengths, visual)
+            elif w is None:
+                logits = self.model.decode(decode.keys, decode.values, ids, cos, sin, lengths)
+            else:
+                logits = self.model.run(decode, chunk, cos, sin, visual, np.asarray(logit_idx))
         except EngineError as e:
-            for w in running:
-                self._fail(w, e)
-            return True
-        self._ran("decode", t0, len(running))
-        self.batch_sizes[len(running)] += 1
-        self._charge([(w, 1) for w in running])
-        for r, w in by_row.items():
-            self.pool.advance(r, np.append(w.prompt.keys, w.seq.generated))
-            self._emit(w, w.seq.accept(logits[r - lo]))
+            for x in [*running, *([w] if w is not None else [])]:
+                self._fail(x, e)
+            return
+        kind = "mixed" if running and w is not None else "decode" if running else "prefill"
+        self._ran(kind, t_run, len(running) + end - start)
+        if kind == "mixed":
+            self._count("mixed_steps")
+        if running:
+            self.batch_sizes[len(running)] += 1
+        self._charge([(x, 1) for x in running] + ([(w, end - start)] if w is not None else []))
+        if w is not None:
+            self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
+            w.prefilled = end
+            self.pool.advance(w.row, w.prompt.keys[:end])
+            w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+        for j, (r, x) in enumerate(by_row.items()):
+            # decode rows' logits come first (with an old graph, one per row of lo..hi)
+            row = j if kind == "mixed" else r - lo
+            self.pool.advance(r, np.append(x.prompt.keys, x.seq.generated))
+            self._emit(x, x.seq.accept(logits[row]))
+            self._plan_draft(x)
+        if w is not None and end == w.prompt.ids.size:
+            events = w.seq.accept(logits[-1])
+            if not w.seq.finished:
+                self._set(w, State.DECODING)
+            self._emit(w, events)
             self._plan_draft(w)
-        return True
 
     def _plan_draft(self, w: Work) -> None:
         if self.jump_forward and not w.seq.finished:
@@ -260,19 +322,18 @@ class BatchLoop:
             self._plan_draft(w)
         return bool(drafting)
 
-    def _prefill_step(self) -> bool:
-        """Newcomers' work, oldest first: images go to the vision thread one at a time; the oldest
-        newcomer whose images are all encoded reads one chunk of its prompt. → whether a chunk ran."""
+    def _ready_newcomer(self) -> Work | None:
+        """The oldest newcomer whose images are all encoded (its state: prefilling), or None; images
+        go to the vision thread one at a time meanwhile (their newcomers: encoding)."""
         self._collect_vision()
         for w in self.active:
             if w.state not in (State.ENCODING, State.PREFILLING) or w.seq.cancelled:
                 continue
             if self._features_ready(w):
                 self._set(w, State.PREFILLING)
-                self._prefill_chunk(w)
-                return True
+                return w
             self._set(w, State.ENCODING)
-        return False
+        return None
 
     def _features_ready(self, w: Work) -> bool:
         """Whether every image and clip the chunks still need has its features; if not, and the vision
@@ -323,35 +384,9 @@ class BatchLoop:
         if self._vision is not None:
             concurrent.futures.wait([self._vision[2]], timeout=0.05)
 
-    def _prefill_chunk(self, w: Work) -> None:
-        p = w.prompt
-        t0 = time.perf_counter()
-        start, end = w.prefilled, min(p.ids.size, w.prefilled + self.prefill_chunk)
-        row = slice(w.row, w.row + 1)
-        visual = self._visual(w, start, end)
-        t_run = time.perf_counter()
-        try:
-            logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
-                                       p.ids[None, start:end], p.cos[start:end], p.sin[start:end],
-                                       np.asarray([end]), visual)
-        except EngineError as err:
-            self._fail(w, err)
-            return
-        self._ran("prefill", t_run, end - start)
-        self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
-        self._charge([(w, end - start)])
-        w.prefilled = end
-        self.pool.advance(w.row, p.keys[:end])
-        w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
-        if end == p.ids.size:
-            events = w.seq.accept(logits[0])
-            if not w.seq.finished:
-                self._set(w, State.DECODING)
-            self._emit(w, events)
-            self._plan_draft(w)
-
-    def _visual(self, w: Work, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of image features for the image tokens in [start, end), indexed within the chunk."""
+    def _visual(self, w: Work, start: int, end: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of image features for the image tokens in [start, end), at (0, offset + position in the
+        chunk): the chunk's place in a packed run."""
         idx, emb, deep = [], [], []
         row_of = {}  # an item's features run through its spans in order (a clip: frame group by group)
         for (s, e), k in zip(w.prompt.spans, w.prompt.span_items):
@@ -361,7 +396,7 @@ class BatchLoop:
             if lo >= hi:
                 continue
             f = w.feats[k]
-            idx.append(np.arange(lo, hi) - start)
+            idx.append(np.arange(lo, hi) - start + offset)
             emb.append(f.embeds[first + lo - s:first + hi - s])
             deep.append(f.deepstack[:, first + lo - s:first + hi - s])
         if not idx:
@@ -372,12 +407,12 @@ class BatchLoop:
 
     def _ran(self, kind: str, t0: float, tokens: int) -> None:
         self.step_seconds[kind].observe(time.perf_counter() - t0)
-        self.step_tokens.observe(tokens)
+        self.run_tokens.observe(tokens)
 
     def clear_histograms(self) -> None:
         self.batch_sizes.clear()
         self.chunk_tokens.clear()
-        for h in (*self.step_seconds.values(), self.step_tokens, self.vision_seconds):
+        for h in (*self.step_seconds.values(), self.run_tokens, self.vision_seconds):
             h.clear()
 
     # ---- leaving -----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from edgevl.types import (
 )
 
 _STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
-          "prefix_reused_tokens", "generated_tokens")
+          "prefix_reused_tokens", "generated_tokens", "mixed_steps")
 
 
 class OrtEngine:
@@ -95,7 +95,7 @@ class OrtEngine:
         self.energy = EnergyCounter(self.options.energy_counter)
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
                               self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
-                              self.energy)
+                              self.energy, self.options.step_tokens)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -150,7 +150,7 @@ class OrtEngine:
 
     def run_histograms(self) -> dict[str, dict[str, Histogram]]:
         loop = self.loop
-        return {"step_seconds": dict(loop.step_seconds), "step_tokens": {"": loop.step_tokens},
+        return {"step_seconds": dict(loop.step_seconds), "step_tokens": {"": loop.run_tokens},
                 "vision_seconds": {"": loop.vision_seconds}}
 
     def sampling_defaults(self) -> dict:

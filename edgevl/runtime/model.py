@@ -3,6 +3,7 @@ the KV pool. Knows ONNX Runtime; knows nothing of requests, sampling or scheduli
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,18 @@ def open_session(path: Path, options: EngineOptions, bf16_weights: bool = False)
                                 disabled_optimizers=["ConstantFolding"] if bf16_weights else None)
 
 
+@dataclass
+class Group:
+    """Rows of the KV pool in one decoder run and the tokens each gets: `keys`/`values` per layer
+    (rows, kv_heads, max_len, head_dim), views of the pool; `ids` (rows, new tokens); `lengths` (rows,)
+    each row's total length after the run."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    ids: np.ndarray
+    lengths: np.ndarray
+
+
 class RunHandle:
     """Stops a graph run from another thread (a client left while its image was being encoded)."""
 
@@ -59,8 +72,13 @@ class OnnxModel:
         self.vision, self.embed, self.decoder = vision, embed, decoder
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
-        # exports made before it compute the last position's logits only (no jump-forward drafts)
-        self.has_num_logits = any(i.name == "num_logits" for i in decoder.get_inputs())
+        names = {i.name for i in decoder.get_inputs()}
+        # graphs exported before mixed runs take (B, S) rows only; before drafts, only the last logits
+        self.can_mix = "mixed" in names
+        self.has_num_logits = self.can_mix or "num_logits" in names
+        t = config.text
+        # group B's KV when a run has no group B: one token's room, passed through untouched
+        self._spare = [np.zeros((1, t.num_kv_heads, 1, t.head_dim), np.float32) for _ in range(t.num_layers)]
 
     @staticmethod
     def run_handle() -> RunHandle:
@@ -102,10 +120,65 @@ class OnnxModel:
     def decode(self, keys: list[np.ndarray], values: list[np.ndarray], ids: np.ndarray, cos: np.ndarray,
                sin: np.ndarray, lengths: np.ndarray,
                visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, n_logits: int = 1) -> np.ndarray:
-        """One decoder run. `keys`/`values`: per layer, the pool rows being run, (B, heads, max_len, hd);
-        `ids` (B, S): tokens to add after each row's past; `lengths` (B,): each row's total length
-        after this run (GroupQueryAttention writes the new K/V at length - S in place).
-        `cos`/`sin`: (B*S, head_dim). → the last `n_logits` positions' logits (B * n_logits, vocab)."""
+        """One decoder run over rows with the same number of new tokens. `keys`/`values`: per layer, the
+        pool rows being run, (B, heads, max_len, hd); `ids` (B, S): tokens to add after each row's past;
+        `lengths` (B,): each row's total length after this run (GroupQueryAttention writes the new K/V
+        at length - S in place). `cos`/`sin`: (B*S, head_dim); `visual` indices (row, position).
+        → the last `n_logits` positions' logits of each row (B * n_logits, vocab)."""
+        rows, s = ids.shape
+        if not self.can_mix:
+            return self._run_rows(keys, values, ids, cos, sin, lengths, visual, n_logits)
+        if visual is not None and visual[0].size:  # (row, position) → (0, packed position)
+            visual = (np.stack([np.zeros(len(visual[0]), np.int64), visual[0][:, 0] * s + visual[0][:, 1]], 1),
+                      *visual[1:])
+        last = (np.arange(rows)[:, None] * s + np.arange(s - n_logits, s)[None, :]).reshape(-1)
+        return self.run(Group(keys, values, ids, lengths), None, cos, sin, visual, last)
+
+    def run(self, a: Group, b: Group | None, cos: np.ndarray, sin: np.ndarray,
+            visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None, logit_idx: np.ndarray) -> np.ndarray:
+        """One decoder run carrying group A (rows with the same number of new tokens each) and, in a
+        mixed run, group B (one row with a number of its own: a newcomer's prompt slice while A's rows
+        decode). Tokens are packed A row by row, then B: `cos`/`sin` (T, head_dim) in that order,
+        `visual` indices (0, packed position), `logit_idx` the packed positions whose logits are wanted.
+        → (len(logit_idx), vocab)."""
+        bind = self.decoder.io_binding()
+        kv_b = (b.keys, b.values) if b is not None else (self._spare, self._spare)
+        for i in range(len(a.keys)):
+            for kind, arr, arr_b in (("key", a.keys[i], kv_b[0][i]), ("value", a.values[i], kv_b[1][i])):
+                for past, present, buf in (("past_key_values", "present", arr), ("b_key_values", "b_present", arr_b)):
+                    ov = ort.OrtValue.ortvalue_from_numpy(buf)
+                    bind.bind_ortvalue_input(f"{past}.{i}.{kind}", ov)
+                    bind.bind_ortvalue_output(f"{present}.{i}.{kind}", ov)
+        logits = np.empty((len(logit_idx), self.config.text.vocab_size), np.float32)
+        bind.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
+        ids = a.ids.reshape(-1) if b is None else np.concatenate([a.ids.reshape(-1), b.ids.reshape(-1)])
+        b_lengths = b.lengths if b is not None else np.ones(1, np.int64)
+        try:
+            embeds = self.embed.run(None, {"input_ids": np.ascontiguousarray(ids[None, :], dtype=np.int64)})[0]
+            bind.bind_cpu_input("inputs_embeds", embeds)
+            bind.bind_cpu_input("cos", np.ascontiguousarray(cos, dtype=np.float32))
+            bind.bind_cpu_input("sin", np.ascontiguousarray(sin, dtype=np.float32))
+            bind.bind_cpu_input("mixed", np.asarray(b is not None))
+            bind.bind_cpu_input("a_shape", np.asarray(a.ids.shape, np.int64))
+            bind.bind_cpu_input("seqlens_k", np.ascontiguousarray(a.lengths - 1, dtype=np.int32))
+            bind.bind_cpu_input("total_sequence_length", np.asarray(int(a.lengths.max()), np.int32))
+            bind.bind_cpu_input("b_seqlens_k", np.ascontiguousarray(b_lengths - 1, dtype=np.int32))
+            bind.bind_cpu_input("b_total_sequence_length", np.asarray(int(b_lengths.max()), np.int32))
+            bind.bind_cpu_input("visual_idx", vis_idx)
+            bind.bind_cpu_input("image_embeds", vis_emb)
+            if self.has_deepstack:
+                bind.bind_cpu_input("deepstack_embeds", vis_deep)
+            bind.bind_cpu_input("logit_idx", np.ascontiguousarray(logit_idx, dtype=np.int64))
+            self.decoder.run_with_iobinding(bind)
+        except Exception as e:
+            raise EngineError(f"decoder failed: {e}") from e
+        return logits
+
+    def _run_rows(self, keys: list[np.ndarray], values: list[np.ndarray], ids: np.ndarray, cos: np.ndarray,
+                  sin: np.ndarray, lengths: np.ndarray,
+                  visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None, n_logits: int) -> np.ndarray:
+        """`decode` on graphs exported before mixed runs (inputs (B, S, ·), logits of the last positions)."""
         b = self.decoder.io_binding()
         for i, (k, v) in enumerate(zip(keys, values)):
             for kind, arr in (("key", k), ("value", v)):

@@ -157,7 +157,8 @@ def _register_gauges(metrics: Metrics, st) -> None:
     metrics.gauge("edgevl_allowed_slots", "batch size allowed now (the thermal governor's lever)",
                   lambda: st.governor.allowed_slots())
     metrics.run_histograms(st.engine.run_histograms,
-                           {"step_seconds": "wall time of a decoder run, by kind (decode, prefill, draft)",
+                           {"step_seconds": "wall time of a decoder run, by kind (decode, mixed: decode + a "
+                                            "prompt slice, prefill, draft)",
                             "step_tokens": "tokens a decoder run carried (decode + prompt tokens)",
                             "vision_seconds": "wall time of a vision-tower run (an image, or a clip)"})
     metrics.histograms(st.engine.batch_histograms,

@@ -108,7 +108,7 @@ def test_metrics_time_every_decoder_and_vision_run(server):
         names = ("step_tokens_sum", "step_tokens_count", "vision_seconds_count", "vision_seconds_sum")
         return {k: server.metric(f"edgevl_{k}") for k in names} | {
             f"{kind}_{x}": server.metric(f"edgevl_step_seconds_{x}", f'kind="{kind}"')
-            for kind in ("decode", "prefill", "draft") for x in ("count", "sum")}
+            for kind in ("decode", "mixed", "prefill", "draft") for x in ("count", "sum")}
 
     before = read()
     r = server.client().post("/api/predict", json={"image": png_b64(72, 56, seed=9301), "prompt": "Describe.",
@@ -123,7 +123,7 @@ def test_metrics_time_every_decoder_and_vision_run(server):
     # every prompt token read and every answer token after the first went through a counted decoder run
     read_tokens = body["usage"]["prompt_tokens"] - body["timings"]["prefix_reused_tokens"]
     assert delta["step_tokens_sum"] >= read_tokens + body["usage"]["completion_tokens"] - 1
-    assert delta["step_tokens_count"] == delta["prefill_count"] + delta["decode_count"] + delta["draft_count"]
+    assert delta["step_tokens_count"] == sum(delta[f"{k}_count"] for k in ("decode", "mixed", "prefill", "draft"))
     text = server.client().get("/metrics").text
     assert 'edgevl_step_seconds_bucket{kind="draft",le="+Inf"}' in text
     assert "edgevl_step_tokens_bucket{le=" in text and "edgevl_vision_seconds_bucket{le=" in text
