@@ -283,3 +283,37 @@ def test_concurrent_conversations_each_keep_their_prefix(tiny_onnx):
         assert [f.timings.prefix_reused_tokens for f in again] == [f.usage.prompt_tokens - 1 for f in again]
     finally:
         e.close()
+
+
+def test_cancel_during_a_mixed_slice_frees_the_newcomer_and_the_stream_goes_on(tiny_onnx):
+    """A newcomer whose long prompt rides in a running answer's runs, a few tokens a step, is
+    cancelled mid-prompt: it ends cancelled with no answer, the running answer ends as it would
+    have alone, and the loop is idle afterwards."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefill_chunk=16, prefix_cache=False, step_tokens=8))
+    try:
+        story = GenerationRequest([Message("user", [TextPart("Tell a story.")])],
+                                  SamplingParams(max_new_tokens=300, ignore_eos=True))
+        alone = _tokens(list(e.generate(replace(story, cancel=threading.Event()))))
+        streamed: list = []
+        t_story = threading.Thread(target=lambda: streamed.extend(e.generate(story)))
+        t_story.start()
+        while not streamed:
+            time.sleep(0.001)
+        newcomer = GenerationRequest([Message("user", [TextPart("word " * 600)])], SamplingParams(max_new_tokens=4))
+        events: list = []
+        t_new = threading.Thread(target=lambda: events.extend(e.generate(newcomer)))
+        mixed_before = e.stats["mixed_steps"]
+        t_new.start()
+        deadline = time.monotonic() + 30
+        while e.stats["mixed_steps"] - mixed_before < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert e.request_states()["prefilling"] == 1
+        newcomer.cancel.set()
+        t_new.join(30)
+        fin = events[-1]
+        assert isinstance(fin, FinishEvent) and fin.finish_reason == "cancelled" and fin.usage.completion_tokens == 0
+        t_story.join(60)
+        assert _tokens(streamed) == alone
+        assert not any(e.request_states().values())
+    finally:
+        e.close()

@@ -137,6 +137,8 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
+    metrics.counter("edgevl_mixed_steps", "decoder runs that carried decoding rows and a prompt slice together",
+                    lambda: st.engine.stats.get("mixed_steps", 0))
     metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)
     metrics.gauge("edgevl_decode_waiting", "videos waiting for a decode thread",
                   lambda: st.decoders.admitted - st.decoders.running)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from edgevl.types import Histogram as Counts
@@ -39,6 +39,10 @@ class Metrics:
         g = Gauge(name, doc, registry=self.registry)
         g.set_function(fn)
 
+    def counter(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A counter the engine keeps itself, read at scrape time (exposed as `name`_total)."""
+        self.registry.register(_CounterCollector(name, doc, fn))
+
     def state_gauge(self, name: str, doc: str, states: tuple[str, ...], fn: Callable[[], dict[str, int]]) -> None:
         """A gauge per state, read at scrape time: `fn()` → {state: count}."""
         g = Gauge(name, doc, ["state"], registry=self.registry)
@@ -57,6 +61,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CounterCollector(Collector):
+    def __init__(self, name: str, doc: str, fn: Callable[[], float]):
+        self.name, self.doc, self.fn = name, doc, fn
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.doc, value=self.fn())
 
 
 class _CountsCollector(Collector):

@@ -223,3 +223,21 @@ def test_client_disconnect_cancels_generation(server):
         __import__("time").sleep(0.1)
     assert server.metric("edgevl_engine_cancelled") == cancelled + 1
     assert server.metric("edgevl_in_flight") == 0
+
+
+def test_a_newcomer_prompt_rides_in_running_streams_runs(server):
+    """While one answer streams, a newcomer's prompt is read in slices carried by the streaming
+    answer's own decoder runs: /metrics counts those mixed steps and times them as kind="mixed"."""
+    before = server.metric("edgevl_mixed_steps_total"), server.metric("edgevl_step_seconds_count", 'kind="mixed"')
+    with server.client() as c, c.stream("POST", "/api/predict", json={
+            "prompt": "Tell a long story.", "max_tokens": 400, "stream": True, "ignore_eos": True}) as running:
+        lines = running.iter_lines()
+        for _ in range(3):  # it is decoding
+            next(lines)
+        r = c.post("/api/predict", json={"image": png_b64(160, 120, seed=9302), "prompt": "Describe it in detail.",
+                                         "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        for _ in lines:  # the running answer still ends well
+            pass
+    after = server.metric("edgevl_mixed_steps_total"), server.metric("edgevl_step_seconds_count", 'kind="mixed"')
+    assert after[0] > before[0] and after[1] - before[1] == after[0] - before[0]
