@@ -85,6 +85,21 @@ class Work:
     state: State = State.WAITING
 
 
+@dataclass
+class Slice:
+    """Tokens one run adds to one sequence's row besides the decoding rows': the next part of a
+    newcomer's prompt, or a jump-forward draft (the last token and the tokens forced after it)."""
+
+    w: Work
+    ids: np.ndarray  # (1, n)
+    cos: np.ndarray  # (n, head_dim)
+    sin: np.ndarray
+    total: int  # the row's length after the run
+    logits: list[int]  # positions within the slice whose logits are wanted
+    start: int = 0  # a prompt slice: where in the prompt it starts
+    draft: list[int] | None = None  # a draft: the forced tokens
+
+
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
@@ -194,94 +209,132 @@ class BatchLoop:
                 self._emit(w, w.seq.cancel())
 
     def _step(self) -> bool:
-        """One step: the decoding sequences' next tokens, and the oldest ready newcomer's next prompt
-        slice — in one decoder run when both are there and `step_tokens` allows (the slice gets what
-        the decoding rows leave of it), else one run each (the slice `prefill_chunk` long).
-        → whether a decoder run happened."""
+        """One step: the decoding sequences' next tokens, with one slice in the same decoder run when
+        `step_tokens` allows — the oldest ready newcomer's next prompt tokens (what the decoding rows
+        leave of the budget), else a jump-forward draft. Without a budget, or with nothing decoding,
+        each runs on its own (a newcomer's chunk `prefill_chunk` long). → whether a decoder run happened."""
         running = [w for w in self.active if w.state is State.DECODING and not w.draft]
         newcomer = self._ready_newcomer()
-        if running and newcomer is not None and self.step_tokens:
-            self._run(running, newcomer, max(1, self.step_tokens - len(running)))
-        elif running or newcomer is not None:
-            if running:
-                self._run(running, None, 0)
-            if newcomer is not None and newcomer in self.active and not newcomer.seq.cancelled:
-                self._run([], newcomer, self.prefill_chunk)
+        if running and self.step_tokens:
+            if newcomer is not None:
+                self._run(running, self._prompt_slice(newcomer, max(1, self.step_tokens - len(running))))
+                return True
+            drafting = next((w for w in self.active if w.state is State.DECODING and w.draft), None)
+            if drafting is not None and self._fits_beside(drafting):
+                self._run(running, self._draft_slice(drafting))
+                return True
+        if running:
+            self._run(running, None)
+        if newcomer is not None and newcomer in self.active and not newcomer.seq.cancelled:
+            self._run([], self._prompt_slice(newcomer, self.prefill_chunk))
         return bool(running) or newcomer is not None
 
-    def _run(self, running: list[Work], w: Work | None, slice_tokens: int) -> None:
+    def _prompt_slice(self, w: Work, n: int) -> Slice:
+        p = w.prompt
+        start, end = w.prefilled, min(p.ids.size, w.prefilled + n)
+        return Slice(w, p.ids[None, start:end], p.cos[start:end], p.sin[start:end], end,
+                     [end - start - 1] if end == p.ids.size else [], start)
+
+    def _draft_slice(self, w: Work) -> Slice:
+        """The last token and the tokens the constraint forces after it, with logits at every position."""
+        draft, w.draft = w.draft, []
+        n_gen = len(w.seq.generated)
+        ids = np.asarray([[w.seq.last_token, *draft]], np.int64)
+        first = w.prompt.next_position + n_gen - 1
+        cos, sin = self.prompts.cos_sin(np.tile(np.arange(first, first + ids.shape[1]), (3, 1)))
+        return Slice(w, ids, cos, sin, w.prompt.ids.size + n_gen + len(draft), list(range(ids.shape[1])),
+                     draft=draft)
+
+    def _fits_beside(self, w: Work) -> bool:
+        # a bystander's dummy token goes one past the slice (see _run): it must fit in the row
+        return w.prompt.ids.size + len(w.seq.generated) + len(w.draft) < self.pool.max_len
+
+    def _run(self, running: list[Work], sl: Slice | None) -> None:
         """One decoder run: `running` decode a token each (group A: their rows lo..hi of the pool) and
-        `w` reads up to `slice_tokens` of its prompt (group B, or A when no one decodes)."""
+        `sl` adds its tokens to its own row (group B, or A when no one decodes)."""
         by_row = {x.row: x for x in running}
         lo, hi = (min(by_row), max(by_row) + 1) if by_row else (0, 0)
-        start = end = 0
-        if w is not None:
-            start, end = w.prefilled, min(w.prompt.ids.size, w.prefilled + slice_tokens)
         ids = np.zeros((hi - lo, 1), np.int64)
         positions = np.zeros((3, hi - lo), np.int64)
         lengths = np.zeros(hi - lo, np.int64)
         for r in range(lo, hi):
             x = by_row.get(r)
-            if x is None:  # a bystander row (idle, or a newcomer mid-prompt): a dummy token past its content
-                # (the newcomer of this very run: past the slice it writes now)
-                lengths[r - lo] = end + 1 if w is not None and r == w.row else self.pool.idle_length(r) + 1
+            if x is None:  # a bystander row (idle, mid-prompt, drafting): a dummy token past its content —
+                # past the slice, for the slice's own row, since the two groups' writes are unordered
+                lengths[r - lo] = sl.total + 1 if sl is not None and r == sl.w.row else self.pool.idle_length(r) + 1
                 continue
             n_gen = len(x.seq.generated)
             ids[r - lo, 0] = x.seq.last_token
             positions[:, r - lo] = x.prompt.next_position + n_gen - 1
             lengths[r - lo] = x.prompt.ids.size + n_gen
         keys, values = self.pool.keys, self.pool.values
-        decode = Group([k[lo:hi] for k in keys], [v[lo:hi] for v in values], ids, lengths)
         n_a = hi - lo
-        logit_idx = [r - lo for r in by_row]
+        logit_idx = [r - lo for r in by_row]  # with a slice: its logits follow, in its order
         cos, sin = [], []  # packed: group A's tokens, then the slice's
         if running:
             c, s = self.prompts.cos_sin(positions)
             cos.append(c)
             sin.append(s)
-        chunk = visual = None
-        t0 = time.perf_counter()
-        if w is not None:
-            p = w.prompt
-            chunk = Group([k[w.row:w.row + 1] for k in keys], [v[w.row:w.row + 1] for v in values],
-                          p.ids[None, start:end], np.asarray([end]))
-            visual = self._visual(w, start, end, offset=n_a)
-            cos.append(p.cos[start:end])
-            sin.append(p.sin[start:end])
-            if end == p.ids.size:
-                logit_idx.append(n_a + end - start - 1)
-        cos, sin = np.concatenate(cos), np.concatenate(sin)
+        visual = None
+        if sl is not None:
+            w = sl.w
+            cos.append(sl.cos)
+            sin.append(sl.sin)
+            logit_idx += [n_a + i for i in sl.logits]
+            if sl.draft is None:
+                visual = self._visual(w, sl.start, sl.start + sl.ids.shape[1], offset=n_a)
         t_run = time.perf_counter()
         try:
-            if not running:  # a prompt chunk alone
-                logits = self.model.decode(chunk.keys, chunk.values, chunk.ids, cos, sin, chunk.lengths, visual)
-            elif w is None:
-                logits = self.model.decode(decode.keys, decode.values, ids, cos, sin, lengths)
+            if sl is None:
+                logits = self.model.decode([k[lo:hi] for k in keys], [v[lo:hi] for v in values], ids, cos[0], sin[0],
+                                           lengths)
             else:
-                logits = self.model.run(decode, chunk, cos, sin, visual, np.asarray(logit_idx))
+                row = slice(sl.w.row, sl.w.row + 1)
+                b = Group([k[row] for k in keys], [v[row] for v in values], sl.ids, np.asarray([sl.total]))
+                if not running:  # the slice alone
+                    logits = self.model.decode(b.keys, b.values, b.ids, sl.cos, sl.sin, b.lengths, visual,
+                                               n_logits=sl.ids.shape[1] if sl.draft is not None else 1)
+                else:
+                    a = Group([k[lo:hi] for k in keys], [v[lo:hi] for v in values], ids, lengths)
+                    logits = self.model.run(a, b, np.concatenate(cos), np.concatenate(sin), visual,
+                                            np.asarray(logit_idx))
         except EngineError as e:
-            for x in [*running, *([w] if w is not None else [])]:
+            for x in [*running, *([sl.w] if sl is not None else [])]:
                 self._fail(x, e)
             return
-        kind = "mixed" if running and w is not None else "decode" if running else "prefill"
-        self._ran(kind, t_run, len(running) + end - start)
+        n_slice = sl.ids.shape[1] if sl is not None else 0
+        kind = ("mixed" if running and sl is not None else "decode" if running
+                else "draft" if sl.draft is not None else "prefill")
+        self._ran(kind, t_run, len(running) + n_slice)
         if kind == "mixed":
             self._count("mixed_steps")
         if running:
             self.batch_sizes[len(running)] += 1
-        self._charge([(x, 1) for x in running] + ([(w, end - start)] if w is not None else []))
-        if w is not None:
-            self.chunk_tokens[next((b for b in CHUNK_BUCKETS if end - start <= b), CHUNK_BUCKETS[-1])] += 1
-            w.prefilled = end
-            self.pool.advance(w.row, w.prompt.keys[:end])
-            w.seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+        self._charge([(x, 1) for x in running] + ([(sl.w, n_slice)] if sl is not None else []))
         for j, (r, x) in enumerate(by_row.items()):
-            # decode rows' logits come first (with an old graph, one per row of lo..hi)
-            row = j if kind == "mixed" else r - lo
             self.pool.advance(r, np.append(x.prompt.keys, x.seq.generated))
-            self._emit(x, x.seq.accept(logits[row]))
+            # decode rows' logits come first in a mixed run; a plain one gives one per row of lo..hi
+            self._emit(x, x.seq.accept(logits[j if sl is not None else r - lo]))
             self._plan_draft(x)
-        if w is not None and end == w.prompt.ids.size:
+        if sl is not None:
+            rest = logits[len(by_row):] if running else logits
+            self._finish_slice(sl, rest, time.perf_counter() - t_run)
+
+    def _finish_slice(self, sl: Slice, logits: np.ndarray, seconds: float) -> None:
+        w = sl.w
+        if sl.draft is not None:
+            events, kept = w.seq.accept_draft(logits, sl.draft)
+            self._count("forced_tokens", kept)
+            self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
+            self._emit(w, events)
+            self._plan_draft(w)
+            return
+        n = sl.ids.shape[1]
+        self.chunk_tokens[next((b for b in CHUNK_BUCKETS if n <= b), CHUNK_BUCKETS[-1])] += 1
+        w.prefilled = sl.total
+        self.pool.advance(w.row, w.prompt.keys[:sl.total])
+        w.seq.timings.prefill_ms += seconds * 1000
+        if sl.total == w.prompt.ids.size:
             events = w.seq.accept(logits[-1])
             if not w.seq.finished:
                 self._set(w, State.DECODING)
@@ -294,32 +347,13 @@ class BatchLoop:
 
     def _draft_steps(self) -> bool:
         """Jump-forward: a sequence whose constraint forces its next tokens runs the last token and
-        that draft as one chunk, with logits at every position; the draft is kept while the model,
+        that draft as one slice, with logits at every position; the draft is kept while the model,
         masked and sampled as always, chooses it (a forced run of k tokens: one pass, not k steps).
-        The KV of a rejected tail is left past the row's length, where the next run overwrites it."""
+        The KV of a rejected tail is left past the row's length, where the next run overwrites it.
+        (One draft a step rides in the decoding rows' run instead, see _step; these are the rest.)"""
         drafting = [w for w in self.active if w.state is State.DECODING and w.draft]
         for w in drafting:
-            draft, w.draft = w.draft, []
-            n_gen = len(w.seq.generated)
-            ids = np.asarray([[w.seq.last_token, *draft]], np.int64)
-            first = w.prompt.next_position + n_gen - 1
-            cos, sin = self.prompts.cos_sin(np.tile(np.arange(first, first + ids.shape[1]), (3, 1)))
-            row = slice(w.row, w.row + 1)
-            t0 = time.perf_counter()
-            try:
-                logits = self.model.decode([k[row] for k in self.pool.keys], [v[row] for v in self.pool.values],
-                                           ids, cos, sin, np.asarray([w.prompt.ids.size + n_gen + len(draft)]),
-                                           n_logits=ids.shape[1])
-            except EngineError as e:
-                self._fail(w, e)
-                continue
-            self._charge([(w, ids.shape[1])])
-            self._ran("draft", t0, ids.shape[1])
-            events, kept = w.seq.accept_draft(logits, draft)
-            self._count("forced_tokens", kept)
-            self.pool.advance(w.row, np.append(w.prompt.keys, w.seq.generated[:-1]))
-            self._emit(w, events)
-            self._plan_draft(w)
+            self._run([], self._draft_slice(w))
         return bool(drafting)
 
     def _ready_newcomer(self) -> Work | None:
