@@ -267,7 +267,7 @@ class CountTokensRequest(_Strict):
         return self
 
     def tooling(self) -> Tooling:
-        """The tools in the shape `serving.prepare_tools` takes (validated with the request)."""
+        """The tools in the shape `constraints.prepare_tools` takes (validated with the request)."""
         return self._tooling
 
     def system_texts(self) -> list[str]:

@@ -351,7 +351,7 @@ class ResponsesRequest(Sampling):
             raise ValueError('top_logprobs needs include: ["message.output_text.logprobs"]')
         return self
 
-    # the interface serving.prepare_tools reads (shared with the chat request)
+    # the interface constraints.prepare_tools reads (shared with the chat request)
     def tool_mode(self) -> str:
         """none | auto | required | the name of the one function to call."""
         if not self.tools or self.tool_choice == "none":
