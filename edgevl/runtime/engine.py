@@ -116,9 +116,13 @@ class OrtEngine:
         `budget`: the request's max_new_tokens, so the answer is steered to close before it."""
         return self._grammars().json_schema(schema, budget)
 
-    def grammar_constraint(self, lark: str, budget: int = 0) -> Constraint:
-        """A Constraint for a Lark grammar in llguidance's dialect (tool calls use it)."""
-        return self._grammars().lark(lark, budget)
+    def tool_call_constraint(self, call_schema: dict, several: bool, budget: int = 0) -> Constraint:
+        """A Constraint that admits tool calls and nothing else: one (or, `several`, any number) in the
+        chat template's markup, each valid for `call_schema`; an invalid schema raises InputError."""
+        from edgevl.runtime.constrain import TOOL_CALL_MARKERS, tool_call_grammar
+
+        ids = [self.special_token_id(t) for t in TOOL_CALL_MARKERS]
+        return self._grammars().lark(tool_call_grammar(call_schema, several, ids), budget)
 
     def _grammars(self):
         if self._grammar is None:

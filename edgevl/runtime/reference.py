@@ -149,8 +149,11 @@ class TransformersEngine:
     def json_constraint(self, schema: dict | None, budget: int = 0):
         return self._grammars().json_schema(schema, budget)
 
-    def grammar_constraint(self, lark: str, budget: int = 0):
-        return self._grammars().lark(lark, budget)
+    def tool_call_constraint(self, call_schema: dict, several: bool, budget: int = 0):
+        from edgevl.runtime.constrain import TOOL_CALL_MARKERS, tool_call_grammar
+
+        ids = [self.special_token_id(t) for t in TOOL_CALL_MARKERS]
+        return self._grammars().lark(tool_call_grammar(call_schema, several, ids), budget)
 
     def _grammars(self):
         if self._grammar is None:

@@ -4,10 +4,9 @@ tools (listed for the model; a forced call constrains decoding to calls), each c
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Protocol
 
-from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar, check_parameters
+from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_schema, check_parameters
 from edgevl.types import GenerationRequest, SamplingParams
 
 CLOSING_TOKENS = 4  # what a reasoning budget forces after the thought ("\n</think>\n\n"), with a token to spare
@@ -52,14 +51,11 @@ async def prepare_tools(state, req: GenerationRequest, body: ToolRequest) -> Too
     if mode == "none":
         return None
     if body.forces_tool_call():
-        markers = []
-        for text in ("<tool_call>", "</tool_call>"):
-            tid = state.engine.special_token_id(text)
-            markers.append(f"<[{tid}]>" if tid is not None else json.dumps(text))
-        grammar = await asyncio.to_thread(call_grammar, req.tools, None if mode == "required" else mode, parallel,
-                                          *markers)
+        only = None if mode == "required" else mode
+        schema = await asyncio.to_thread(call_schema, req.tools, only)
         budget = max(1, answer_room(state, req.params) - TAIL_TOKENS)
-        req.constraint = await asyncio.to_thread(state.engine.grammar_constraint, grammar, budget)
+        req.constraint = await asyncio.to_thread(state.engine.tool_call_constraint, schema, parallel and only is None,
+                                                 budget)
     # only a grammar guarantees a block is a call, so only then may its arguments stream before it closes
     return ToolCallSplitter({t["function"]["name"] for t in req.tools}, 64 if parallel else 1,
                             stream_arguments=body.forces_tool_call())
