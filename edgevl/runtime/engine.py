@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from edgevl.checkpoint import ModelConfig
-from edgevl.export import MANIFEST
+from edgevl.export.manifest import Manifest
 from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImageProcessorConfig
 from edgevl.preprocess.video_patches import video_processor_config
@@ -58,7 +58,7 @@ class OrtEngine:
     def __init__(self, folder: str | Path, options: EngineOptions | None = None):
         self.folder = Path(folder)
         self.options = options or EngineOptions()
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        self.manifest = Manifest.read(self.folder)
         self.config = ModelConfig.from_dict(json.loads((self.folder / "config.json").read_text()))
         image_pre = json.loads((self.folder / "preprocessor_config.json").read_text())
         ipc = ImageProcessorConfig.from_dict(image_pre)
@@ -75,14 +75,14 @@ class OrtEngine:
         probe = GenerationRequest([Message("user", [TextPart("?")])])
         self.thinking = self.think is not None and self.think.opened_by(self.prompts.build(probe, False).ids.tolist())
 
-        graphs = self.manifest["graphs"]
+        graphs = self.manifest.graphs
         # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
         # while the process is small (an int8 vision tower is prepacked too; fp32's stays mapped)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
         vision = open_session(self.folder / graphs["vision"], self.options,
-                              bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
+                              bf16_weights="vision" in self.manifest.bf16_weight_graphs)
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
-                               groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")),
+                               groups_together=self.manifest.vision_runs_frame_groups_together,
                                max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
@@ -100,11 +100,11 @@ class OrtEngine:
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
         return EngineInfo(
-            model_name=self.manifest.get("model_name", self.folder.name),
+            model_name=self.manifest.model_name,
             model_dir=str(self.folder),
             backend="onnxruntime",
-            precision=self.manifest.get("precision", "fp32"),
-            random_weights=bool(self.manifest.get("random_weights")),
+            precision=self.manifest.precision,
+            random_weights=self.manifest.random_weights,
             intra_op_threads=self.options.intra_op_threads or (os.cpu_count() or 1),
             max_context=self.options.max_context,
             vision_cache_entries=len(self.vision_cache),
