@@ -59,7 +59,7 @@ class OrtEngine:
         self.folder = Path(folder)
         self.options = options or EngineOptions()
         self.manifest = Manifest.read(self.folder)
-        self.config = ModelConfig.from_dict(json.loads((self.folder / "config.json").read_text()))
+        self.config = ModelConfig.read(self.folder)
         image_pre = json.loads((self.folder / "preprocessor_config.json").read_text())
         ipc = ImageProcessorConfig.from_dict(image_pre)
         gen = self.folder / "generation_config.json"
@@ -67,9 +67,7 @@ class OrtEngine:
         self.prompts = PromptBuilder(self.folder, self.config, ipc, video_processor_config(self.folder, image_pre),
                                      self.options)
         self.tokenizer = self.prompts.chat.tokenizer
-        eos = self.generation_defaults.get("eos_token_id", self.config.raw.get("text_config", {}).get(
-            "eos_token_id"))
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids = set(self.config.eos_token_ids)
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
         self.think = ThinkMarkers.from_tokenizer(self.tokenizer)
         probe = GenerationRequest([Message("user", [TextPart("?")])])

@@ -82,8 +82,8 @@ class ReferenceProcessor:
         text = re.sub(r"<\|image_pad\|>|<\|video_pad\|>", lambda m: next(replace[m.group()]), text)
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         out["input_ids"] = ids
-        video_id = self.config.raw.get("video_token_id")
-        out["mm_token_type_ids"] = (ids == self.config.image_token_id).int() + 2 * (ids == video_id).int()
+        out["mm_token_type_ids"] = ((ids == self.config.image_token_id).int()
+                                    + 2 * (ids == self.config.video_token_id).int())
         return out
 
 
@@ -100,8 +100,7 @@ class TransformersEngine:
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(self.folder), dtype=torch.float32, attn_implementation="eager").eval()
         self.processor = ReferenceProcessor(self.folder, self.options.max_pixels, self.options.max_video_pixels)
-        gen = self.ckpt.generation.get("eos_token_id", [])
-        self.eos_ids = set(gen if isinstance(gen, list) else [gen])
+        self.eos_ids = set(self.ckpt.config.eos_token_ids)
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -184,7 +183,7 @@ class TransformersEngine:
         ids = inputs["input_ids"][0].tolist()
         max_new = answer_limit(len(ids), request, self.options.max_context)
         return PreparedRequest(request, len(ids), max_new, ids.count(self.ckpt.config.image_token_id),
-                               ids.count(self.ckpt.config.raw.get("video_token_id")), t0,
+                               ids.count(self.ckpt.config.video_token_id), t0,
                                (time.perf_counter() - t0) * 1000, inputs)
 
     def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
