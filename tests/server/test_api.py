@@ -223,3 +223,16 @@ def test_client_disconnect_cancels_generation(server):
         __import__("time").sleep(0.1)
     assert server.metric("edgevl_engine_cancelled") == cancelled + 1
     assert server.metric("edgevl_in_flight") == 0
+
+
+@pytest.mark.parametrize("path, body, what", [
+    ("/v1/chat/completions", {"model": "m", "messages": "TURNS"}, "messages per conversation"),
+    ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": "TURNS"}, "messages per conversation"),
+    ("/api/chat", {"model": "m", "messages": "TURNS"}, "messages per conversation"),
+    ("/v1/responses", {"model": "m", "input": "TURNS"}, "items per request"),
+])
+def test_every_api_holds_a_conversation_to_max_turns(server, path, body, what):
+    turns = [{"role": "user", "content": f"turn {i}"} for i in range(65)]
+    with server.client() as c:
+        r = c.post(path, json={**body, **{k: turns for k, v in body.items() if v == "TURNS"}})
+    assert r.status_code == 400 and f"at most 64 {what}" in r.text, r.text
