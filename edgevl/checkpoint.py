@@ -56,10 +56,19 @@ class ModelConfig:
     video_token_id: int
     vision_start_token_id: int
     vision_end_token_id: int
-    raw: dict
+    eos_token_ids: frozenset[int]  # what ends an answer (eos_ids_of)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
+    def read(cls, folder: str | Path) -> ModelConfig:
+        """A checkpoint's (or an export's) config.json, with its generation_config.json when it has one."""
+        folder = Path(folder)
+        gen = folder / "generation_config.json"
+        return cls.from_dict(json.loads((folder / "config.json").read_text()),
+                             json.loads(gen.read_text()) if gen.is_file() else {})
+
+    @classmethod
+    def from_dict(cls, d: dict, generation: dict | None = None) -> ModelConfig:
+        """config.json's contents; `generation`: generation_config.json's, which says what ends an answer."""
         archs = d.get("architectures") or []
         if d.get("model_type") != "qwen3_vl" and "Qwen3VLForConditionalGeneration" not in archs:
             raise ValueError(
@@ -109,8 +118,18 @@ class ModelConfig:
             video_token_id=int(d.get("video_token_id", 151656)),
             vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
             vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
-            raw=d,
+            eos_token_ids=eos_ids_of(d, generation or {}),
         )
+
+
+def eos_ids_of(config: dict, generation: dict) -> frozenset[int]:
+    """The tokens that end an answer: generation_config's eos_token_id (Qwen's lists both <|im_end|> and
+    <|endoftext|>), else the text config's, else the config's, as transformers' generate falls back."""
+    for where in (generation, config.get("text_config", {}), config):
+        eos = where.get("eos_token_id")
+        if eos is not None:
+            return frozenset(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    return frozenset()
 
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
@@ -189,15 +208,15 @@ def load_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     pre = folder / "preprocessor_config.json"
     gen = folder / "generation_config.json"
+    generation = json.loads(gen.read_text()) if gen.is_file() else {}
     marker = folder / "edgevl_random_weights.json"
     return Checkpoint(
         folder=folder,
-        config=config,
+        config=ModelConfig.from_dict(json.loads((folder / "config.json").read_text()), generation),
         preprocessor=json.loads(pre.read_text()) if pre.is_file() else {},
-        generation=json.loads(gen.read_text()) if gen.is_file() else {},
+        generation=generation,
         random_weights=marker.is_file(),
     )
 

@@ -209,3 +209,15 @@ def test_extreme_sampling_values_do_not_break_the_sampler(engine, temperature, p
     _, fin = run(engine, user("x"), max_new_tokens=4, temperature=temperature, repetition_penalty=penalty, seed=1,
                  ignore_eos=True)
     assert fin.usage.completion_tokens == 4
+
+
+def test_the_answer_ends_on_the_tokens_the_checkpoint_names_one_way(tiny_checkpoint, tiny_onnx, engine, tmp_path):
+    import shutil
+
+    from edgevl.checkpoint import ModelConfig, load_checkpoint
+
+    # generation_config lists <|im_end|> and <|endoftext|>; the engine and the reference's checkpoint agree
+    assert engine.eos_ids == {151645, 151643} == set(load_checkpoint(tiny_checkpoint).config.eos_token_ids)
+    assert ModelConfig.read(tiny_onnx).video_token_id == 151656
+    shutil.copy(tiny_checkpoint / "config.json", tmp_path / "config.json")  # no generation_config.json
+    assert ModelConfig.read(tmp_path).eos_token_ids == {151645}  # the text config's

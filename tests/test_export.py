@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from edgevl.export import MANIFEST
 from edgevl.export.builder import FLOAT, GraphBuilder
+from edgevl.export.manifest import MANIFEST, Manifest
 from edgevl.runtime.model import OnnxModel, open_session, session_options
 from edgevl.types import EngineOptions, GenerationRequest, ImagePart, Message, TextPart
 from tests.conftest import make_image
@@ -26,8 +26,8 @@ def _initializer_types(path) -> dict[str, int]:
 
 
 def test_fp32_vision_keeps_the_checkpoints_bf16_weights(tiny_onnx):
-    manifest = json.loads((tiny_onnx / MANIFEST).read_text())
-    assert manifest["precision"] == "fp32" and manifest["bf16_weight_graphs"] == ["vision"]
+    manifest = Manifest.read(tiny_onnx)
+    assert manifest.precision == "fp32" and manifest.bf16_weight_graphs == ["vision"]
     vision = onnx.load(str(tiny_onnx / "vision.onnx"), load_external_data=False).graph
     types = {t.name: t.data_type for t in vision.initializer}
     made_by = {o: n for n in vision.node for o in n.output}
@@ -135,3 +135,17 @@ def test_the_decoder_has_one_projection_for_q_k_v_and_one_for_gate_up(tiny_onnx)
     assert sum("/attn/qkv_proj/" in n for n in names) == layers
     assert sum("/mlp/gate_up_proj/" in n for n in names) == layers
     assert not any(re.search(r"/(q|k|v|gate|up)_proj/", n) for n in names)
+
+
+def test_the_manifest_reads_as_it_was_written_and_an_older_one_with_defaults(tiny_onnx, tmp_path):
+    import json
+
+    written = Manifest.read(tiny_onnx)
+    assert written.vision_runs_frame_groups_together and written.graphs["decoder"] == "decoder.onnx"
+    written.write(tmp_path)
+    assert Manifest.read(tmp_path) == written
+    # an export from before the frame-group flag, the unsigned-weights flag and model_name
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 1, "precision": "int8", "later_field": 1}))
+    old = Manifest.read(tmp_path)
+    assert old.precision == "int8" and old.model_name == tmp_path.name
+    assert not old.vision_runs_frame_groups_together and not old.int8_unsigned_weights and old.bf16_weight_graphs == []

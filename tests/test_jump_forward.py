@@ -9,7 +9,7 @@ import pytest
 
 from edgevl.grounding import BOXES_SCHEMA
 from edgevl.runtime.engine import OrtEngine
-from edgevl.server.tools import call_grammar
+from edgevl.server.tools import call_schema
 from edgevl.types import EngineOptions, FinishEvent, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
 
@@ -39,8 +39,7 @@ def _constraint(engine, kind: str, budget: int):
         return engine.json_constraint(RECEIPT, budget)
     if kind == "boxes":
         return engine.json_constraint(BOXES_SCHEMA, budget)
-    markers = [f"<[{engine.special_token_id(t)}]>" for t in ("<tool_call>", "</tool_call>")]
-    return engine.grammar_constraint(call_grammar(TOOLS, None, False, *markers), budget)
+    return engine.tool_call_constraint(call_schema(TOOLS), False, budget)
 
 
 def _answer(engine, kind: str, i: int, max_tokens: int = 96, **params) -> FinishEvent:

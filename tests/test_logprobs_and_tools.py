@@ -89,14 +89,13 @@ def test_a_forced_tool_call_always_validates(engine):
 
     import jsonschema
 
-    from edgevl.server.tools import call_grammar
+    from edgevl.server.tools import call_schema
 
     params = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
     tools = [{"type": "function", "function": {"name": "pick", "parameters": params}}]
     for seed in range(3):
-        markers = (f"<[{engine.special_token_id(t)}]>" for t in ("<tool_call>", "</tool_call>"))
-        c = engine.grammar_constraint(call_grammar(tools, None, False, *markers), 40)
+        c = engine.tool_call_constraint(call_schema(tools), False, 40)
         req = GenerationRequest([Message("user", [TextPart("pick")])], SamplingParams(
             max_new_tokens=43, temperature=1.0, seed=seed), constraint=c, tools=tools)
         fin = [e for e in engine.generate(req) if isinstance(e, FinishEvent)][0]

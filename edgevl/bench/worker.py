@@ -69,7 +69,7 @@ def load(backend: str, model: str, threads: int, vision_cache: int, prefix_cache
         return TransformersEngine(model, EngineOptions(**opts))
     from pathlib import Path
 
-    from edgevl.export import is_exported
+    from edgevl.export.manifest import is_exported
     from edgevl.runtime.loader import exported_dir_for, load_engine
 
     if backend.startswith("edgevl@"):  # an exported folder as it is: an older export against today's
@@ -148,7 +148,7 @@ def decoder_bytes(backend: str, model: str) -> int | None:
     if backend.startswith("edgevl@"):
         folder = Path(backend.removeprefix("edgevl@"))
     else:
-        from edgevl.export import is_exported
+        from edgevl.export.manifest import is_exported
         from edgevl.runtime.loader import exported_dir_for
 
         folder = Path(model) if is_exported(model) else exported_dir_for(Path(model), backend.removeprefix("edgevl-"))

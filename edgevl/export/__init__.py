@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -11,11 +10,10 @@ from pathlib import Path
 from edgevl.checkpoint import load_checkpoint
 from edgevl.export.builder import GraphBuilder, QuantSpec
 from edgevl.export.decoder import build_decoder, build_embedding, embedding_precision
+from edgevl.export.manifest import Manifest
 from edgevl.export.quantize import int8_gemm_saturates
 from edgevl.export.vision import build_vision
 
-MANIFEST = "edgevl_manifest.json"
-FORMAT_VERSION = 1
 PRECISIONS: dict[str, QuantSpec | None] = {
     "fp32": None,
     # per-channel int8 + integer GEMM: 3x faster prompts than MatMulNBits-8 on VNNI CPUs (docs/quantization.md)
@@ -74,25 +72,11 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
     for name in _COPIED:
         if (ckpt.folder / name).is_file():
             shutil.copy2(ckpt.folder / name, out / name)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model_name": ckpt.name,
-        "source": str(ckpt.folder.resolve()),
-        "precision": precision,
-        "vision_precision": vision_precision,
-        "lm_head_precision": lm_head_precision,
-        "random_weights": ckpt.random_weights,
-        "embedding_precision": embed_precision,
-        "int8_unsigned_weights": unsigned,  # where this CPU's s8 GEMM saturates (quantize.int8_gemm_saturates)
-        "graphs": {"vision": "vision.onnx", "embed": "embed.onnx", "decoder": "decoder.onnx"},
-        # graphs whose weights are stored as bf16 and widened at run time (GraphBuilder.fp32_weight)
-        "bf16_weight_graphs": ["vision"] if vb.widened else [],
-        "vision_runs_frame_groups_together": True,  # cos/sin of one group, patches of all
-        "export_seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    Manifest(model_name=ckpt.name, source=str(ckpt.folder.resolve()), precision=precision,
+             vision_precision=vision_precision, lm_head_precision=lm_head_precision,
+             random_weights=ckpt.random_weights, embedding_precision=embed_precision,
+             int8_unsigned_weights=unsigned, bf16_weight_graphs=["vision"] if vb.widened else [],
+             vision_runs_frame_groups_together=True,
+             export_seconds=round(time.perf_counter() - t0, 2)).write(out)
     return out
 
-
-def is_exported(folder: str | Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()

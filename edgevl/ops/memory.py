@@ -11,7 +11,6 @@ about 10% and errs high.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgevl.checkpoint import ModelConfig
@@ -25,7 +24,7 @@ class MemoryBudgetError(RuntimeError):
 
 
 def estimate_bytes(folder: Path, options: EngineOptions) -> dict[str, int]:
-    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    cfg = ModelConfig.read(folder)
     weights = sum((folder / f"{g}.onnx.data").stat().st_size for g in ("vision", "decoder")
                   if (folder / f"{g}.onnx.data").exists())
     t, v = cfg.text, cfg.vision

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from edgevl.types import InputError
 
 log = logging.getLogger("edgevl.constrain")
 TOO_COMPLEX = "the schema is too complex for constrained decoding; simplify it"
+TOOL_CALL_MARKERS = ("<tool_call>", "</tool_call>")  # the chat template's; server/tools.py parses the same
 
 
 class GrammarCompiler:
@@ -95,6 +97,20 @@ class GrammarCompiler:
             log.info("grammar refused before generation: %s", matcher.get_error())
             raise InputError(TOO_COMPLEX, code="invalid_schema", param=param)
         return matcher
+
+
+def tool_call_grammar(call_schema: dict, several: bool, marker_ids: Sequence[int | None]) -> str:
+    """A Lark grammar (llguidance's dialect) for one tool call as the chat template writes it,
+    ``<tool_call>\\n{call}\\n</tool_call>`` with the call valid for `call_schema`, or for several
+    separated by newlines. `marker_ids`: the tokenizer's ids of the two markers (``<[id]>``: the model
+    writes the one special token), None for a marker the tokenizer keeps as text (then its quoted text)."""
+    open_tok, close_tok = (f"<[{tid}]>" if tid is not None else json.dumps(text)
+                           for tid, text in zip(marker_ids, TOOL_CALL_MARKERS, strict=True))
+    # without this, llguidance lets JSON whitespace run free, and a random model fills its budget with it
+    schema = json.dumps({**call_schema, "x-guidance": {
+        "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}, ensure_ascii=False)
+    calls = 'call ("\\n" call)*' if several else "call"
+    return f'start: {calls}\ncall: {open_tok} "\\n" args "\\n" {close_tok}\nargs: %json {schema}\n'
 
 
 def any_json_object(depth: int) -> dict:

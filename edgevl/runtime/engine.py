@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from edgevl.checkpoint import ModelConfig
-from edgevl.export import MANIFEST
+from edgevl.export.manifest import Manifest
 from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImageProcessorConfig
 from edgevl.preprocess.video_patches import video_processor_config
@@ -58,8 +58,8 @@ class OrtEngine:
     def __init__(self, folder: str | Path, options: EngineOptions | None = None):
         self.folder = Path(folder)
         self.options = options or EngineOptions()
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        self.config = ModelConfig.from_dict(json.loads((self.folder / "config.json").read_text()))
+        self.manifest = Manifest.read(self.folder)
+        self.config = ModelConfig.read(self.folder)
         image_pre = json.loads((self.folder / "preprocessor_config.json").read_text())
         ipc = ImageProcessorConfig.from_dict(image_pre)
         gen = self.folder / "generation_config.json"
@@ -67,22 +67,20 @@ class OrtEngine:
         self.prompts = PromptBuilder(self.folder, self.config, ipc, video_processor_config(self.folder, image_pre),
                                      self.options)
         self.tokenizer = self.prompts.chat.tokenizer
-        eos = self.generation_defaults.get("eos_token_id", self.config.raw.get("text_config", {}).get(
-            "eos_token_id"))
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids = set(self.config.eos_token_ids)
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
         self.think = ThinkMarkers.from_tokenizer(self.tokenizer)
         probe = GenerationRequest([Message("user", [TextPart("?")])])
         self.thinking = self.think is not None and self.think.opened_by(self.prompts.build(probe, False).ids.tolist())
 
-        graphs = self.manifest["graphs"]
+        graphs = self.manifest.graphs
         # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
         # while the process is small (an int8 vision tower is prepacked too; fp32's stays mapped)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
         vision = open_session(self.folder / graphs["vision"], self.options,
-                              bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
+                              bf16_weights="vision" in self.manifest.bf16_weight_graphs)
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
-                               groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")),
+                               groups_together=self.manifest.vision_runs_frame_groups_together,
                                max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
@@ -100,11 +98,11 @@ class OrtEngine:
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
         return EngineInfo(
-            model_name=self.manifest.get("model_name", self.folder.name),
+            model_name=self.manifest.model_name,
             model_dir=str(self.folder),
             backend="onnxruntime",
-            precision=self.manifest.get("precision", "fp32"),
-            random_weights=bool(self.manifest.get("random_weights")),
+            precision=self.manifest.precision,
+            random_weights=self.manifest.random_weights,
             intra_op_threads=self.options.intra_op_threads or (os.cpu_count() or 1),
             max_context=self.options.max_context,
             vision_cache_entries=len(self.vision_cache),
@@ -116,9 +114,13 @@ class OrtEngine:
         `budget`: the request's max_new_tokens, so the answer is steered to close before it."""
         return self._grammars().json_schema(schema, budget)
 
-    def grammar_constraint(self, lark: str, budget: int = 0) -> Constraint:
-        """A Constraint for a Lark grammar in llguidance's dialect (tool calls use it)."""
-        return self._grammars().lark(lark, budget)
+    def tool_call_constraint(self, call_schema: dict, several: bool, budget: int = 0) -> Constraint:
+        """A Constraint that admits tool calls and nothing else: one (or, `several`, any number) in the
+        chat template's markup, each valid for `call_schema`; an invalid schema raises InputError."""
+        from edgevl.runtime.constrain import TOOL_CALL_MARKERS, tool_call_grammar
+
+        ids = [self.special_token_id(t) for t in TOOL_CALL_MARKERS]
+        return self._grammars().lark(tool_call_grammar(call_schema, several, ids), budget)
 
     def _grammars(self):
         if self._grammar is None:

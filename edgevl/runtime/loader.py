@@ -6,7 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from edgevl.export import export_model, is_exported
+from edgevl.export import export_model
+from edgevl.export.manifest import is_exported
 from edgevl.export.quantize import int8_gemm_saturates
 from edgevl.runtime.engine import OrtEngine
 from edgevl.types import EngineOptions

@@ -44,7 +44,7 @@ class PromptBuilder:
         self.config = config
         self.ipc, self.vpc = ipc, vpc
         self.options = options
-        self.chat = ChatFormatter(folder, config.image_token_id, config.raw.get("video_token_id"))
+        self.chat = ChatFormatter(folder, config.image_token_id, config.video_token_id)
         t = config.text
         self.inv_freq = pos.text_inv_freq(t.head_dim, t.rope_theta)
 

@@ -82,8 +82,8 @@ class ReferenceProcessor:
         text = re.sub(r"<\|image_pad\|>|<\|video_pad\|>", lambda m: next(replace[m.group()]), text)
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         out["input_ids"] = ids
-        video_id = self.config.raw.get("video_token_id")
-        out["mm_token_type_ids"] = (ids == self.config.image_token_id).int() + 2 * (ids == video_id).int()
+        out["mm_token_type_ids"] = ((ids == self.config.image_token_id).int()
+                                    + 2 * (ids == self.config.video_token_id).int())
         return out
 
 
@@ -100,8 +100,7 @@ class TransformersEngine:
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(self.folder), dtype=torch.float32, attn_implementation="eager").eval()
         self.processor = ReferenceProcessor(self.folder, self.options.max_pixels, self.options.max_video_pixels)
-        gen = self.ckpt.generation.get("eos_token_id", [])
-        self.eos_ids = set(gen if isinstance(gen, list) else [gen])
+        self.eos_ids = set(self.ckpt.config.eos_token_ids)
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -149,8 +148,11 @@ class TransformersEngine:
     def json_constraint(self, schema: dict | None, budget: int = 0):
         return self._grammars().json_schema(schema, budget)
 
-    def grammar_constraint(self, lark: str, budget: int = 0):
-        return self._grammars().lark(lark, budget)
+    def tool_call_constraint(self, call_schema: dict, several: bool, budget: int = 0):
+        from edgevl.runtime.constrain import TOOL_CALL_MARKERS, tool_call_grammar
+
+        ids = [self.special_token_id(t) for t in TOOL_CALL_MARKERS]
+        return self._grammars().lark(tool_call_grammar(call_schema, several, ids), budget)
 
     def _grammars(self):
         if self._grammar is None:
@@ -181,7 +183,7 @@ class TransformersEngine:
         ids = inputs["input_ids"][0].tolist()
         max_new = answer_limit(len(ids), request, self.options.max_context)
         return PreparedRequest(request, len(ids), max_new, ids.count(self.ckpt.config.image_token_id),
-                               ids.count(self.ckpt.config.raw.get("video_token_id")), t0,
+                               ids.count(self.ckpt.config.video_token_id), t0,
                                (time.perf_counter() - t0) * 1000, inputs)
 
     def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:

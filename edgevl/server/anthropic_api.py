@@ -51,9 +51,11 @@ from edgevl.server.anthropic_protocol import (
     message_id,
     tool_use_id,
 )
+from edgevl.server.constraints import constraint_for, prepare_tools
 from edgevl.server.errors import ApiError
+from edgevl.server.inputs import load_image
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, prepare_tools
+from edgevl.server.serving import Done
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall

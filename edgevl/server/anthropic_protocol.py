@@ -26,6 +26,7 @@ from edgevl.server.protocol import (
     Tooling,
     ToolSpec,
     _limit,
+    check_max_turns,
 )
 from edgevl.types import SamplingParams
 
@@ -247,9 +248,7 @@ class CountTokensRequest(_Strict):
     @field_validator("messages")
     @classmethod
     def _turns(cls, v: list[MessageParam], info: ValidationInfo) -> list[MessageParam]:
-        top = _limit(info, "max_turns", 64)
-        if len(v) > top:
-            raise ValueError(f"at most {top} messages per conversation")
+        check_max_turns(v, info)
         if v[-1].role != "user":
             raise ValueError("the last message must be a user message: prefill (continuing an assistant "
                              "message) is not supported")
@@ -267,7 +266,7 @@ class CountTokensRequest(_Strict):
         return self
 
     def tooling(self) -> Tooling:
-        """The tools in the shape `serving.prepare_tools` takes (validated with the request)."""
+        """The tools in the shape `constraints.prepare_tools` takes (validated with the request)."""
         return self._tooling
 
     def system_texts(self) -> list[str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from edgevl.grounding import BOXES_SCHEMA, detect_prompt, exif_orientation, parse_boxes, to_pixels
+from edgevl.server.constraints import constraint_for
 from edgevl.server.edge_api import answer, lines
+from edgevl.server.inputs import load_image
 from edgevl.server.protocol import DetectRequest, DetectResponse
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image
+from edgevl.server.serving import Done
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart
 

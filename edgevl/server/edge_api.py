@@ -9,7 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from edgevl import __version__
+from edgevl.server.constraints import constraint_for, prepare_tools
 from edgevl.server.errors import ApiError
+from edgevl.server.inputs import check_max_frames, load_image, video_from_base64
 from edgevl.server.protocol import (
     DoneLine,
     FunctionCall,
@@ -23,14 +25,7 @@ from edgevl.server.protocol import (
     call_id,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import (
-    Done,
-    check_max_frames,
-    constraint_for,
-    load_image,
-    prepare_tools,
-    video_from_base64,
-)
+from edgevl.server.serving import Done
 from edgevl.server.tools import ToolCallSplitter
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent

@@ -18,7 +18,9 @@ from functools import lru_cache
 from fastapi import APIRouter, Request, Response
 
 from edgevl.server import errors
+from edgevl.server.constraints import constraint_for, prepare_tools
 from edgevl.server.errors import ApiError
+from edgevl.server.inputs import load_image
 from edgevl.server.ollama_protocol import (
     ChatFrame,
     ChatRequest,
@@ -42,9 +44,9 @@ from edgevl.server.ollama_protocol import (
 )
 from edgevl.server.protocol import Tooling, call_id
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, logprob_entries, prepare_tools
+from edgevl.server.serving import Done
 from edgevl.server.tools import CallPiece, ToolCallSplitter
-from edgevl.server.wire import ndjson
+from edgevl.server.wire import logprob_entries, ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
 from edgevl.types import ToolCall as EngineToolCall
 

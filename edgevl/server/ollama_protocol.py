@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from edgevl.server.errors import ApiError
-from edgevl.server.protocol import ToolSpec, _limit
+from edgevl.server.protocol import ToolSpec, _limit, check_max_turns
 from edgevl.types import SamplingParams
 
 # Ollama's options that change nothing here but tune how Ollama loads or runs a model (edgevl loaded
@@ -219,9 +219,7 @@ class ChatRequest(Common):
     @field_validator("messages")
     @classmethod
     def _turns(cls, v: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
-        top = _limit(info, "max_turns", 64)
-        if len(v) > top:
-            raise ValueError(f"at most {top} messages per conversation")
+        check_max_turns(v, info)
         if v and not any(m.role == "user" for m in v):
             raise ValueError("needs at least one user message")
         return v

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from edgevl.server.constraints import constraint_for, prepare_tools
 from edgevl.server.errors import ApiError
+from edgevl.server.inputs import check_max_frames, load_image, video_from_base64, video_from_frames_base64
 from edgevl.server.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -36,18 +38,9 @@ from edgevl.server.protocol import (
     now,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import (
-    Done,
-    check_max_frames,
-    constraint_for,
-    load_image,
-    logprob_entries,
-    prepare_tools,
-    video_from_base64,
-    video_from_frames_base64,
-)
+from edgevl.server.serving import Done
 from edgevl.server.tools import CallPiece, ToolCallSplitter
-from edgevl.server.wire import sse
+from edgevl.server.wire import logprob_entries, sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)

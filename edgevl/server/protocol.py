@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sized
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -37,6 +38,13 @@ LIMITS: ContextVar[dict | None] = ContextVar("edgevl_limits", default=None)
 def _limit(info: ValidationInfo, name: str, default: int) -> int:
     ctx = info.context or LIMITS.get() or {}
     return int(ctx.get(name, default))
+
+
+def check_max_turns(turns: Sized, info: ValidationInfo, what: str = "messages per conversation") -> None:
+    """The server's max_turns, the same for every API's conversation (a Responses request's items)."""
+    top = _limit(info, "max_turns", 64)
+    if len(turns) > top:
+        raise ValueError(f"at most {top} {what}")
 
 
 def _by_shape(v: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo,
@@ -544,9 +552,7 @@ class ChatCompletionRequest(Sampling, Tooling):
     @field_validator("messages")
     @classmethod
     def _turns(cls, v: list[ChatMessage], info: ValidationInfo) -> list[ChatMessage]:
-        top = _limit(info, "max_turns", 64)
-        if len(v) > top:
-            raise ValueError(f"at most {top} messages per conversation")
+        check_max_turns(v, info)
         if not any(m.role in ("user",) for m in v):
             raise ValueError("needs at least one user message")
         return v

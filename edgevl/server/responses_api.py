@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 
 from edgevl.preprocess.image import ImageError
+from edgevl.server.constraints import constraint_for, prepare_tools
 from edgevl.server.errors import ApiError, NotFound, as_api_error
+from edgevl.server.inputs import load_image
 from edgevl.server.response_store import ResponseStore, StoredResponse
 from edgevl.server.responses_protocol import (
     ArgumentsDelta,
@@ -61,9 +63,9 @@ from edgevl.server.responses_protocol import (
     response_id,
 )
 from edgevl.server.routing import SafeRoute
-from edgevl.server.serving import Done, constraint_for, load_image, logprob_entries, prepare_tools
+from edgevl.server.serving import Done
 from edgevl.server.tools import CallPiece, ToolCallSplitter
-from edgevl.server.wire import sse_events
+from edgevl.server.wire import logprob_entries, sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=SafeRoute)

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from edgevl.server.protocol import LIMITS, LOW_DETAIL_PIXELS, Sampling, Timings
+from edgevl.server.protocol import LOW_DETAIL_PIXELS, Sampling, Timings, _limit, check_max_turns
 
 
 class _Strict(BaseModel):
@@ -327,15 +327,14 @@ class ResponsesRequest(Sampling):
             raise ValueError("must not be empty")
         if isinstance(v, list) and not v:
             raise ValueError("needs at least one item")
-        top = int((info.context or _limits()).get("max_turns", 64))
-        if isinstance(v, list) and len(v) > top:
-            raise ValueError(f"at most {top} items per request")
+        if isinstance(v, list):
+            check_max_turns(v, info, "items per request")
         return v
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo) -> ResponsesRequest:
         if self.max_output_tokens is not None:
-            top = int((info.context or _limits()).get("max_tokens", 4096))
+            top = _limit(info, "max_tokens", 4096)
             if self.max_output_tokens > top:
                 raise ValueError(f"max_output_tokens must be at most {top} (the server's max_tokens)")
             self.max_tokens = self.max_output_tokens
@@ -351,7 +350,7 @@ class ResponsesRequest(Sampling):
             raise ValueError('top_logprobs needs include: ["message.output_text.logprobs"]')
         return self
 
-    # the interface serving.prepare_tools reads (shared with the chat request)
+    # the interface constraints.prepare_tools reads (shared with the chat request)
     def tool_mode(self) -> str:
         """none | auto | required | the name of the one function to call."""
         if not self.tools or self.tool_choice == "none":
@@ -388,10 +387,6 @@ def _plain(e: ValidationError) -> ValidationError:
         msg = x["msg"].removeprefix("Value error, ")
         details.append({"type": PydanticCustomError(x["type"], msg), "loc": loc, "input": x.get("input")})
     return ValidationError.from_exception_data(e.title, details)
-
-
-def _limits() -> dict:
-    return LIMITS.get() or {}
 
 
 # ---- output ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Tool calls in the checkpoint's own format: the grammar that forces them, the parser that finds them
-(whole, or piece by piece as they are written when the grammar forced them).
+"""Tool calls in the checkpoint's own format: the request's tools checked, the schema of one call
+(what the grammar in runtime/constrain.py forces), and the parser that finds the calls (whole, or
+piece by piece as they are written when the grammar forced them).
 
 Qwen3-VL's chat template lists the tools in the system turn and asks for each call as
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``; that text is what the model
@@ -86,17 +87,6 @@ def _rebase(node: object, base: str) -> object:
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = "#" + base + ref[1:]
     return out
-
-
-def call_grammar(tools: list[dict], only: str | None, parallel: bool, open_tok: str, close_tok: str) -> str:
-    """A Lark grammar (llguidance's dialect) for one call, or several when parallel calls are allowed.
-    `open_tok`/`close_tok`: how the grammar names the markers (a special token, or a quoted string)."""
-    # without this, llguidance lets JSON whitespace run free, and a random model fills its budget with it
-    schema = json.dumps({**call_schema(tools, only), "x-guidance": {
-        "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}},
-                        ensure_ascii=False)
-    calls = 'call ("\\n" call)*' if parallel and only is None else "call"
-    return f'start: {calls}\ncall: {open_tok} "\\n" args "\\n" {close_tok}\nargs: %json {schema}\n'
 
 
 def parse_call(block: str) -> ParsedCall | None:

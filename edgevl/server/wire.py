@@ -1,5 +1,6 @@
 """The wire formats. Each endpoint turns engine events into frames (pydantic models) once;
-SSE and NDJSON send the frames as they come, and the JSON answer is folded from the same frames."""
+SSE and NDJSON send the frames as they come, and the JSON answer is folded from the same frames.
+The engine's figures (usage, timings, logprobs) become the wire's here, once for every API."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from edgevl.server.errors import Shape, as_api_error, error_body
+from edgevl.server.protocol import Timings, Usage
+from edgevl.types import FinishEvent, TokenEvent
 
 log = logging.getLogger("edgevl.server")
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -86,3 +89,31 @@ def sse_events(frames: AsyncIterator[BaseModel], shape: Shape | None = None, pin
                 step.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_HEADERS)
+
+
+def usage_of(fin: FinishEvent) -> Usage:
+    u = fin.usage
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                 total_tokens=u.total_tokens, image_tokens=u.image_tokens, video_tokens=u.video_tokens,
+                 reasoning_tokens=u.reasoning_tokens)
+
+
+def timings_of(fin: FinishEvent) -> Timings:
+    t = fin.timings
+    return Timings(ttft_ms=round(t.ttft_ms, 2), total_ms=round(t.total_ms, 2), tokens_per_s=round(t.tokens_per_s, 2),
+                   preprocess_ms=round(t.preprocess_ms, 2), vision_ms=round(t.vision_ms, 2),
+                   prefill_ms=round(t.prefill_ms, 2), queue_ms=round(t.queue_ms, 2),
+                   vision_cache_hits=t.vision_cache_hits, prefix_reused_tokens=t.prefix_reused_tokens,
+                   energy_j=round(t.energy_j, 4) if t.energy_j is not None else None,
+                   forced_tokens=t.forced_tokens)
+
+
+def logprob_entries(engine, ev: TokenEvent) -> tuple[dict, list[dict]]:
+    """The sampled token's and its likeliest rivals' {"token", "logprob", "bytes"}: the entries OpenAI's
+    chat, its Responses API and Ollama all write (each in its own model)."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = engine.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return entry(ev.token_id, ev.logprob), [entry(t, lp) for t, lp in ev.top_logprobs or []]

@@ -302,7 +302,8 @@ def _run(pieces: list[str], splitter, finish: str = "stop", stop: str | None = N
     import asyncio
 
     from edgevl.server.anthropic_api import _events, _fold
-    from edgevl.server.serving import Done, timings_of, usage_of
+    from edgevl.server.serving import Done
+    from edgevl.server.wire import timings_of, usage_of
     from edgevl.types import FinishEvent, TokenEvent
     from edgevl.types import Timings as EngineTimings
     from edgevl.types import Usage as EngineUsage

@@ -241,3 +241,16 @@ def test_a_newcomer_prompt_rides_in_running_streams_runs(server):
             pass
     after = server.metric("edgevl_mixed_steps_total"), server.metric("edgevl_step_seconds_count", 'kind="mixed"')
     assert after[0] > before[0] and after[1] - before[1] == after[0] - before[0]
+
+
+@pytest.mark.parametrize("path, body, what", [
+    ("/v1/chat/completions", {"model": "m", "messages": "TURNS"}, "messages per conversation"),
+    ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": "TURNS"}, "messages per conversation"),
+    ("/api/chat", {"model": "m", "messages": "TURNS"}, "messages per conversation"),
+    ("/v1/responses", {"model": "m", "input": "TURNS"}, "items per request"),
+])
+def test_every_api_holds_a_conversation_to_max_turns(server, path, body, what):
+    turns = [{"role": "user", "content": f"turn {i}"} for i in range(65)]
+    with server.client() as c:
+        r = c.post(path, json={**body, **{k: turns for k, v in body.items() if v == "TURNS"}})
+    assert r.status_code == 400 and f"at most 64 {what}" in r.text, r.text
