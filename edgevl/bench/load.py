@@ -183,13 +183,17 @@ def free_port() -> int:
 def servers(args: argparse.Namespace, clients: int) -> list[tuple[str, list[str], str, int]]:
     """(name, command, health path, port) of every server to drive at this concurrency."""
     out = []
+    variants = [("", "")] + [tuple(v.split("=", 1)) for v in args.variant]
     for precision in args.precisions.split(","):
-        port = free_port()
-        out.append((f"edgevl-{precision}", [sys.executable, "-m", "edgevl.cli", "serve", "--model", args.model,
-                                            "--precision", precision, "--threads", str(args.threads),
-                                            "--port", str(port), "--max-batch", str(max(clients, args.max_batch)),
-                                            "--queue-size", "64", *args.server_args.split()],
-                    "/api/health", port))
+        for label, flags in variants:
+            port = free_port()
+            # a variant's flags come last: `--model DIR` there runs another export (an older one as it is)
+            out.append((f"edgevl-{precision}" + (f"-{label}" if label else ""),
+                        [sys.executable, "-m", "edgevl.cli", "serve", "--model", args.model,
+                         "--precision", precision, "--threads", str(args.threads),
+                         "--port", str(port), "--max-batch", str(max(clients, args.max_batch)),
+                         "--queue-size", "64", *args.server_args.split(), *flags.split()],
+                        "/api/health", port))
     for spec in args.gguf if args.llama_server else []:
         name, gguf = spec.split("=", 1)
         port = free_port()
@@ -303,6 +307,9 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2, help="--load: questions per client in the short scenario")
     p.add_argument("--max-batch", type=int, default=4, help="--load: edgevl's --max-batch (at least the clients)")
     p.add_argument("--server-args", default="", help="--load: extra `edgevl serve` flags")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="--load: one more edgevl server per precision with these `edgevl serve` flags, e.g. "
+                        "'chunks=--step-tokens 0' or 'old=--model DIR' (repeatable; side by side in one run)")
     p.add_argument("--llama-server", default=None, help="--load: llama-server binary, run as -np N beside edgevl")
     p.add_argument("--energy-counter", default=None,
                    help="--load: a package energy counter file (microjoules; default: the powercap packages)")

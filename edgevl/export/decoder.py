@@ -2,17 +2,19 @@
 DeepStack inputs.
 
     inputs_embeds ─► ScatterND(image_embeds at visual_idx) ─► layer 0 ─► +deepstack[0]
-      ─► layer 1 ─► +deepstack[1] ─► … ─► layer L-1 ─► last position ─► RMSNorm ─► lm_head ─► logits
+      ─► layer 1 ─► +deepstack[1] ─► … ─► layer L-1 ─► positions in logit_idx ─► RMSNorm ─► lm_head ─► logits
 
 Each layer: RMSNorm → q/k/v (one projection, split) → per-head RMSNorm on q, k → MRoPE (host-made cos/sin) →
 GroupQueryAttention over a KV buffer that is shared between past and present (the engine binds
 one buffer to both, so nothing is copied per step) → o_proj → residual+RMSNorm (fused) → SwiGLU
 (gate and up one projection, split).
-Only the last position's logits are computed (the last `num_logits`, for a jump-forward draft): the
-prompt's lm_head cost is one row, not S.
+A run's tokens come packed in one row (1, T): group A, rows of the KV pool that each add the same
+number of tokens (decoding rows, one each; or one prompt chunk), then, in a mixed run, group B, one
+more row with a number of its own (a newcomer's prompt slice beside the decoding rows). Projections
+and MLP see all T tokens together; only attention runs per group (see _attention).
+Logits are computed only at the positions in `logit_idx` (each decoding row; a prompt's last
+position; every position of a jump-forward draft): a prompt's lm_head cost is one row, not T.
 The lm_head is cut into vocabulary slices (LM_HEAD_SLICE_ROWS) whose logits are concatenated.
-Batched: several sequences decode in one run (batch rows, one token each), each with its own
-length in `seqlens_k`; a prompt chunk runs as a batch of one.
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
-"""The loop that owns the CPU: continuous batching with chunked prefill.
+"""The loop that owns the CPU: continuous batching, one decoder run per step under a token budget.
 
     submit() ─► waiting (a deque, under the loop's lock) ──(a KV row and budget free?)──► admitted
                                                                       │
-    each step:  1. decode: every sequence that has a token to add, in ONE decoder run over
-                   its KV rows (rows lo..hi of the pool; idle rows in between run a harmless
-                   dummy token past their content)
-                   (a sequence whose constraint forces its next tokens runs them as a draft of its
-                   own instead: checked position by position in one run, see _draft_steps)
-                2. admit: one prompt chunk (at most `prefill_chunk` tokens) of the oldest
-                   newcomer whose images are encoded, so running streams keep flowing while a
-                   long prompt is read; images and clips go through the vision tower on a
-                   thread of their own, one at a time, while the loop keeps decoding
-                3. sequences that finished, failed or were cancelled leave; their rows stay
+    each step:  1. one decoder run: every sequence that has a token to add (group A: its KV rows
+                   lo..hi of the pool; idle rows in between run a harmless dummy token past their
+                   content) and, riding in the same run, one slice (group B): the next part of the
+                   oldest ready newcomer's prompt — `step_tokens` minus the decoding rows — or else
+                   a jump-forward draft. The run reads the weights once for both, so a newcomer's
+                   prompt no longer stops the running streams for a run of its own.
+                   With nothing decoding, a newcomer reads `prefill_chunk` tokens a run (full speed);
+                   with `step_tokens` 0 (or a graph exported before mixed runs), its chunks run
+                   between the decode runs, as they used to.
+                2. the drafts that did not ride along run on their own (see _draft_steps)
+                3. images and clips go through the vision tower on a thread of their own, one at a
+                   time, while the loop keeps decoding
+                4. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
     events of each sequence ─► its own queue ─► the generate() iterator of its caller
 
