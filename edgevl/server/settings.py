@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(4, ge=1, le=64, description="sequences decoding together in one batched step")
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
-                               description="prompt tokens read per step while other answers stream")
+                               description="prompt tokens read per decoder run while no answer streams")
     step_tokens: int = Field(32, ge=0, le=65536,
                              description="tokens one decoder run carries while answers stream: their next tokens "
                              "and a newcomer's prompt slice (0: the newcomer's chunk runs on its own)")
