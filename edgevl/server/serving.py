@@ -1,4 +1,14 @@
-"""What both APIs share: images in, constraints, running a job, and the end of a run as all report it."""
+"""What the APIs share: images in, constraints, running a job, and the end of a run as all report it.
+
+Running a job (`Runner`, `Job`):
+
+    check_room ─► prepare (a thread of asyncio's pool) ─► engine.submit(prepared, sink) ─► Handle
+        refusals (QueueFull, Paused, ShuttingDown) ─► 429 / 503 with Retry-After, before any response
+    the engine's thread ─► sink: loop.call_soon_threadsafe(queue.put_nowait, event) ─► Job.stream()
+
+No thread waits on a request: the engine delivers its events to the event loop, and the request's
+deadline, its client's disconnect and an early end of its stream all cancel it through the Handle.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import binascii
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,14 +36,27 @@ from edgevl.preprocess.video import (
     shrink_frame,
     video_from_frames,
 )
-from edgevl.server.errors import ApiError
+from edgevl.server.errors import ApiError, QueueFull, Timeout, Unavailable
 from edgevl.server.metrics import Metrics
 from edgevl.server.protocol import Timings, Usage
 from edgevl.server.remote import fetch_image
-from edgevl.server.scheduler import Job, Scheduler
 from edgevl.server.settings import Settings
+from edgevl.server.state import server_state
 from edgevl.server.tools import TAIL_TOKENS, ToolCallSplitter, call_grammar, check_parameters
-from edgevl.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent, VideoPart
+from edgevl.types import (
+    Engine,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    Paused,
+    PreparedRequest,
+    Refused,
+    SamplingParams,
+    ShuttingDown,
+    TokenEvent,
+    VideoPart,
+)
+from edgevl.types import QueueFull as EngineQueueFull
 
 CLOSING_TOKENS = 4  # what a reasoning budget forces after the thought ("\n</think>\n\n"), with a token to spare
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
@@ -95,7 +119,7 @@ async def video_from_base64(value: str, http: Request, param: str, fps: float | 
     CPU budget: server/decoding.py). `max_frames` was checked against the server's limit by the
     caller, who knows its field's name."""
     data = _video_bytes(value, param)
-    state = http.app.state
+    state = server_state(http)
     cfg, limits = state.video_config, video_limits(state.settings)
     try:
         return await state.decoders.run(http, lambda budget: decode_video(data, cfg, limits, fps, max_frames, budget))
@@ -113,7 +137,7 @@ def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> 
 async def video_from_frames_base64(values: list[str], http: Request, param: str, fps: float | None) -> VideoPart:
     """A client's own frames (images) → a clip; decoded on the decode pool like a clip, each frame
     shrunk to `frame_bound` as soon as it is decoded, so one full-size picture is held at a time."""
-    state = http.app.state
+    state = server_state(http)
     s = state.settings
     if len(values) > s.max_video_frames:
         raise ApiError(f"{len(values)} frames; the limit is {s.max_video_frames}", "too_many_frames", param)
@@ -205,19 +229,74 @@ class Done:
     timings: Timings
 
 
-class Runner:
-    """Submits to the scheduler and keeps the metrics honest however the request ends."""
+class Job:
+    """One submitted request: the engine's Handle, and its events as they reach this event loop."""
 
-    def __init__(self, scheduler: Scheduler, metrics: Metrics):
-        self.scheduler = scheduler
+    def __init__(self, engine: Engine, prepared: PreparedRequest, deadline: float):
+        self.deadline = deadline
+        self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self.finished = False  # its end (a FinishEvent or an error) is on its way here
+        loop = asyncio.get_running_loop()
+
+        def sink(item: Event | BaseException) -> None:  # on the engine's thread
+            if isinstance(item, FinishEvent | BaseException):
+                self.finished = True
+            loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+        self.handle = engine.submit(prepared, sink)  # refusals raise here
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.handle.cancel()
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The events up to the FinishEvent; Timeout at the deadline, the engine's exception on failure."""
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.cancel()
+                raise Timeout("the request took longer than the server's request timeout", "timeout")
+            try:
+                item = await asyncio.wait_for(self.events.get(), remaining)
+            except asyncio.TimeoutError:
+                continue  # the check above raises
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, FinishEvent):
+                return
+
+
+def refusal(e: Refused) -> ApiError:
+    """The engine's refusal as the API's error: 429 for a full queue, 503 when paused or closing."""
+    headers = {"Retry-After": str(e.retry_after_s)}
+    if isinstance(e, EngineQueueFull):
+        return QueueFull(f"the server is busy: {e.running} running, {e.waiting} waiting (queue size {e.queue_size})",
+                         "queue_full", headers=headers)
+    if isinstance(e, Paused):  # only the thermal governor pauses admission
+        return Unavailable("the CPU is too hot; no new work until it cools down", "thermal_limit", headers=headers)
+    if isinstance(e, ShuttingDown):
+        return Unavailable("the server is shutting down", "shutting_down", headers=headers)
+    return Unavailable(str(e), "unavailable", headers=headers)
+
+
+class Runner:
+    """Submits to the engine and keeps the metrics honest however the request ends."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, timeout_s: float):
+        self.engine = engine
         self.metrics = metrics
+        self.timeout_s = timeout_s
 
     async def start(self, req: GenerationRequest) -> Job:
-        """Prepares (off the event loop) and queues the request: 429/503, and a 400 for a prompt over
+        """Prepares (off the event loop) and submits the request: 429/503, and a 400 for a prompt over
         the context window or the KV budget, are raised here, before any response starts."""
-        self.scheduler.check()  # a busy server refuses before spending a prompt's preprocessing
-        prepared = await asyncio.to_thread(self.scheduler.engine.prepare, req)
-        return self.scheduler.submit(prepared)
+        try:
+            self.engine.check_room()  # a busy server refuses before spending a prompt's preprocessing
+            prepared = await asyncio.to_thread(self.engine.prepare, req)
+            return Job(self.engine, prepared, time.monotonic() + self.timeout_s)
+        except Refused as e:
+            raise refusal(e) from None
 
     def record(self, endpoint: str, fin: FinishEvent) -> None:
         m = self.metrics
@@ -232,9 +311,9 @@ class Runner:
         m.latency.labels(endpoint).observe(fin.timings.total_ms / 1000)
 
     async def events(self, endpoint: str, job: Job, http: Request) -> AsyncIterator[TokenEvent | Done]:
-        """The job's events, the last one a Done; the job is abandoned if the client disconnects or
-        the stream is closed."""
-        watcher = asyncio.create_task(_watch_disconnect(http, self.scheduler, job))
+        """The job's events, the last one a Done; the job is cancelled if the client disconnects or
+        the stream is closed early."""
+        watcher = asyncio.create_task(_watch_disconnect(http, job))
         try:
             async for ev in job.stream():
                 if isinstance(ev, FinishEvent):
@@ -245,14 +324,14 @@ class Runner:
             raise ApiError("the request was cancelled", "cancelled")
         finally:
             watcher.cancel()
-            self.scheduler.abandon(job)
+            job.cancel()
 
 
-async def _watch_disconnect(http: Request, scheduler: Scheduler, job: Job) -> None:
+async def _watch_disconnect(http: Request, job: Job) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         while not job.finished:
             if await http.is_disconnected():
-                scheduler.abandon(job)
+                job.cancel()  # waiting: it leaves the queue; running: it stops at the engine's next step
                 return
             await asyncio.sleep(0.1)
 
