@@ -122,3 +122,28 @@ def test_a_closed_engine_refuses(tiny_onnx):
     e.close()
     with pytest.raises(ShuttingDown):
         e.submit(prepared, Inbox())
+
+
+def test_the_reference_engine_queues_behind_the_same_interface(tiny_checkpoint):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from edgevl.runtime.reference import TransformersEngine
+
+    ref = TransformersEngine(tiny_checkpoint, EngineOptions(queue_size=1))
+    try:
+        running, waiting = Inbox(), Inbox()
+        a = ref.submit(ref.prepare(_request("hold", 3000)), running)
+        b = ref.submit(ref.prepare(_request("wait", 3)), waiting)
+        with pytest.raises(QueueFull):
+            ref.submit(ref.prepare(_request("no room", 3)), Inbox())
+        b.cancel()
+        ref.check_room()  # the cancelled request's place is free
+        assert waiting.end().finish_reason == "cancelled" and ref.stats["cancelled_waiting"] == 1
+        a.cancel()
+        assert running.end().finish_reason == "cancelled"
+        done = Inbox()
+        ref.submit(ref.prepare(_request("answer", 3)), done)
+        fin = done.end()
+        assert fin.usage.completion_tokens == 3 and done.threads == {"reference-engine"}
+    finally:
+        ref.close()
