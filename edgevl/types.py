@@ -256,7 +256,8 @@ class EngineInfo:
 class Engine(Protocol):
     """Everything a front end (server, CLI, benchmark) calls on an engine; nothing else is probed."""
 
-    stats: dict[str, int]  # counters since start: requests, finished, cancelled, errors, ...
+    stats: dict[str, int]  # counters since start: requests (accepted), finished, cancelled (while admitted),
+    # cancelled_waiting (left the queue), errors, rejected_queue_full, rejected_paused, ...
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenise and check (context window, max_tokens, KV budget); raises InputError (a 4xx)."""
