@@ -169,7 +169,8 @@ class BatchLoop:
             with self._cv:
                 idle = not self.admission.waiting and not self.active
                 while not self.admission.closed and self._idle():
-                    self._cv.wait(timeout=1.0)  # a cancel that bypassed `cancel` (request.cancel.set()) is seen too
+                    # paused with a queue: look again now and then for a cancel that bypassed `cancel`
+                    self._cv.wait(timeout=1.0 if self.admission.waiting else None)
                 if self.admission.closed:
                     for w in list(self.admission.waiting) + self.active:
                         self._deliver(w, EngineError("the engine is shutting down"))
