@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -176,6 +176,21 @@ class FinishEvent:
 
 Event = TokenEvent | FinishEvent
 
+# where an engine delivers one request's events, on the engine's own thread: TokenEvents, then exactly
+# one end — a FinishEvent, or the exception that failed the request. It must return at once (a
+# server hands the item to its event loop; a blocking caller puts it in a queue.Queue).
+Sink = Callable[[Event | BaseException], None]
+
+
+class Handle(Protocol):
+    """A submitted request, as its submitter holds it."""
+
+    def cancel(self) -> None:
+        """Stop it: a waiting request leaves the queue (its place is free at once), a running one stops
+        at the engine's next step; either way its sink still gets its end (finish_reason "cancelled").
+        A no-op once it has ended."""
+        ...
+
 
 @dataclass
 class Histogram:
@@ -225,6 +240,7 @@ class EngineOptions:
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each
+    queue_size: int = 16  # requests allowed to wait beyond the free batch places; then `submit` raises QueueFull
 
 
 @dataclass
@@ -243,14 +259,31 @@ class EngineInfo:
 class Engine(Protocol):
     """Everything a front end (server, CLI, benchmark) calls on an engine; nothing else is probed."""
 
-    stats: dict[str, int]  # counters since start: requests, finished, cancelled, errors, ...
+    stats: dict[str, int]  # counters since start: requests (accepted), finished, cancelled (while admitted),
+    # cancelled_waiting (left the queue), errors, rejected_queue_full, rejected_paused, ...
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenise and check (context window, max_tokens, KV budget); raises InputError (a 4xx)."""
         ...
 
+    def check_room(self) -> None:
+        """Raises what `submit` would raise now (QueueFull, Paused, ShuttingDown), so a front end can
+        refuse a request before spending its preprocessing."""
+        ...
+
+    def submit(self, prepared: PreparedRequest, sink: Sink) -> Handle:
+        """Queues the request, or refuses it at once (QueueFull, Paused, ShuttingDown: nothing started).
+        Its events go to `sink` from the engine's thread; the engine starts no thread per request."""
+        ...
+
+    def set_max_running(self, n: int) -> None:
+        """The admission lever (the thermal governor's): at most n requests admitted at once (capped at
+        max_batch; 0 pauses admission and `submit` raises Paused). Running requests finish either way."""
+        ...
+
     def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
-        """The answer's events; a plain GenerationRequest is prepared first."""
+        """The answer's events, in the caller's thread (`submit` with a blocking sink); a plain
+        GenerationRequest is prepared first. Leaving the iterator early cancels the request."""
         ...
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int: ...
@@ -269,7 +302,8 @@ class Engine(Protocol):
     def cache_stats(self) -> dict[str, int]: ...
 
     def request_states(self) -> dict[str, int]:
-        """Requests inside the engine by state: waiting (for a batch place and KV memory), encoding
+        """Requests inside the engine by state, each counted once: waiting (in the queue, for a batch place
+        and KV memory), encoding
         (pictures in the vision tower), prefilling (reading the prompt), decoding."""
         ...
 
@@ -289,6 +323,30 @@ class Engine(Protocol):
 
 class EngineError(Exception):
     """The engine failed on one request; the engine itself stays usable."""
+
+
+class Refused(Exception):
+    """The engine took no new request (nothing of it started); worth trying again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Refused):
+    """Every batch place and every place in the queue is taken."""
+
+    def __init__(self, message: str, retry_after_s: int, running: int, waiting: int, queue_size: int):
+        super().__init__(message, retry_after_s)
+        self.running, self.waiting, self.queue_size = running, waiting, queue_size
+
+
+class Paused(Refused):
+    """Admission is paused: the allowed running count is 0 (`Engine.set_max_running`; the CPU is too hot)."""
+
+
+class ShuttingDown(Refused):
+    """The engine is closing."""
 
 
 class InputError(ValueError):

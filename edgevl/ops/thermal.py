@@ -8,7 +8,10 @@ Levels, with hysteresis so a temperature hovering at a limit does not flap:
 
 `throttled` allows a batch of `throttled_slots` sequences (default 1) instead of the
 configured number; `halted` admits no new work (the server answers 503 with Retry-After) until
-the CPU has cooled below the soft limit minus the hysteresis. The temperature comes from a file
+the CPU has cooled below the soft limit minus the hysteresis. The governor pulls one lever: it
+calls `on_slots(n)` with the allowed batch size whenever that changes (the server passes
+`Engine.set_max_running`, so the engine's admission is the only place that enforces it), and
+before the new level is visible to anyone reading it. The temperature comes from a file
 given in configuration (which is also how tests drive it), else the hottest
 `/sys/class/thermal/thermal_zone*/temp`, else psutil; with no sensor the governor says so and
 stays `normal`.
@@ -20,6 +23,7 @@ import glob
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,9 +56,10 @@ def find_sensor(policy: ThermalPolicy) -> str | None:
 
 
 class ThermalGovernor:
-    def __init__(self, policy: ThermalPolicy, max_slots: int):
+    def __init__(self, policy: ThermalPolicy, max_slots: int, on_slots: Callable[[int], None] | None = None):
         self.policy = policy
         self.max_slots = max_slots
+        self.on_slots = on_slots
         self.sensor = find_sensor(policy)
         self.level: Level = "normal" if self.sensor or self._psutil_temp() is not None else "no_sensor"
         self.temperature_c: float | None = None
@@ -109,13 +114,19 @@ class ThermalGovernor:
                 self.transitions += 1
                 log.warning("thermal governor: %s -> %s at %.1f °C (soft %.0f, hard %.0f, hysteresis %.0f)",
                             old, new, t, p.soft_c, p.hard_c, p.hysteresis_c)
+                slots = self._slots(new)
+                if self.on_slots is not None and slots != self._slots(old):
+                    self.on_slots(slots)  # first: whoever sees the new level finds the lever already pulled
             self.level = new
             return new
 
     def allowed_slots(self) -> int:
-        if self.level == "halted":
+        return self._slots(self.level)
+
+    def _slots(self, level: Level) -> int:
+        if level == "halted":
             return 0
-        if self.level == "throttled":
+        if level == "throttled":
             return max(1, min(self.policy.throttled_slots, self.max_slots))
         return self.max_slots
 

@@ -1,6 +1,7 @@
 """The loop that owns the CPU: continuous batching, one decoder run per step under a token budget.
 
-    submit() ─► waiting (a deque, under the loop's lock) ──(a KV row and budget free?)──► admitted
+    submit() ─► refused at once (runtime/admission.py: queue full, paused, shutting down), or
+                waiting (a deque, under the loop's lock) ──(a batch place, its KV row and budget free?)──► admitted
                                                                       │
     each step:  1. one decoder run: every sequence that has a token to add (group A: its KV rows
                    lo..hi of the pool; idle rows in between run a harmless dummy token past their
@@ -16,8 +17,11 @@
                    time, while the loop keeps decoding
                 4. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
-    events of each sequence ─► its own queue ─► the generate() iterator of its caller
+    events of each sequence ─► its sink, called on this thread (a server's puts them on its event
+                               loop; generate() blocks its caller on a queue) — no thread per request
 
+Admission, the bounded queue, the KV budget, cancellation and the allowed running count (the thermal
+governor's lever, `set_max_running`) are all here, on this thread: nothing queues in front of it.
 Cancellation is seen at every step boundary (between decode steps and between prompt chunks),
 and stops a running image encode at once (ONNX Runtime's terminate flag).
 
@@ -32,7 +36,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import enum
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,12 +45,13 @@ import numpy as np
 from edgevl.ops.energy import EnergyCounter
 from edgevl.preprocess.image import ImagePatches
 from edgevl.preprocess.video_patches import VideoPatches
+from edgevl.runtime.admission import Admission
 from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import Group, OnnxModel, RunHandle
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
-from edgevl.types import EngineError, Event, Histogram
+from edgevl.types import EngineError, Event, Histogram, Sink
 
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -79,8 +83,9 @@ class Work:
     seq: Sequence
     prompt: PreparedPrompt
     needed: int  # KV tokens it may use: prompt + answer limit
-    events: queue.Queue = field(default_factory=queue.Queue)
+    sink: Sink  # where its events go, called on the loop's thread
     t_submit: float = field(default_factory=time.perf_counter)  # prepared: Timings.queue_ms runs from here
+    t_admit: float = 0.0
     row: int = -1
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
@@ -106,7 +111,8 @@ class Slice:
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
-                 jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0):
+                 jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0,
+                 queue_size: int = 16):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
@@ -123,47 +129,73 @@ class BatchLoop:
         self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "mixed", "prefill", "draft")}
         self.run_tokens = Histogram(TOKEN_BUCKETS)
         self.vision_seconds = Histogram(SECONDS_BUCKETS)
-        self.waiting: collections.deque[Work] = collections.deque()
+        self.admission: Admission[Work] = Admission(max_batch, queue_size, lambda w: w.seq.cancelled, self._count)
         self.active: list[Work] = []
         # admitted requests by state, as of the last change: other threads read this, never `active`
         self._states = {s.value: 0 for s in LIVE_STATES}
         self._cv = threading.Condition()
-        self._closed = False
         # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
         self._vision_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision")
         self._vision: tuple[Work, int, concurrent.futures.Future, RunHandle] | None = None
         self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
         self._thread.start()
 
-    # ---- called from request threads ---------------------------------------------------------
-    def submit(self, work: Work) -> None:
+    # ---- called from other threads (a server's event loop, a caller of generate) --------------
+    def check(self) -> None:
+        """Raises what `submit` would raise now (QueueFull, Paused, ShuttingDown)."""
         with self._cv:
-            if self._closed:
-                raise EngineError("the engine is closed")
-            self.waiting.append(work)
+            self.admission.check(self._running())
+
+    def submit(self, work: Work) -> None:
+        """Queues `work`, or raises QueueFull, Paused or ShuttingDown (and nothing of it runs)."""
+        with self._cv:
+            self.admission.add(work, self._running())
+            self._cv.notify()
+
+    def cancel(self, work: Work) -> None:
+        """Stops `work`: its place in the queue is free at once; the loop ends it at its next turn."""
+        work.seq.request.cancel.set()
+        with self._cv:
+            self._cv.notify()
+
+    def set_max_running(self, n: int) -> None:
+        with self._cv:
+            self.admission.set_allowed(n)
             self._cv.notify()
 
     def close(self) -> None:
         with self._cv:
-            self._closed = True
+            self.admission.closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
         self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
-        """Requests in each live state: the loop's last published snapshot, and its queue now."""
-        return {**self._states, State.WAITING.value: len(self.waiting)}
+        """Requests in each live state, each counted once: the loop's last published snapshot of the
+        admitted ones, and the queue now (without the cancelled that have not left it yet)."""
+        with self._cv:
+            return {**self._states, State.WAITING.value: self.admission.live()}
+
+    def _running(self) -> int:
+        """Admitted requests, as of the last published change (other threads never read `active`)."""
+        return sum(n for state, n in self._states.items() if state != State.WAITING.value)
+
+    def _idle(self) -> bool:
+        """Whether the loop has nothing to do until someone calls in (held under the lock)."""
+        a = self.admission
+        return not self.active and not (a.waiting and (a.allowed > 0 or a.live() < len(a.waiting)))
 
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
-                idle = not self.waiting and not self.active
-                while not self._closed and not self.waiting and not self.active:
-                    self._cv.wait()
-                if self._closed:
-                    for w in list(self.waiting) + self.active:
-                        w.events.put(EngineError("the engine is shutting down"))
+                idle = not self.admission.waiting and not self.active
+                while not self.admission.closed and self._idle():
+                    # paused with a queue: look again now and then for a cancel that bypassed `cancel`
+                    self._cv.wait(timeout=1.0 if self.admission.waiting else None)
+                if self.admission.closed:
+                    for w in list(self.admission.waiting) + self.active:
+                        self._deliver(w, EngineError("the engine is shutting down"))
                     return
                 self._admit()
             if idle and self.energy is not None:  # what the box spent idle is no answer's
@@ -179,12 +211,18 @@ class BatchLoop:
                     self._fail(w, e)
 
     def _admit(self) -> None:
-        """First come, first served: the head of the queue waits until its KV fits, and so do those behind it."""
-        for w in [w for w in self.waiting if w.seq.cancelled]:
-            self.waiting.remove(w)
-            self._emit(w, w.seq.cancel())
-        while self.waiting and len(self.active) < self.max_batch:
-            w = self.waiting[0]
+        """First come, first served, while fewer than the allowed number run: the head of the queue waits
+        until its KV fits, and so do those behind it. Called holding the lock."""
+        waiting = self.admission.waiting
+        for w in [w for w in waiting if w.seq.cancelled]:
+            waiting.remove(w)
+            self._count("cancelled_waiting")
+            events = w.seq.cancel()
+            self._set(w, State.CANCELLED)
+            for ev in events:
+                self._deliver(w, ev)
+        while waiting and len(self.active) < self.admission.allowed:
+            w = waiting[0]
             try:
                 got = self.pool.acquire(w.prompt.keys, w.needed)
                 if got is None:
@@ -192,13 +230,14 @@ class BatchLoop:
                 w.row, w.prefilled = got
                 self.pool.advance(w.row, w.prompt.keys[:w.prefilled])
             except Exception as e:  # a bug admitting one request ends that request, not the loop
-                self.waiting.popleft()
+                waiting.popleft()
                 if w.row >= 0:
                     self.pool.release(w.row)
                 self._fail(w, e)
                 continue
-            self.waiting.popleft()
-            w.seq.timings.queue_ms = (time.perf_counter() - w.t_submit) * 1000
+            waiting.popleft()
+            w.t_admit = time.perf_counter()
+            w.seq.timings.queue_ms = (w.t_admit - w.t_submit) * 1000
             w.seq.timings.prefix_reused_tokens = w.prefilled
             self._count("prefix_reused_tokens", w.prefilled)
             self.active.append(w)
@@ -471,18 +510,25 @@ class BatchLoop:
             self._count("cancelled" if w.seq.reason == "cancelled" else "finished")
             self._count("generated_tokens", len(w.seq.generated))
         for ev in events:
-            w.events.put(ev)
+            self._deliver(w, ev)
 
     def _fail(self, w: Work, error: BaseException) -> None:
         w.seq.finished = True
         self._leave(w, State.FAILED)
         self._count("errors")
-        w.events.put(error)
+        self._deliver(w, error)
+
+    def _deliver(self, w: Work, item: Event | BaseException) -> None:
+        try:
+            w.sink(item)
+        except Exception:  # a sink with no listener left (its event loop closed): stop what it was for
+            w.seq.request.cancel.set()
 
     def _leave(self, w: Work, state: State) -> None:
         if w in self.active:
             self.active.remove(w)
             self.pool.release(w.row)
+            self.admission.served(time.perf_counter() - w.t_admit)
         self._set(w, state)
 
     def _set(self, w: Work, state: State) -> None:

@@ -1,7 +1,9 @@
 """The ONNX Runtime engine: the Engine interface over the batch loop.
 
     prepare(request) ─► prompt (template, patches, MRoPE) and its checks, in the caller's thread
-    generate(prepared) ─► Work into the batch loop ─► events back through the Work's queue
+    submit(prepared, sink) ─► Work into the batch loop's queue (or QueueFull/Paused/ShuttingDown at once)
+                              ─► events to the sink, on the loop's thread; a Handle to cancel it
+    generate(prepared) ─► submit with a sink that is a queue.Queue, read in the caller's thread
 
 The graphs run on the batch loop's thread (runtime/batch.py), which also feeds the vision tower
 on a thread of its own; this class wires the parts together — graphs (model.py), KV pool
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -46,12 +49,14 @@ from edgevl.types import (
     Message,
     PreparedRequest,
     SamplingParams,
+    Sink,
     TextPart,
     Timings,
 )
 
 _STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
-          "prefix_reused_tokens", "generated_tokens", "mixed_steps")
+          "prefix_reused_tokens", "generated_tokens", "mixed_steps", "cancelled_waiting", "rejected_queue_full",
+          "rejected_paused")
 
 
 class OrtEngine:
@@ -93,7 +98,7 @@ class OrtEngine:
         self.energy = EnergyCounter(self.options.energy_counter)
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
                               self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
-                              self.energy, self.options.step_tokens)
+                              self.energy, self.options.step_tokens, self.options.queue_size)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -206,27 +211,49 @@ class OrtEngine:
                                prompt.visual_tokens(video=True), t_start,
                                (time.perf_counter() - t_start) * 1000, prompt)
 
-    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
-        with self._stats_lock:
-            self.stats["requests"] += 1
-        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
-        request = prep.request
-        prompt: PreparedPrompt = prep.inputs
-        timings = Timings(preprocess_ms=prep.preprocess_ms)
-        seq = Sequence(request, prompt.ids.tolist(), prep.max_new_tokens, self.eos_ids, self.tokenizer,
-                       self.special_ids, prep.t_start, timings, prep.image_tokens, prep.video_tokens,
+    def check_room(self) -> None:
+        self.loop.check()
+
+    def set_max_running(self, n: int) -> None:
+        self.loop.set_max_running(n)
+
+    def submit(self, prepared: PreparedRequest, sink: Sink) -> _Handle:
+        prompt: PreparedPrompt = prepared.inputs
+        timings = Timings(preprocess_ms=prepared.preprocess_ms)
+        seq = Sequence(prepared.request, prompt.ids.tolist(), prepared.max_new_tokens, self.eos_ids, self.tokenizer,
+                       self.special_ids, prepared.t_start, timings, prepared.image_tokens, prepared.video_tokens,
                        self.think, self.options.reasoning_budget)
-        work = Work(seq, prompt, prep.prompt_tokens + prep.max_new_tokens,
-                    t_submit=prep.t_start + prep.preprocess_ms / 1000)
-        self.loop.submit(work)
+        work = Work(seq, prompt, prepared.prompt_tokens + prepared.max_new_tokens, sink,
+                    t_submit=prepared.t_start + prepared.preprocess_ms / 1000)
+        self.loop.submit(work)  # QueueFull, Paused, ShuttingDown: raised here, nothing started
+        return _Handle(self.loop, work)
+
+    def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
+        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.submit(prep, events.put)
+        finished = False
         try:
             while True:
-                ev = work.events.get()  # the loop always ends a Work with a FinishEvent or an error
+                ev = events.get()  # the loop always ends a Work with a FinishEvent or an error
                 if isinstance(ev, BaseException):
+                    finished = True
                     raise ev
+                finished = isinstance(ev, FinishEvent)
                 yield ev
-                if isinstance(ev, FinishEvent):
+                if finished:
                     return
         finally:
-            if not seq.finished:
-                request.cancel.set()  # the caller stopped listening: free the batch place at the next step
+            if not finished:
+                handle.cancel()  # the caller stopped listening: free the batch place at the next step
+
+
+class _Handle:
+    """A submitted Work, as its submitter holds it (the Handle of the Engine interface)."""
+
+    def __init__(self, loop: BatchLoop, work: Work):
+        self._loop, self._work = loop, work
+
+    def cancel(self) -> None:
+        if not self._work.seq.finished:
+            self._loop.cancel(self._work)

@@ -4,11 +4,16 @@ Used to check every exported graph (parity tests) and as the baseline in the ben
 the `reference` extra (torch, transformers). transformers 5's Qwen3VLProcessor insists on
 torchvision, so the processor is built from its parts: the numpy/PIL image processor, the
 video processor's steps (reference_video.py), the tokenizer, and the pads expanded here.
+
+It runs one answer at a time. `generate` runs in the caller's thread; `submit` (the server's way
+in) queues behind the same admission rules as the ONNX engine's loop (runtime/admission.py) and
+runs the queue on one thread of its own.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +22,14 @@ import numpy as np
 
 from edgevl.checkpoint import load_checkpoint
 from edgevl.preprocess.chat import images_in
+from edgevl.runtime.admission import Admission
 from edgevl.runtime.generate import token_bytes
 from edgevl.runtime.prompt import answer_limit
 from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.reference_video import ReferenceVideoProcessor
 from edgevl.runtime.sequence import Sequence
 from edgevl.types import (
+    EngineError,
     EngineInfo,
     EngineOptions,
     Event,
@@ -30,6 +37,7 @@ from edgevl.types import (
     Histogram,
     Message,
     PreparedRequest,
+    Sink,
     TextPart,
     VideoPart,
 )
@@ -108,8 +116,14 @@ class TransformersEngine:
         self.think = ThinkMarkers.from_tokenizer(self.tokenizer)
         probe = self.processor([Message("user", [TextPart("?")])])["input_ids"][0].tolist()
         self.thinking = self.think is not None and self.think.opened_by(probe)
-        self.stats: dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0}
+        self.stats: dict[str, int] = dict.fromkeys(("requests", "finished", "cancelled", "errors", "cancelled_waiting",
+                                                    "rejected_queue_full", "rejected_paused"), 0)
         self._grammar = None
+        self._cv = threading.Condition()
+        self._admission: Admission[_Job] = Admission(1, self.options.queue_size, lambda j: j.cancelled,
+                                                     self._count)
+        self._running = 0
+        self._worker: threading.Thread | None = None
 
     def info(self) -> EngineInfo:
         import torch
@@ -121,7 +135,11 @@ class TransformersEngine:
         return int(self.processor(request.messages)["input_ids"].shape[1])
 
     def close(self) -> None:
-        pass
+        with self._cv:
+            self._admission.closed = True
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
 
     def warmup(self) -> None:
         pass  # eager PyTorch has nothing to compile or page in ahead of the first request
@@ -137,7 +155,8 @@ class TransformersEngine:
                               "kv_cached_tokens", "kv_used_bytes", "kv_free_bytes", "kv_budget_bytes"), 0)
 
     def request_states(self) -> dict[str, int]:
-        return dict.fromkeys(("waiting", "encoding", "prefilling", "decoding"), 0)  # no queue: generate runs inline
+        with self._cv:  # vision and prompt are one forward: a running answer counts as decoding
+            return {"waiting": self._admission.live(), "encoding": 0, "prefilling": 0, "decoding": self._running}
 
     def batch_histograms(self) -> dict[str, dict[int, int]]:
         return {}  # one sequence at a time
@@ -186,17 +205,83 @@ class TransformersEngine:
                                ids.count(self.ckpt.config.video_token_id), t0,
                                (time.perf_counter() - t0) * 1000, inputs)
 
+    # ---- the queue: admission as the ONNX engine's, served by one thread -----------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def check_room(self) -> None:
+        with self._cv:
+            self._admission.check(self._running)
+
+    def set_max_running(self, n: int) -> None:
+        with self._cv:
+            self._admission.set_allowed(n)
+            self._cv.notify_all()
+
+    def submit(self, prepared: PreparedRequest, sink: Sink) -> _Job:
+        job = _Job(prepared, sink, self._cv)
+        with self._cv:
+            self._admission.add(job, self._running)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="reference-engine", daemon=True)
+                self._worker.start()
+            self._cv.notify_all()
+        return job
+
+    def _next(self) -> _Job | None:
+        """The next job to run (None: closing); cancelled ones leave the queue with their end."""
+        a = self._admission
+        with self._cv:
+            while True:
+                if a.closed:
+                    for job in a.waiting:
+                        job.sink(EngineError("the engine is shutting down"))
+                    a.waiting.clear()
+                    return None
+                for job in [j for j in a.waiting if j.cancelled]:
+                    a.waiting.remove(job)
+                    self._count("cancelled_waiting")
+                    for ev in self._sequence(job.prepared).cancel():
+                        job.sink(ev)
+                if a.waiting and a.allowed > 0:
+                    self._running = 1
+                    return a.waiting.popleft()
+                self._cv.wait(timeout=1.0)
+
+    def _serve(self) -> None:
+        while (job := self._next()) is not None:
+            t0 = time.perf_counter()
+            try:
+                for ev in self._run(job.prepared):
+                    job.sink(ev)
+            except Exception as e:  # one request fails; the thread serves on
+                self._count("errors")
+                job.sink(e)
+            finally:
+                job.done = True
+                with self._cv:
+                    self._running = 0
+                    self._admission.served(time.perf_counter() - t0)
+
+    # ---- one answer ------------------------------------------------------------------------------
+    def _sequence(self, prep: PreparedRequest) -> Sequence:
+        return Sequence(prep.request, prep.inputs["input_ids"][0].tolist(), prep.max_new_tokens, self.eos_ids,
+                        self.tokenizer, self.special_ids, prep.t_start, n_image_tokens=prep.image_tokens,
+                        n_video_tokens=prep.video_tokens, think=self.think,
+                        reasoning_budget=self.options.reasoning_budget)
+
     def generate(self, request: GenerationRequest | PreparedRequest) -> Iterator[Event]:
+        """In the caller's thread, outside the queue (parity tests and the benchmark's baseline)."""
+        self._count("requests")
+        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        yield from self._run(prep)
+
+    def _run(self, prep: PreparedRequest) -> Iterator[Event]:
         """Token by token with the model's own KV cache, so TTFT and decode speed are measurable."""
         import torch
 
-        self.stats["requests"] += 1
-        prep = request if isinstance(request, PreparedRequest) else self.prepare(request)
         inputs = prep.inputs
-        seq = Sequence(prep.request, inputs["input_ids"][0].tolist(), prep.max_new_tokens, self.eos_ids,
-                       self.tokenizer, self.special_ids, prep.t_start, n_image_tokens=prep.image_tokens,
-                       n_video_tokens=prep.video_tokens, think=self.think,
-                       reasoning_budget=self.options.reasoning_budget)
+        seq = self._sequence(prep)
         self.model.model.rope_deltas = None  # transformers keeps MRoPE offsets across calls
         t_model = time.perf_counter()
         seq.timings.preprocess_ms = prep.preprocess_ms
@@ -212,3 +297,20 @@ class TransformersEngine:
                 # positions continue from the prompt's MRoPE offset, which the model kept
                 out = self.model(input_ids=torch.tensor([[seq.last_token]]), cache=out.cache, use_cache=True)
 
+
+class _Job:
+    """A submitted request (the Handle of the Engine interface)."""
+
+    def __init__(self, prepared: PreparedRequest, sink: Sink, cv: threading.Condition):
+        self.prepared, self.sink, self._cv = prepared, sink, cv
+        self.done = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.prepared.request.cancel.is_set()
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.prepared.request.cancel.set()
+            with self._cv:
+                self._cv.notify_all()

@@ -56,6 +56,7 @@ from edgevl.server.errors import ApiError
 from edgevl.server.inputs import load_image
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
@@ -164,7 +165,7 @@ async def _conversation(body: CountTokensRequest, state) -> list[Message]:
 @router.post("/messages", response_model=AnthropicMessage, responses={400: {}, 413: {}, 429: {}, 529: {}})
 async def messages(body: MessagesRequest, http: Request):
     """Anthropic's Messages API: text and images in, text and tool_use blocks out."""
-    state = http.app.state
+    state = server_state(http)
     budget = _thinking(body, state, body.max_tokens)
     req = GenerationRequest(await _conversation(body, state), body.sampling(state.sampling_defaults))
     req.params.reasoning_budget = budget
@@ -186,7 +187,7 @@ async def messages(body: MessagesRequest, http: Request):
 @router.post("/messages/count_tokens", response_model=TokenCount, responses={400: {}, 413: {}})
 async def count_tokens(body: CountTokensRequest, http: Request) -> TokenCount:
     """The prompt's tokens, images and tools included: what /v1/messages reports as usage.input_tokens."""
-    state = http.app.state
+    state = server_state(http)
     _thinking(body, state)  # refused as /v1/messages would; the budget leaves the prompt as it is
     tooling = body.tooling()
     req = GenerationRequest(await _conversation(body, state), SamplingParams(), tools=tooling.tool_dicts())

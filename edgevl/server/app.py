@@ -1,4 +1,5 @@
-"""The app factory: settings in, a FastAPI app out; the lifespan loads, warms and closes the engine."""
+"""The app factory: settings in, a FastAPI app out; the lifespan loads, warms and closes the engine,
+and builds the one `ServerState` (server/state.py) that every route reaches through `server_state`."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from edgevl.server.decoding import DecodePool
 from edgevl.server.guard import Guard
 from edgevl.server.metrics import Metrics
 from edgevl.server.response_store import ResponseStore
-from edgevl.server.scheduler import Scheduler
 from edgevl.server.serving import Runner
 from edgevl.server.settings import Settings
+from edgevl.server.state import ServerState
 from edgevl.types import Engine
 
 log = logging.getLogger("edgevl.server")
@@ -49,47 +50,45 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     keys = settings.all_api_keys()
     metrics = Metrics()
 
+    started = time.monotonic()
+    replica = os.environ.get("EDGEVL_REPLICA_NAME", f"{socket.gethostname()}-{os.getpid()}")
+    response_store = ResponseStore(settings.responses_store)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st = app.state
         eng = engine or await asyncio.to_thread(load_default_engine, settings)  # loads and warms
-        st.engine = eng
-        st.info = eng.info()
-        st.sampling_defaults = eng.sampling_defaults()
-        st.video_config = VideoConfig.from_folder(st.info.model_dir)
-        st.governor = ThermalGovernor(ThermalPolicy(
+        info = eng.info()
+        # the governor's one lever is the engine's admission: it pulls it on every change of level
+        governor = ThermalGovernor(ThermalPolicy(
             soft_c=settings.thermal_soft_c, hard_c=settings.thermal_hard_c, hysteresis_c=settings.thermal_hysteresis_c,
-            poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch)
-        st.governor.start()
-        st.scheduler = Scheduler(eng, settings.max_batch, settings.queue_size, settings.request_timeout_s,
-                                 st.governor)
-        st.runner = Runner(st.scheduler, metrics)
-        st.energy = EnergyCounter(settings.energy_counter)  # the box's, for /metrics; the engine reads its own
-        log.info("energy: %s", st.energy.status)
-        st.decoders = DecodePool(settings.max_batch, settings.queue_size, settings.max_decode_cpu_s,
-                                 settings.request_timeout_s)
+            poll_s=settings.thermal_poll_s, sensor_file=settings.thermal_sensor), settings.max_batch,
+            on_slots=eng.set_max_running)
+        governor.start()
+        eng.set_max_running(governor.allowed_slots())  # the level it started in
+        energy = EnergyCounter(settings.energy_counter)  # the box's, for /metrics; the engine reads its own
+        log.info("energy: %s", energy.status)
+        st = ServerState(
+            settings=settings, engine=eng, info=info, sampling_defaults=eng.sampling_defaults(),
+            video_config=VideoConfig.from_folder(info.model_dir), metrics=metrics,
+            runner=Runner(eng, metrics, settings.request_timeout_s), governor=governor,
+            decoders=DecodePool(settings.max_batch, settings.queue_size, settings.max_decode_cpu_s,
+                                settings.request_timeout_s),
+            energy=energy, response_store=response_store, replica=replica, started=started)
         _register_gauges(metrics, st)
-        st.ready = True
-        log.info("ready: %s (%s, %s%s) on %d thread(s)", st.info.model_name, st.info.backend, st.info.precision,
-                 ", RANDOM WEIGHTS" if st.info.random_weights else "", st.info.intra_op_threads)
+        app.state.server = st
+        log.info("ready: %s (%s, %s%s) on %d thread(s)", info.model_name, info.backend, info.precision,
+                 ", RANDOM WEIGHTS" if info.random_weights else "", info.intra_op_threads)
         try:
             yield
         finally:
-            st.ready, st.draining = False, True
-            st.scheduler.close()
+            st.draining = True
             st.decoders.close()
             st.energy.close()
             st.governor.stop()
-            eng.close()
+            eng.close()  # its queue refuses from here on (503 shutting_down), and its loop ends
 
     app = FastAPI(title="edgevl", version=__version__, lifespan=lifespan,
                   description="CPU-first vision-language inference (Qwen3-VL on ONNX Runtime).")
-    app.state.settings = settings
-    app.state.started = time.monotonic()
-    app.state.ready = False
-    app.state.replica = os.environ.get("EDGEVL_REPLICA_NAME", f"{socket.gethostname()}-{os.getpid()}")
-    app.state.metrics = metrics
-    app.state.response_store = ResponseStore(settings.responses_store)
     errors.install(app)
     app.include_router(edge_api.router)
     app.include_router(detect_api.router)
@@ -101,7 +100,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
               "reasoning_budget": settings.reasoning_budget,
               "max_prompt_chars": settings.max_context * 8}
     app.add_middleware(Guard, keys=keys, max_body=int(settings.max_body_mb * 1024 * 1024), limits=limits,
-                       metrics=metrics, replica=app.state.replica)
+                       metrics=metrics, replica=replica)
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
@@ -123,17 +122,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-def _register_gauges(metrics: Metrics, st) -> None:
-    metrics.gauge("edgevl_queue_depth", "requests waiting", lambda: st.scheduler.queue_depth)
-    metrics.gauge("edgevl_in_flight", "generations running", lambda: st.scheduler.running)
+def _register_gauges(metrics: Metrics, st: ServerState) -> None:
+    metrics.gauge("edgevl_queue_depth", "requests waiting (in the engine's queue)", lambda: st.requests()["waiting"])
+    metrics.gauge("edgevl_in_flight", "generations admitted (encoding, prefilling or decoding)",
+                  lambda: st.in_flight(st.requests()))
     for key in ("vision_cache_entries", "vision_cache_bytes", "kv_running", "kv_used_bytes", "kv_free_bytes",
                 "kv_budget_bytes"):
         metrics.gauge(f"edgevl_{key}", key.replace("_", " "), lambda k=key: st.engine.cache_stats()[k])
-    metrics.state_gauge("edgevl_requests_in_state", "requests by state (waiting: in the server's queue or the "
-                        "engine's)", ("waiting", "encoding", "prefilling", "decoding"), st.scheduler.request_states)
-    for key in ("submitted", "completed", "failed", "cancelled_waiting", "rejected_queue_full", "rejected_thermal"):
-        metrics.gauge(f"edgevl_scheduler_{key}", f"scheduler: {key.replace('_', ' ')} (since start)",
-                      lambda k=key: st.scheduler.counts[k])
+    metrics.state_gauge("edgevl_requests_in_state", "requests by state (waiting: in the engine's queue, for a "
+                        "batch place and KV memory)", ("waiting", "encoding", "prefilling", "decoding"),
+                        st.requests)
+    # the engine's admission counters, under the names they had when the server kept its own queue
+    admission = {"submitted": ("requests",), "failed": ("errors",), "cancelled_waiting": ("cancelled_waiting",),
+                 "rejected_queue_full": ("rejected_queue_full",), "rejected_thermal": ("rejected_paused",),
+                 "completed": ("finished", "cancelled", "errors", "cancelled_waiting")}
+    for key, counts in admission.items():
+        metrics.gauge(f"edgevl_scheduler_{key}", f"admission: {key.replace('_', ' ')} (since start)",
+                      lambda ks=counts: sum(st.engine.stats.get(k, 0) for k in ks))
     for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))

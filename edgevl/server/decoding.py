@@ -1,12 +1,12 @@
 """Clip decoding, bounded like generation: a few at a time, a bounded wait, 429 beyond it, a CPU
 budget per request, and stopped between two frames when the client leaves.
 
-    request ──► full? 429 now ──► decode thread (≤ max_batch at once) ──► frames ──► scheduler.submit
+    request ──► full? 429 now ──► decode thread (≤ max_batch at once) ──► frames ──► engine.submit
                                      ▲ budget.check() between frames: cancelled / over budget → 4xx
     client gone, timeout ────────────┘ (the cancel flag)
 
 Decoding happens before the request is queued for generation, so that a broken clip is refused
-at once; these bounds keep that early step from being a way around the scheduler's.
+at once; these bounds keep that early step from being a way around the engine's queue.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from edgevl.server.inputs import load_image
 from edgevl.server.protocol import DetectRequest, DetectResponse
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart
 
@@ -30,7 +31,7 @@ def _result(text: str, size: tuple[int, int], orientation: int) -> dict:
 async def detect(body: DetectRequest, http: Request):
     """Find every instance of `query`: boxes as [x1, y1, x2, y2] in pixels of the stored image
     (`box`) and of the upright, EXIF-rotated picture as a browser shows it (`box_upright`)."""
-    state = http.app.state
+    state = server_state(http)
     img, raw = await load_image(body.image, state.settings)
     orientation = exif_orientation(raw)
     params = body.sampling_params(state.sampling_defaults, state.settings.default_max_tokens)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from edgevl import __version__
 from edgevl.server.constraints import constraint_for, prepare_tools
-from edgevl.server.errors import ApiError
+from edgevl.server.errors import ApiError, Unavailable
 from edgevl.server.inputs import check_max_frames, load_image, video_from_base64
 from edgevl.server.protocol import (
     DoneLine,
@@ -26,6 +26,7 @@ from edgevl.server.protocol import (
 )
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.tools import ToolCallSplitter
 from edgevl.server.wire import ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
@@ -93,7 +94,7 @@ async def _respond(state, endpoint: str, req: GenerationRequest, http: Request, 
 @router.post("/predict", response_model=PredictResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def predict(body: PredictRequest, http: Request):
     """Answer a question about images, a video clip, both or neither; with `tools`, the model may call them."""
-    state = http.app.state
+    state = server_state(http)
     sources = body.all_images()
     if len(sources) > state.settings.max_images:
         raise ApiError(f"{len(sources)} images; the limit is {state.settings.max_images}", "too_many_images", "images")
@@ -130,7 +131,7 @@ async def predict(body: PredictRequest, http: Request):
 @router.post("/ocr", response_model=OcrResponse, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def ocr(body: OcrRequest, http: Request):
     """Read all the text in an image."""
-    state = http.app.state
+    state = server_state(http)
     img, _ = await load_image(body.image, state.settings)
     req = _request(state, [Message("user", [ImagePart(img), TextPart(body.instruction())])], body)
     if body.temperature is None:
@@ -141,25 +142,25 @@ async def ocr(body: OcrRequest, http: Request):
 @router.get("/health")
 async def health(http: Request) -> JSONResponse:
     """Liveness and readiness: 200 once the model is loaded and warmed, 503 before and while draining."""
-    state = http.app.state
-    ready = getattr(state, "ready", False)
-    body: dict = {"status": "ok" if ready else "loading", "version": __version__,
+    try:
+        state = server_state(http)
+    except Unavailable:
+        return JSONResponse({"status": "loading", "version": __version__}, 503)
+    body: dict = {"status": "draining" if state.draining else "ok", "version": __version__,
                   "uptime_s": round(time.monotonic() - state.started, 1)}
-    if getattr(state, "draining", False):
-        body["status"] = "draining"
-    if ready:
-        info, sched, s = state.info, state.scheduler, state.settings
+    if not state.draining:
+        info, s, requests = state.info, state.settings, state.requests()
         body.update({
             "model": info.model_name, "backend": info.backend, "precision": info.precision,
             "random_weights": info.random_weights, "thinking": info.thinking,
             "reasoning_budget": s.reasoning_budget, "threads": info.intra_op_threads,
-            "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": sched.queue_depth,
-            "in_flight": sched.running, "requests": sched.request_states(),
+            "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": requests["waiting"],
+            "in_flight": state.in_flight(requests), "requests": requests,
             "max_context": info.max_context, "max_pixels": s.max_pixels,
             "max_tokens": s.max_tokens, "max_images": s.max_images, "max_videos": s.max_videos,
             "max_video_frames": s.max_video_frames, "max_video_pixels": s.max_video_pixels,
             "max_video_seconds": s.max_video_seconds, "caches": state.engine.cache_stats(),
-            "thermal": state.governor.snapshot() if state.governor else {"level": "disabled"},
+            "thermal": state.governor.snapshot(),
             "energy": state.energy.status,
             "replica": state.replica,
         })

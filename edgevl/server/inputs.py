@@ -23,6 +23,7 @@ from edgevl.preprocess.video import (
 from edgevl.server.errors import ApiError
 from edgevl.server.remote import fetch_image
 from edgevl.server.settings import Settings
+from edgevl.server.state import server_state
 from edgevl.types import VideoPart
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[\w=-]+)*;base64,", re.I)
@@ -85,7 +86,7 @@ async def video_from_base64(value: str, http: Request, param: str, fps: float | 
     CPU budget: server/decoding.py). `max_frames` was checked against the server's limit by the
     caller, who knows its field's name."""
     data = _video_bytes(value, param)
-    state = http.app.state
+    state = server_state(http)
     cfg, limits = state.video_config, video_limits(state.settings)
     try:
         return await state.decoders.run(http, lambda budget: decode_video(data, cfg, limits, fps, max_frames, budget))
@@ -103,7 +104,7 @@ def check_max_frames(max_frames: int | None, settings: Settings, param: str) -> 
 async def video_from_frames_base64(values: list[str], http: Request, param: str, fps: float | None) -> VideoPart:
     """A client's own frames (images) → a clip; decoded on the decode pool like a clip, each frame
     shrunk to `frame_bound` as soon as it is decoded, so one full-size picture is held at a time."""
-    state = http.app.state
+    state = server_state(http)
     s = state.settings
     if len(values) > s.max_video_frames:
         raise ApiError(f"{len(values)} frames; the limit is {s.max_video_frames}", "too_many_frames", param)

@@ -45,6 +45,7 @@ from edgevl.server.ollama_protocol import (
 from edgevl.server.protocol import Tooling, call_id
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import logprob_entries, ndjson
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent
@@ -168,7 +169,7 @@ async def _respond(state, endpoint: str, http: Request, body: Common, req: Gener
 async def chat(body: ChatRequest, http: Request):
     """Ollama's chat: the next assistant message, streamed as NDJSON unless "stream": false."""
     t0 = time.perf_counter()  # Ollama's total_duration: the whole request, images decoded included
-    state = http.app.state
+    state = server_state(http)
     name = state.info.model_name
 
     def make(text: str, calls: list[ToolCall] | None = None, logprobs: list[Logprob] | None = None,
@@ -198,7 +199,7 @@ async def generate(body: GenerateRequest, http: Request):
     """Ollama's completion: an answer to `prompt` (and `images`, e.g. a camera's snapshot), through the
     checkpoint's chat template."""
     t0 = time.perf_counter()  # Ollama's total_duration: the whole request, images decoded included
-    state = http.app.state
+    state = server_state(http)
     name = state.info.model_name
 
     def make(text: str, calls: list[ToolCall] | None = None, logprobs: list[Logprob] | None = None,
@@ -319,13 +320,13 @@ def _listed(state) -> dict:
 @router.get("/tags")
 async def tags(http: Request) -> Tags:
     """The models there are: the one edgevl serves."""
-    return Tags(models=[ListedModel(**_listed(http.app.state))])
+    return Tags(models=[ListedModel(**_listed(server_state(http)))])
 
 
 @router.get("/ps")
 async def ps(http: Request) -> Running:
     """The models loaded: the one edgevl serves, for as long as it runs."""
-    state = http.app.state
+    state = server_state(http)
     return Running(models=[RunningModel(**_listed(state), expires_at="9999-12-31T23:59:59Z",
                                         context_length=state.info.max_context)])
 
@@ -333,7 +334,7 @@ async def ps(http: Request) -> Running:
 @router.post("/show")
 async def show(body: ShowRequest, http: Request) -> Shown:
     """The served model, whatever name is asked for: its details, sampling defaults and capabilities."""
-    state = http.app.state
+    state = server_state(http)
     info, s = state.info, state.settings
     params = {**state.sampling_defaults, "num_ctx": info.max_context, "num_predict": s.default_max_tokens}
     lines = [f"{'repeat_penalty' if k == 'repetition_penalty' else k} {v}" for k, v in params.items()]

@@ -39,6 +39,7 @@ from edgevl.server.protocol import (
 )
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import logprob_entries, sse
 from edgevl.types import GenerationRequest, ImagePart, Message, TextPart, TokenEvent, ToolCall
@@ -93,14 +94,14 @@ async def _messages(msgs: list[ChatMessage], state, http: Request) -> list[Messa
 
 @router.get("/models")
 async def models(http: Request) -> ModelList:
-    return ModelList(data=[ModelCard(id=http.app.state.info.model_name, created=now())])
+    return ModelList(data=[ModelCard(id=server_state(http).info.model_name, created=now())])
 
 
 @router.get("/models/{model_id:path}", responses={404: {}})
 async def model(model_id: str, http: Request) -> ModelCard:
     """The loaded model's card. Chat requests take any model name (there is one model), but a model
     looked up by id is either this one or, as OpenAI answers, not found."""
-    name = http.app.state.info.model_name
+    name = server_state(http).info.model_name
     if model_id != name:
         err = ApiError(f"The model {model_id!r} does not exist; this server serves {name!r}", "model_not_found",
                        "model")
@@ -111,7 +112,7 @@ async def model(model_id: str, http: Request) -> ModelCard:
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={400: {}, 413: {}, 429: {}, 503: {}})
 async def chat_completions(body: ChatCompletionRequest, http: Request):
-    state = http.app.state
+    state = server_state(http)
     params = body.openai_sampling(state.sampling_defaults, state.settings.default_max_tokens)
     req = GenerationRequest(await _messages(body.messages, state, http), params, max_pixels=body.max_pixels)
     fmt = body.response_format or {}

@@ -1,7 +1,7 @@
 """OpenAI's Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
 
 The request becomes the same GenerationRequest as a chat completion (messages, tools through the
-chat template, constraints for forced calls and formats) and runs on the same scheduler. Engine
+chat template, constraints for forced calls and formats) and runs through the same engine queue. Engine
 events become Responses stream events in one place (`_Builder`), which keeps the Response as it
 grows; the stream sends the events, and the JSON answer is the Response the last event carries.
 `previous_response_id` prepends the stored conversation and its answer, so the prompt starts with
@@ -64,6 +64,7 @@ from edgevl.server.responses_protocol import (
 )
 from edgevl.server.routing import SafeRoute
 from edgevl.server.serving import Done
+from edgevl.server.state import server_state
 from edgevl.server.tools import CallPiece, ToolCallSplitter
 from edgevl.server.wire import logprob_entries, sse_events
 from edgevl.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart, TokenEvent, ToolCall
@@ -78,7 +79,7 @@ _END = {"stop": ("completed", "response.completed"), "length": ("incomplete", "r
 
 @router.post("/responses", response_model=Response, responses={400: {}, 404: {}, 413: {}, 429: {}, 503: {}})
 async def create_response(body: ResponsesRequest, http: Request):
-    state = http.app.state
+    state = server_state(http)
     store: ResponseStore = state.response_store
     history: list[InputItem] = []
     if body.previous_response_id is not None:
@@ -128,7 +129,7 @@ async def get_response(response_id: str, http: Request, stream: bool = False) ->
     if stream:
         raise ApiError("a stored response is not streamed again; GET it without stream", "invalid_parameter",
                        "stream")
-    entry = http.app.state.response_store.get(response_id)
+    entry = server_state(http).response_store.get(response_id)
     if entry is None:
         raise _not_stored(response_id)
     return entry.response
@@ -136,7 +137,7 @@ async def get_response(response_id: str, http: Request, stream: bool = False) ->
 
 @router.delete("/responses/{response_id}", response_model=DeletedResponse, responses={404: {}})
 async def delete_response(response_id: str, http: Request) -> DeletedResponse:
-    if not http.app.state.response_store.delete(response_id):
+    if not server_state(http).response_store.delete(response_id):
         raise _not_stored(response_id)
     return DeletedResponse(id=response_id)
 

@@ -117,6 +117,7 @@ class Settings(BaseSettings):
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
             prefill_chunk=self.prefill_chunk, step_tokens=self.step_tokens, jump_forward=self.jump_forward,
+            queue_size=self.queue_size,
             reasoning_budget=self.reasoning_budget, energy_counter=self.energy_counter)
 
     def all_api_keys(self) -> list[str]:
