@@ -219,6 +219,9 @@ class EngineOptions:
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens read per step while other sequences decode
+    # work per loop step while others decode, in decoder-token equivalents: the vision tower's slices
+    # run within it, less the step's decoding rows (runtime/vision_job.py)
+    step_tokens: int = 32
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each

@@ -9,25 +9,27 @@
                    own instead: checked position by position in one run, see _draft_steps)
                 2. admit: one prompt chunk (at most `prefill_chunk` tokens) of the oldest
                    newcomer whose images are encoded, so running streams keep flowing while a
-                   long prompt is read; images and clips go through the vision tower on a
-                   thread of their own, one at a time, while the loop keeps decoding
-                3. sequences that finished, failed or were cancelled leave; their rows stay
+                   long prompt is read
+                3. vision: the picture or clip a newcomer needs goes through the vision tower's
+                   slices (runtime/vision_job.py), one picture at a time: to the end when no
+                   sequence is decoding, else `step_budget` minus the decoding rows' worth of
+                   slices per step (decoder-token equivalents; at least one slice)
+                4. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
     events of each sequence ─► its own queue ─► the generate() iterator of its caller
 
-Cancellation is seen at every step boundary (between decode steps and between prompt chunks),
-and stops a running image encode at once (ONNX Runtime's terminate flag).
+Cancellation is seen at every step boundary (between decode steps, prompt chunks and vision
+slices); a cancelled request's picture is dropped with it, half encoded.
 
 Energy (with a readable counter, ops/energy.py): after every decoder run the loop reads the CPU
 package's energy since the previous read and shares it among the sequences of that run by their
 tokens in it (one each in a decode step; the whole chunk for a prefill or a jump-forward draft). Energy spent while no
-tokens ran (waiting for the vision thread) goes to the next run; energy spent idle goes to no one.
+tokens ran (vision slices) goes to the next run; energy spent idle goes to no one.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import enum
 import queue
 import threading
@@ -37,13 +39,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.ops.energy import EnergyCounter
-from edgevl.preprocess.image import ImagePatches
-from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.kv_pool import KVPool
-from edgevl.runtime.model import OnnxModel, RunHandle
+from edgevl.runtime.model import OnnxModel
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
+from edgevl.runtime.vision_job import VisionJob
 from edgevl.types import EngineError, Event, Histogram
 
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -55,7 +56,7 @@ class State(enum.Enum):
     """Where a request stands in the loop; only the loop's thread changes it.
 
     waiting ─► (a KV row) ─► encoding ⇄ prefilling ─► decoding ─► finished | cancelled | failed
-    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision thread)"""
+    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision tower)"""
 
     WAITING = "waiting"
     ENCODING = "encoding"
@@ -88,17 +89,20 @@ class Work:
 class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
-                 jump_forward: bool = True, energy: EnergyCounter | None = None):
+                 jump_forward: bool = True, energy: EnergyCounter | None = None, step_budget: int = 32):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        # a step's work while others decode, in decoder-token equivalents (EngineOptions.step_tokens)
+        self.step_budget = step_budget
         self.jump_forward = jump_forward and model.has_num_logits
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
-        # wall time of each decoder run by kind, the tokens it carried, and each vision run's time
+        # wall time of each decoder run by kind, the tokens it carried, and each picture's vision time
+        # (summed over its slices)
         self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "prefill", "draft")}
         self.step_tokens = Histogram(TOKEN_BUCKETS)
         self.vision_seconds = Histogram(SECONDS_BUCKETS)
@@ -108,9 +112,8 @@ class BatchLoop:
         self._states = {s.value: 0 for s in LIVE_STATES}
         self._cv = threading.Condition()
         self._closed = False
-        # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
-        self._vision_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision")
-        self._vision: tuple[Work, int, concurrent.futures.Future, RunHandle] | None = None
+        # the picture going through the vision tower, a few slices per step: (work, item, job)
+        self._vision: tuple[Work, int, VisionJob] | None = None
         self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
         self._thread.start()
 
@@ -127,7 +130,6 @@ class BatchLoop:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
-        self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
         """Requests in each live state: the loop's last published snapshot, and its queue now."""
@@ -150,9 +152,10 @@ class BatchLoop:
                 self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
-                decoded = self._decode_step() | self._draft_steps()
-                if not self._prefill_step() and not decoded:
-                    self._wait_for_vision()
+                self._decode_step()
+                self._draft_steps()
+                self._prefill_step()
+                self._vision_step()
             except BaseException as e:  # a bug here must not leave callers waiting forever
                 for w in list(self.active):
                     self._fail(w, e)
@@ -187,7 +190,7 @@ class BatchLoop:
         for w in list(self.active):
             if w.seq.cancelled and not w.seq.finished:
                 if self._vision is not None and self._vision[0] is w:
-                    self._vision[3].cancel()  # stop the encoder mid-run; its thread is free again soon
+                    self._vision = None  # its picture, half encoded, is dropped: the tower is free
                 self._emit(w, w.seq.cancel())
 
     def _decode_step(self) -> bool:
@@ -261,7 +264,7 @@ class BatchLoop:
         return bool(drafting)
 
     def _prefill_step(self) -> bool:
-        """Newcomers' work, oldest first: images go to the vision thread one at a time; the oldest
+        """Newcomers' work, oldest first: images go to the vision tower one at a time; the oldest
         newcomer whose images are all encoded reads one chunk of its prompt. → whether a chunk ran."""
         self._collect_vision()
         for w in self.active:
@@ -276,7 +279,7 @@ class BatchLoop:
 
     def _features_ready(self, w: Work) -> bool:
         """Whether every image and clip the chunks still need has its features; if not, and the vision
-        thread is free, the next one is handed to it."""
+        tower is free, the next one becomes its job (run by _vision_step)."""
         p = w.prompt
         for i, (patches, fp) in enumerate(zip(p.patches, p.fingerprints)):
             if i in w.feats or all(e <= w.prefilled for _, e in p.item_spans(i)):
@@ -291,37 +294,50 @@ class BatchLoop:
                 continue
             if self._vision is None:
                 self._count("vision_cache_misses")
-                handle = self.model.run_handle()
-                self._vision = (w, i, self._vision_thread.submit(self._encode, patches, handle), handle)
+                self._vision = (w, i, self.model.vision_job(patches))
             return False
         return True
 
-    def _encode(self, patches: ImagePatches | VideoPatches, handle: RunHandle) -> tuple[ImageFeatures, float]:
-        t0 = time.perf_counter()
-        return self.model.encode_image(patches, handle), (time.perf_counter() - t0) * 1000
+    def _vision_step(self) -> None:
+        """The picture in the vision tower moves on: to the end when no sequence is decoding (a lone
+        request waits no longer than for one whole-tower run; between slices a cancel or a newcomer
+        to admit is still seen), else by one step's budget, `step_budget` decoder-token equivalents
+        less the decoding rows, at least one slice, so streams keep their pace."""
+        if self._vision is None:
+            return
+        w, _, job = self._vision
+        if w not in self.active or w.seq.cancelled:
+            self._vision = None
+            return
+        before = job.slices_run
+        decoding = sum(x.state is State.DECODING for x in self.active)
+        try:
+            if decoding:
+                job.run(max(0, self.step_budget - decoding))
+            else:
+                while not job.done and not w.seq.cancelled and not self.waiting:
+                    job.step()
+        except EngineError as err:
+            self._vision = None
+            self._fail(w, err)
+            return
+        finally:
+            self._count("vision_slices", job.slices_run - before)
+        self._collect_vision()
 
     def _collect_vision(self) -> None:
-        """The vision thread's result, when it has one, goes to its newcomer (unless that one left)."""
-        if self._vision is None or not self._vision[2].done():
+        """A finished picture's features go to its newcomer (unless that one left) and the cache."""
+        if self._vision is None or not self._vision[2].done:
             return
-        w, i, job, _ = self._vision
+        w, i, job = self._vision
         self._vision = None
         if w not in self.active or w.seq.cancelled:
             return
-        try:
-            f, ms = job.result()
-        except EngineError as err:
-            self._fail(w, err)
-            return
-        self.vision_seconds.observe(ms / 1000)
+        f = job.features
+        self.vision_seconds.observe(job.seconds)
         self.vision_cache.put(w.prompt.fingerprints[i], f)
         w.feats[i] = f
-        w.seq.timings.vision_ms += ms
-
-    def _wait_for_vision(self) -> None:
-        """Nothing else to do until the vision thread finishes (or a newcomer arrives)."""
-        if self._vision is not None:
-            concurrent.futures.wait([self._vision[2]], timeout=0.05)
+        w.seq.timings.vision_ms += job.seconds * 1000
 
     def _prefill_chunk(self, w: Work) -> None:
         p = w.prompt

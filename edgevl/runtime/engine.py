@@ -3,8 +3,8 @@
     prepare(request) ─► prompt (template, patches, MRoPE) and its checks, in the caller's thread
     generate(prepared) ─► Work into the batch loop ─► events back through the Work's queue
 
-The graphs run on the batch loop's thread (runtime/batch.py), which also feeds the vision tower
-on a thread of its own; this class wires the parts together — graphs (model.py), KV pool
+The graphs run on the batch loop's thread (runtime/batch.py), the vision tower's slices between
+decoder steps (runtime/vision_job.py); this class wires the parts together — graphs (model.py), KV pool
 (kv_pool.py), vision cache (vision_cache.py), prompts (prompt.py) — and answers the front ends'
 questions about them.
 """
@@ -33,6 +33,7 @@ from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder, answer_limit
 from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import VisionCache
+from edgevl.runtime.vision_job import open_vision
 from edgevl.types import (
     Constraint,
     EngineInfo,
@@ -50,8 +51,8 @@ from edgevl.types import (
     Timings,
 )
 
-_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
-          "prefix_reused_tokens", "generated_tokens")
+_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "vision_slices",
+          "forced_tokens", "prefix_reused_tokens", "generated_tokens")
 
 
 class OrtEngine:
@@ -79,8 +80,9 @@ class OrtEngine:
         # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
         # while the process is small (an int8 vision tower is prepacked too; fp32's stays mapped)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
-        vision = open_session(self.folder / graphs["vision"], self.options,
-                              bf16_weights="vision" in self.manifest.get("bf16_weight_graphs", []))
+        bf16 = "vision" in self.manifest.get("bf16_weight_graphs", [])
+        vision = open_vision(self.folder, self.manifest,
+                             lambda path, sliced: open_session(path, self.options, bf16, arena=not sliced))
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
                                groups_together=bool(self.manifest.get("vision_runs_frame_groups_together")),
                                max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)
@@ -95,7 +97,7 @@ class OrtEngine:
         self.energy = EnergyCounter(self.options.energy_counter)
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
                               self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
-                              self.energy)
+                              self.energy, step_budget=self.options.step_tokens)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per step while other answers stream")
+    step_tokens: int = Field(32, ge=1, le=65536,
+                             description="work per loop step while answers stream, in decoder tokens: a "
+                             "newcomer's picture goes through the vision tower this much at a time")
     jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
                                "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
@@ -113,7 +116,7 @@ class Settings(BaseSettings):
             max_images=self.max_images, max_video_pixels=self.max_video_pixels,
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
-            prefill_chunk=self.prefill_chunk, jump_forward=self.jump_forward,
+            prefill_chunk=self.prefill_chunk, step_tokens=self.step_tokens, jump_forward=self.jump_forward,
             reasoning_budget=self.reasoning_budget, energy_counter=self.energy_counter)
 
     def all_api_keys(self) -> list[str]:
