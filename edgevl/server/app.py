@@ -137,6 +137,8 @@ def _register_gauges(metrics: Metrics, st) -> None:
     for key in ("cancelled", "finished", "errors", "forced_tokens"):
         metrics.gauge(f"edgevl_engine_{key}", f"engine: generations {key} (since start)",
                       lambda k=key: st.engine.stats.get(k, 0))
+    metrics.gauge("edgevl_vision_slices_total", "vision-tower slices run between decoder steps (since start)",
+                  lambda: st.engine.stats.get("vision_slices", 0))
     metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)
     metrics.gauge("edgevl_decode_waiting", "videos waiting for a decode thread",
                   lambda: st.decoders.admitted - st.decoders.running)
@@ -159,7 +161,7 @@ def _register_gauges(metrics: Metrics, st) -> None:
     metrics.run_histograms(st.engine.run_histograms,
                            {"step_seconds": "wall time of a decoder run, by kind (decode, prefill, draft)",
                             "step_tokens": "tokens a decoder run carried (decode + prompt tokens)",
-                            "vision_seconds": "wall time of a vision-tower run (an image, or a clip)"})
+                            "vision_seconds": "vision-tower time of an image or a clip (its slices summed)"})
     metrics.histograms(st.engine.batch_histograms,
                        {"batch_size": "sequences per batched decoder step",
                         "prefill_chunk_tokens": "prompt tokens per prefill chunk (bucketed)"})
