@@ -234,8 +234,9 @@ class EngineOptions:
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens of a chunk read on its own (no sequence decoding)
-    # tokens one decoder run carries while sequences decode: a token each, and a newcomer's prompt
-    # slice with the rest (0: the slice runs separately, prefill_chunk long)
+    # work one step does while sequences decode, in decoder tokens: a token each, and a newcomer's prompt
+    # slice with the rest in the same run, or else a slice of its picture through the vision tower
+    # (runtime/vision_job.py) (0: a prompt chunk runs separately, prefill_chunk long)
     step_tokens: int = 32
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)

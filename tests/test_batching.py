@@ -198,7 +198,7 @@ def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
         t.start()
         deadline = time.monotonic() + 30
         while e.request_states()["encoding"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.0005)  # the image has gone to the vision thread
+            time.sleep(0.0005)  # the image is going through the vision tower's slices
         assert e.request_states() == {"waiting": 0, "encoding": 1, "prefilling": 0, "decoding": 0}
         assert e.stats["vision_cache_misses"] == 1
         req.cancel.set()
@@ -208,7 +208,7 @@ def test_cancel_while_the_image_is_encoded_reads_no_prompt(tiny_onnx):
         assert sum(e.batch_histograms()["prefill_chunk_tokens"].values()) == 0  # the prompt was never read
         ok = list(e.generate(GenerationRequest([Message("user", [ImagePart(make_image(64, 64)), TextPart("hi")])],
                                                SamplingParams(max_new_tokens=2, ignore_eos=True))))
-        assert ok[-1].usage.completion_tokens == 2  # the vision thread is free again
+        assert ok[-1].usage.completion_tokens == 2  # the vision tower is free again
     finally:
         e.close()
 

@@ -36,7 +36,8 @@ def test_make_model_and_export_commands(tmp_path):
                              timeout=300)
         assert out.returncode == 0, out.stderr
     assert (ck / "model.safetensors").is_file() and (ck / "tokenizer.json").is_file()
-    assert (ox / "vision.onnx").is_file() and (ox / "decoder.onnx").is_file()
+    assert (ox / "vision_embed.onnx").is_file() and (ox / "vision_merger.onnx").is_file()
+    assert (ox / "decoder.onnx").is_file() and not (ox / "vision.onnx").exists()  # the tower is stored once
     assert (ox / "edgevl_manifest.json").is_file()
 
 

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
+from edgevl.export import export_model
 from edgevl.export.builder import FLOAT, GraphBuilder
 from edgevl.export.manifest import MANIFEST, Manifest
 from edgevl.runtime.model import OnnxModel, open_session, session_options
@@ -28,16 +29,18 @@ def _initializer_types(path) -> dict[str, int]:
 def test_fp32_vision_keeps_the_checkpoints_bf16_weights(tiny_onnx):
     manifest = Manifest.read(tiny_onnx)
     assert manifest.precision == "fp32" and manifest.bf16_weight_graphs == ["vision"]
-    vision = onnx.load(str(tiny_onnx / "vision.onnx"), load_external_data=False).graph
-    types = {t.name: t.data_type for t in vision.initializer}
-    made_by = {o: n for n in vision.node for o in n.output}
-    matmuls = [n for n in vision.node if n.op_type == "MatMul"]
-    assert matmuls
-    for n in matmuls:  # every weight comes through its Cast from a bf16 initializer
-        cast = made_by[n.input[1]]
-        assert cast.op_type == "Cast" and cast.attribute[0].i == FLOAT
-        stored = made_by[cast.input[0]].input[0]
-        assert types[stored] == TensorProto.BFLOAT16
+    s = manifest.vision_slices
+    for name in (s["embed"], *(g["graph"] for g in s["blocks"]), s["merger"]):  # the tower's slices
+        vision = onnx.load(str(tiny_onnx / name), load_external_data=False).graph
+        types = {t.name: t.data_type for t in vision.initializer}
+        made_by = {o: n for n in vision.node for o in n.output}
+        matmuls = [n for n in vision.node if n.op_type == "MatMul"]
+        assert matmuls, name
+        for n in matmuls:  # every weight comes through its Cast from a bf16 initializer
+            cast = made_by[n.input[1]]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == FLOAT
+            stored = made_by[cast.input[0]].input[0]
+            assert types[stored] == TensorProto.BFLOAT16
     # decoding meets each weight once per token: the decoder keeps fp32 (prepacked) weights
     assert TensorProto.BFLOAT16 not in _initializer_types(tiny_onnx / "decoder.onnx").values()
     # the token table: rows are gathered, then widened; only the rows a prompt uses are ever read
@@ -69,13 +72,15 @@ def test_weights_bf16_cannot_hold_stay_fp32(tmp_path):
     np.testing.assert_allclose(s.run(None, {"x": x})[0], x @ inexact.T @ inexact, rtol=1e-5, atol=1e-4)
 
 
-def test_each_weight_is_widened_only_when_its_layer_runs(tiny_onnx, engine, tmp_path):
+def test_each_weight_is_widened_only_when_its_layer_runs(tiny_checkpoint, engine, tmp_path):
     """ONNX Runtime runs input-free nodes first: widened up front, all the fp32 copies would be
-    alive at once and the saving gone. The profile shows the order the session really ran."""
+    alive at once and the saving gone. The profile shows the order the session really ran (the whole
+    tower in one graph, as exports before slices have it: the slices hold fewer blocks each)."""
+    whole = export_model(tiny_checkpoint, tmp_path / "whole", vision_blocks_per_slice=0)
     so = session_options(EngineOptions())
     so.enable_profiling = True
     so.profile_file_prefix = str(tmp_path / "vision")
-    session = ort.InferenceSession(str(tiny_onnx / "vision.onnx"), so, providers=["CPUExecutionProvider"],
+    session = ort.InferenceSession(str(whole / "vision.onnx"), so, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=["ConstantFolding"])
     prompt = engine.prompts.build(GenerationRequest([Message("user", [ImagePart(make_image(64, 64)), TextPart("x")])]))
     OnnxModel(engine.config, session, engine.model.embed, engine.model.decoder).encode_image(prompt.patches[0])

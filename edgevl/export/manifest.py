@@ -36,6 +36,9 @@ class Manifest:
     # one vision run takes all of a clip's frame groups (cos/sin of one group, patches of all); older
     # exports run one group at a time
     vision_runs_frame_groups_together: bool = False
+    # the vision tower in slices, in run order (None: the whole tower is graphs["vision"]):
+    # {"embed": file, "blocks": [{"graph": file, "blocks": [first, end), "deepstack": [j, ...]}], "merger": file}
+    vision_slices: dict | None = None
     export_seconds: float = 0.0
 
     def write(self, folder: str | Path) -> None:

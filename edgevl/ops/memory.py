@@ -25,8 +25,9 @@ class MemoryBudgetError(RuntimeError):
 
 def estimate_bytes(folder: Path, options: EngineOptions) -> dict[str, int]:
     cfg = ModelConfig.read(folder)
-    weights = sum((folder / f"{g}.onnx.data").stat().st_size for g in ("vision", "decoder")
-                  if (folder / f"{g}.onnx.data").exists())
+    # the vision tower is vision.onnx, or its slices vision_embed / vision_blocks.<i> / vision_merger
+    weights = sum(f.stat().st_size for f in [*folder.glob("vision*.onnx.data"), folder / "decoder.onnx.data"]
+                  if f.exists())
     t, v = cfg.text, cfg.vision
     per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 4
     kv = min(options.kv_cache_mb * 2**20, per_token * options.max_context * options.max_batch)

@@ -13,8 +13,11 @@
                    with `step_tokens` 0 (or a graph exported before mixed runs), its chunks run
                    between the decode runs, as they used to.
                 2. the drafts that did not ride along run on their own (see _draft_steps)
-                3. images and clips go through the vision tower on a thread of their own, one at a
-                   time, while the loop keeps decoding
+                3. vision: the picture or clip a newcomer needs goes through the vision tower's
+                   slices (runtime/vision_job.py), one picture at a time, on this thread: to the end
+                   when no sequence is decoding, else one step's budget of slices (`step_tokens`
+                   minus the decoding rows, in decoder-token equivalents; at least one slice) in a
+                   step whose run carried no prompt slice (the two take turns)
                 4. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
     events of each sequence ─► its sink, called on this thread (a server's puts them on its event
@@ -22,19 +25,18 @@
 
 Admission, the bounded queue, the KV budget, cancellation and the allowed running count (the thermal
 governor's lever, `set_max_running`) are all here, on this thread: nothing queues in front of it.
-Cancellation is seen at every step boundary (between decode steps and between prompt chunks),
-and stops a running image encode at once (ONNX Runtime's terminate flag).
+Cancellation is seen at every step boundary (between decoder runs and vision slices); a cancelled
+request's picture is dropped with it, half encoded.
 
 Energy (with a readable counter, ops/energy.py): after every decoder run the loop reads the CPU
 package's energy since the previous read and shares it among the sequences of that run by their
 tokens in it (one each in a decode step; the whole chunk for a prefill or a jump-forward draft). Energy spent while no
-tokens ran (waiting for the vision thread) goes to the next run; energy spent idle goes to no one.
+tokens ran (vision slices) goes to the next run; energy spent idle goes to no one.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import enum
 import threading
 import time
@@ -43,14 +45,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.ops.energy import EnergyCounter
-from edgevl.preprocess.image import ImagePatches
-from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.admission import Admission
 from edgevl.runtime.kv_pool import KVPool
-from edgevl.runtime.model import Group, OnnxModel, RunHandle
+from edgevl.runtime.model import Group, OnnxModel
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
+from edgevl.runtime.vision_job import VisionJob
 from edgevl.types import EngineError, Event, Histogram, Sink
 
 CHUNK_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -62,7 +63,7 @@ class State(enum.Enum):
     """Where a request stands in the loop; only the loop's thread changes it.
 
     waiting ─► (a KV row) ─► encoding ⇄ prefilling ─► decoding ─► finished | cancelled | failed
-    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision thread)"""
+    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision tower)"""
 
     WAITING = "waiting"
     ENCODING = "encoding"
@@ -125,7 +126,8 @@ class BatchLoop:
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
-        # wall time of each decoder run by kind, the tokens it carried, and each vision run's time
+        # wall time of each decoder run by kind, the tokens it carried, and each picture's vision time
+        # (summed over its slices)
         self.step_seconds = {k: Histogram(SECONDS_BUCKETS) for k in ("decode", "mixed", "prefill", "draft")}
         self.run_tokens = Histogram(TOKEN_BUCKETS)
         self.vision_seconds = Histogram(SECONDS_BUCKETS)
@@ -134,9 +136,9 @@ class BatchLoop:
         # admitted requests by state, as of the last change: other threads read this, never `active`
         self._states = {s.value: 0 for s in LIVE_STATES}
         self._cv = threading.Condition()
-        # images are encoded on their own thread while the loop keeps decoding: (work, item, job, handle)
-        self._vision_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vision")
-        self._vision: tuple[Work, int, concurrent.futures.Future, RunHandle] | None = None
+        # the picture going through the vision tower, a few slices per step: (work, item, job)
+        self._vision: tuple[Work, int, VisionJob] | None = None
+        self._vision_next = False  # a step's budget went to a prompt slice while vision waited: its turn
         self._thread = threading.Thread(target=self._loop, name="batch-loop", daemon=True)
         self._thread.start()
 
@@ -168,7 +170,6 @@ class BatchLoop:
             self.admission.closed = True
             self._cv.notify()
         self._thread.join(timeout=30)
-        self._vision_thread.shutdown(wait=False, cancel_futures=True)
 
     def load(self) -> dict[str, int]:
         """Requests in each live state, each counted once: the loop's last published snapshot of the
@@ -203,9 +204,9 @@ class BatchLoop:
                 self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
-                ran = self._step() | self._draft_steps()
-                if not ran:
-                    self._wait_for_vision()
+                rode = self._step()
+                self._draft_steps()
+                self._vision_step(rode)
             except BaseException as e:  # a bug here must not leave callers waiting forever
                 for w in list(self.active):
                     self._fail(w, e)
@@ -247,29 +248,32 @@ class BatchLoop:
         for w in list(self.active):
             if w.seq.cancelled and not w.seq.finished:
                 if self._vision is not None and self._vision[0] is w:
-                    self._vision[3].cancel()  # stop the encoder mid-run; its thread is free again soon
+                    self._vision = None  # its picture, half encoded, is dropped: the tower is free
                 self._emit(w, w.seq.cancel())
 
     def _step(self) -> bool:
         """One step: the decoding sequences' next tokens, with one slice in the same decoder run when
         `step_tokens` allows — the oldest ready newcomer's next prompt tokens (what the decoding rows
         leave of the budget), else a jump-forward draft. Without a budget, or with nothing decoding,
-        each runs on its own (a newcomer's chunk `prefill_chunk` long). → whether a decoder run happened."""
+        each runs on its own (a newcomer's chunk `prefill_chunk` long). A prompt slice and a picture's
+        vision slices take turns at the budget (see _vision_step).
+        → whether a prompt slice rode in the decoding rows' run (the step's budget is spent)."""
         running = [w for w in self.active if w.state is State.DECODING and not w.draft]
         newcomer = self._ready_newcomer()
-        if running and self.step_tokens:
-            if newcomer is not None:
+        budgeted = bool(running) and self.step_tokens > 0
+        if budgeted:
+            if newcomer is not None and not (self._vision_next and self._vision is not None):
                 self._run(running, self._prompt_slice(newcomer, max(1, self.step_tokens - len(running))))
                 return True
             drafting = next((w for w in self.active if w.state is State.DECODING and w.draft), None)
             if drafting is not None and self._fits_beside(drafting):
-                self._run(running, self._draft_slice(drafting))
-                return True
+                self._run(running, self._draft_slice(drafting))  # a few forced tokens: not the budget's
+                return False
         if running:
             self._run(running, None)
-        if newcomer is not None and newcomer in self.active and not newcomer.seq.cancelled:
+        if newcomer is not None and not budgeted and newcomer in self.active and not newcomer.seq.cancelled:
             self._run([], self._prompt_slice(newcomer, self.prefill_chunk))
-        return bool(running) or newcomer is not None
+        return False
 
     def _prompt_slice(self, w: Work, n: int) -> Slice:
         p = w.prompt
@@ -413,7 +417,7 @@ class BatchLoop:
 
     def _features_ready(self, w: Work) -> bool:
         """Whether every image and clip the chunks still need has its features; if not, and the vision
-        thread is free, the next one is handed to it."""
+        tower is free, the next one becomes its job (run by _vision_step)."""
         p = w.prompt
         for i, (patches, fp) in enumerate(zip(p.patches, p.fingerprints)):
             if i in w.feats or all(e <= w.prefilled for _, e in p.item_spans(i)):
@@ -428,37 +432,55 @@ class BatchLoop:
                 continue
             if self._vision is None:
                 self._count("vision_cache_misses")
-                handle = self.model.run_handle()
-                self._vision = (w, i, self._vision_thread.submit(self._encode, patches, handle), handle)
+                self._vision = (w, i, self.model.vision_job(patches))
             return False
         return True
 
-    def _encode(self, patches: ImagePatches | VideoPatches, handle: RunHandle) -> tuple[ImageFeatures, float]:
-        t0 = time.perf_counter()
-        return self.model.encode_image(patches, handle), (time.perf_counter() - t0) * 1000
+    def _vision_step(self, budget_spent: bool) -> None:
+        """The picture in the vision tower moves on: to the end when no sequence is decoding (a lone
+        request waits no longer than for one whole-tower run; between slices a cancel or a newcomer
+        to admit is still seen), else by one step's budget, `step_tokens` decoder-token equivalents
+        less the decoding rows, at least one slice, so streams keep their pace — in a step whose
+        budget a prompt slice did not take (`budget_spent`; then the picture goes first next step)."""
+        if self._vision is None:
+            return
+        w, _, job = self._vision
+        if w not in self.active or w.seq.cancelled:
+            self._vision = None
+            return
+        decoding = sum(x.state is State.DECODING for x in self.active)
+        if decoding and budget_spent:
+            self._vision_next = True
+            return
+        self._vision_next = False
+        before = job.slices_run
+        try:
+            if decoding:
+                job.run(max(0, self.step_tokens - decoding))
+            else:
+                while not job.done and not w.seq.cancelled and not self.admission.waiting:
+                    job.step()
+        except EngineError as err:
+            self._vision = None
+            self._fail(w, err)
+            return
+        finally:
+            self._count("vision_slices", job.slices_run - before)
+        self._collect_vision()
 
     def _collect_vision(self) -> None:
-        """The vision thread's result, when it has one, goes to its newcomer (unless that one left)."""
-        if self._vision is None or not self._vision[2].done():
+        """A finished picture's features go to its newcomer (unless that one left) and the cache."""
+        if self._vision is None or not self._vision[2].done:
             return
-        w, i, job, _ = self._vision
+        w, i, job = self._vision
         self._vision = None
         if w not in self.active or w.seq.cancelled:
             return
-        try:
-            f, ms = job.result()
-        except EngineError as err:
-            self._fail(w, err)
-            return
-        self.vision_seconds.observe(ms / 1000)
+        f = job.features
+        self.vision_seconds.observe(job.seconds)
         self.vision_cache.put(w.prompt.fingerprints[i], f)
         w.feats[i] = f
-        w.seq.timings.vision_ms += ms
-
-    def _wait_for_vision(self) -> None:
-        """Nothing else to do until the vision thread finishes (or a newcomer arrives)."""
-        if self._vision is not None:
-            concurrent.futures.wait([self._vision[2]], timeout=0.05)
+        w.seq.timings.vision_ms += job.seconds * 1000
 
     def _visual(self, w: Work, start: int, end: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of image features for the image tokens in [start, end), at (0, offset + position in the

@@ -5,8 +5,8 @@
                               ─► events to the sink, on the loop's thread; a Handle to cancel it
     generate(prepared) ─► submit with a sink that is a queue.Queue, read in the caller's thread
 
-The graphs run on the batch loop's thread (runtime/batch.py), which also feeds the vision tower
-on a thread of its own; this class wires the parts together — graphs (model.py), KV pool
+The graphs run on the batch loop's thread (runtime/batch.py), the vision tower's slices between
+decoder steps (runtime/vision_job.py); this class wires the parts together — graphs (model.py), KV pool
 (kv_pool.py), vision cache (vision_cache.py), prompts (prompt.py) — and answers the front ends'
 questions about them.
 """
@@ -36,6 +36,7 @@ from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder, answer_limit
 from edgevl.runtime.reasoning import ThinkMarkers
 from edgevl.runtime.sequence import Sequence
 from edgevl.runtime.vision_cache import VisionCache
+from edgevl.runtime.vision_job import open_vision
 from edgevl.types import (
     Constraint,
     EngineInfo,
@@ -54,9 +55,9 @@ from edgevl.types import (
     Timings,
 )
 
-_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "forced_tokens",
-          "prefix_reused_tokens", "generated_tokens", "mixed_steps", "cancelled_waiting", "rejected_queue_full",
-          "rejected_paused")
+_STATS = ("requests", "finished", "cancelled", "errors", "vision_cache_hits", "vision_cache_misses", "vision_slices",
+          "forced_tokens", "prefix_reused_tokens", "generated_tokens", "mixed_steps", "cancelled_waiting",
+          "rejected_queue_full", "rejected_paused")
 
 
 class OrtEngine:
@@ -82,8 +83,9 @@ class OrtEngine:
         # decoder first: prepacking a weight briefly holds it twice, and those transients should pass
         # while the process is small (an int8 vision tower is prepacked too; fp32's stays mapped)
         decoder = open_session(self.folder / graphs["decoder"], self.options)
-        vision = open_session(self.folder / graphs["vision"], self.options,
-                              bf16_weights="vision" in self.manifest.bf16_weight_graphs)
+        bf16 = "vision" in self.manifest.bf16_weight_graphs
+        vision = open_vision(self.folder, self.manifest,
+                             lambda path, sliced: open_session(path, self.options, bf16, arena=not sliced))
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
                                groups_together=self.manifest.vision_runs_frame_groups_together,
                                max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)

@@ -1,5 +1,6 @@
-"""The three exported graphs behind small calls: encode an image, run the decoder over rows of
-the KV pool. Knows ONNX Runtime; knows nothing of requests, sampling or scheduling."""
+"""The exported graphs behind small calls: encode an image (the vision tower's slices, through a
+VisionJob), run the decoder over rows of the KV pool. Knows ONNX Runtime; knows nothing of
+requests, sampling or scheduling."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevl.checkpoint import ModelConfig
-from edgevl.preprocess import positions as pos
 from edgevl.preprocess.image import ImagePatches
 from edgevl.preprocess.video_patches import VideoPatches
 from edgevl.runtime.vision_cache import ImageFeatures
+from edgevl.runtime.vision_job import VisionJob, VisionSlice
 from edgevl.types import EngineError, EngineOptions
 
 
@@ -34,10 +35,15 @@ def session_options(options: EngineOptions) -> ort.SessionOptions:
     return so
 
 
-def open_session(path: Path, options: EngineOptions, bf16_weights: bool = False) -> ort.InferenceSession:
+def open_session(path: Path, options: EngineOptions, bf16_weights: bool = False,
+                 arena: bool = True) -> ort.InferenceSession:
     """`bf16_weights`: the graph widens bf16 weights at run time (GraphBuilder.fp32_weight); constant
-    folding would widen them all once at load and keep them, undoing the saving."""
-    return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"],
+    folding would widen them all once at load and keep them, undoing the saving. `arena=False`: the
+    session frees its activations after each run instead of keeping them for the next (the vision
+    tower's slices: each would otherwise hold a largest picture's attention scores for good)."""
+    so = session_options(options)
+    so.enable_cpu_mem_arena = arena
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=["ConstantFolding"] if bf16_weights else None)
 
 
@@ -53,23 +59,17 @@ class Group:
     lengths: np.ndarray
 
 
-class RunHandle:
-    """Stops a graph run from another thread (a client left while its image was being encoded)."""
-
-    def __init__(self) -> None:
-        self.options = ort.RunOptions()
-
-    def cancel(self) -> None:
-        self.options.terminate = True
-
-
 class OnnxModel:
-    def __init__(self, config: ModelConfig, vision: ort.InferenceSession, embed: ort.InferenceSession,
-                 decoder: ort.InferenceSession, groups_together: bool = False, max_run_rows: int = 4096):
+    def __init__(self, config: ModelConfig, vision: ort.InferenceSession | list[VisionSlice],
+                 embed: ort.InferenceSession, decoder: ort.InferenceSession, groups_together: bool = False,
+                 max_run_rows: int = 4096):
+        """`vision`: the tower's slices in run order (runtime/vision_job.open_vision), or one session
+        for the whole tower (exports before slices)."""
         self.config = config
         self.groups_together = groups_together  # the vision graph takes a clip's frame groups as a batch
         self.max_run_rows = max_run_rows  # patches per vision run when batching frame groups
         self.vision, self.embed, self.decoder = vision, embed, decoder
+        self.vision_slices = vision if isinstance(vision, list) else [VisionSlice(vision, "whole")]
         self.has_deepstack = any(i.name == "deepstack_embeds" for i in decoder.get_inputs())
         self.n_deepstack = len(config.vision.deepstack_visual_indexes) if self.has_deepstack else 0
         names = {i.name for i in decoder.get_inputs()}
@@ -80,37 +80,18 @@ class OnnxModel:
         # group B's KV when a run has no group B: one token's room, passed through untouched
         self._spare = [np.zeros((1, t.num_kv_heads, 1, t.head_dim), np.float32) for _ in range(t.num_layers)]
 
-    @staticmethod
-    def run_handle() -> RunHandle:
-        return RunHandle()
+    def vision_job(self, patches: ImagePatches | VideoPatches) -> VisionJob:
+        """The tower over an image or a clip, to be run a few slices at a time (runtime/vision_job.py)."""
+        return VisionJob(self.config, self.vision_slices, patches, self.groups_together, self.max_run_rows)
 
-    def encode_image(self, patches: ImagePatches | VideoPatches, handle: RunHandle | None = None) -> ImageFeatures:
-        """An image's features, or a clip's: its frame groups run as batches (attention stays within
-        each group, as transformers' does) of at most `max_run_rows` patches, so a clip's vision
+    def encode_image(self, patches: ImagePatches | VideoPatches) -> ImageFeatures:
+        """An image's features, or a clip's, at once: its frame groups run as batches (attention stays
+        within each group, as transformers' does) of at most `max_run_rows` patches, so a clip's vision
         activations stay within a largest image's; graphs exported before batches run one group at
         a time. Rows in time order."""
-        v = self.config.vision
-        groups = patches.groups()
-        per_group = groups[0].pixel_values.shape[0]
-        per_run = max(1, self.max_run_rows // per_group) if self.groups_together else 1
-        # one group's rotary rows (the graph repeats them); position taps for every patch
-        cos, sin = pos.vision_cos_sin(groups[0].grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
-                                      v.spatial_merge_size)
-        idx, wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings, v.spatial_merge_size)
-        embeds, deep = [], []
-        for first in range(0, len(groups), per_run):
-            rows = slice(first * per_group, min(len(groups), first + per_run) * per_group)
-            try:
-                outs = self.vision.run(None, {"pixel_values": patches.pixel_values[rows], "pos_idx": idx[rows],
-                                              "pos_weights": wts[rows], "cos": cos, "sin": sin},
-                                       handle.options if handle else None)
-            except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
-                raise EngineError(f"vision encoder failed: {e}") from e
-            embeds.append(outs[0])
-            deep.append(outs[1] if len(outs) > 1 else np.zeros((0, *outs[0].shape), np.float32))
-        if len(embeds) == 1:
-            return ImageFeatures(embeds[0], deep[0])
-        return ImageFeatures(np.concatenate(embeds), np.concatenate(deep, axis=1))
+        job = self.vision_job(patches)
+        job.run(None)
+        return job.features
 
     def no_visual(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h = self.config.text.hidden_size

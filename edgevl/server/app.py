@@ -144,6 +144,8 @@ def _register_gauges(metrics: Metrics, st: ServerState) -> None:
                       lambda k=key: st.engine.stats.get(k, 0))
     metrics.counter("edgevl_mixed_steps", "decoder runs that carried decoding rows and a prompt slice together",
                     lambda: st.engine.stats.get("mixed_steps", 0))
+    metrics.counter("edgevl_vision_slices", "vision-tower slices run by the batch loop",
+                    lambda: st.engine.stats.get("vision_slices", 0))
     metrics.gauge("edgevl_decode_running", "videos being decoded now", lambda: st.decoders.running)
     metrics.gauge("edgevl_decode_waiting", "videos waiting for a decode thread",
                   lambda: st.decoders.admitted - st.decoders.running)
@@ -167,7 +169,7 @@ def _register_gauges(metrics: Metrics, st: ServerState) -> None:
                            {"step_seconds": "wall time of a decoder run, by kind (decode, mixed: decode + a "
                                             "prompt slice, prefill, draft)",
                             "step_tokens": "tokens a decoder run carried (decode + prompt tokens)",
-                            "vision_seconds": "wall time of a vision-tower run (an image, or a clip)"})
+                            "vision_seconds": "vision-tower time of an image or a clip (its slices summed)"})
     metrics.histograms(st.engine.batch_histograms,
                        {"batch_size": "sequences per batched decoder step",
                         "prefill_chunk_tokens": "prompt tokens per prefill chunk (bucketed)"})

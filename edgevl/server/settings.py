@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per decoder run while no answer streams")
     step_tokens: int = Field(32, ge=0, le=65536,
-                             description="tokens one decoder run carries while answers stream: their next tokens "
-                             "and a newcomer's prompt slice (0: the newcomer's chunk runs on its own)")
+                             description="work one loop step does while answers stream, in decoder tokens: their "
+                             "next tokens and a newcomer's prompt slice in one decoder run, or a slice of its "
+                             "picture through the vision tower (0: the newcomer's prompt chunk runs on its own)")
     jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
                                "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")

@@ -62,6 +62,16 @@ def test_predict_stream_ndjson(server):
     assert streamed == plain["answer"]
 
 
+def test_metrics_count_vision_slices(server):
+    """A new picture goes through the vision tower's slices, each counted."""
+    before = server.metric("edgevl_vision_slices_total")
+    r = server.client().post("/api/predict", json={"image": png_b64(96, 80, seed=41), "prompt": "What?",
+                                                  "max_tokens": 2})
+    assert r.status_code == 200
+    assert server.metric("edgevl_vision_slices_total") >= before + 3  # patch embedding, blocks, merger
+    assert server.metric("edgevl_vision_seconds_count") >= 1
+
+
 def test_ocr_json_and_stream(server):
     r = server.client().post("/api/ocr", json={"image": png_b64(), "language": "German", "max_tokens": 8})
     assert r.status_code == 200 and "text" in r.json() and r.json()["usage"]["completion_tokens"] <= 8

@@ -1,0 +1,180 @@
+"""A picture's (or a clip's) trip through the vision tower, a few slices at a time.
+
+An export writes the tower as slices (export/vision.py: patch embedding, groups of blocks, merger);
+a `VisionJob` runs them in order, keeping the hidden state between calls, so the batch loop can
+interleave them with decoder steps instead of running the tower on a thread that fights the
+decoder for the cores. Each slice has a cost in decoder-token equivalents, worked out from the
+shapes (its FLOPs ÷ the FLOPs of one token through the text model's layers), which `run(budget)`
+compares with the loop's per-step token budget. Cancelling is dropping the job.
+
+Exports made before slices have one graph for the whole tower: it is a job of one slice per run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgevl.checkpoint import ModelConfig
+from edgevl.export.manifest import Manifest
+from edgevl.preprocess import positions as pos
+from edgevl.preprocess.image import ImagePatches
+from edgevl.preprocess.video_patches import VideoPatches
+from edgevl.runtime.vision_cache import ImageFeatures
+from edgevl.types import EngineError
+
+
+@dataclass(frozen=True)
+class VisionSlice:
+    """One graph of the tower. kind: "embed" (patches → hidden), "blocks" (hidden → hidden, after
+    blocks [first, end), plus the DeepStack outputs `deepstack` of blocks in it), "merger" (hidden →
+    image embeddings) or "whole" (patches → embeddings and every DeepStack output)."""
+
+    session: ort.InferenceSession
+    kind: str
+    blocks: tuple[int, int] = (0, 0)
+    deepstack: tuple[int, ...] = ()
+
+
+def open_vision(folder: Path, manifest: Manifest, open_session) -> list[VisionSlice]:
+    """The tower's graphs as a manifest lists them: its `vision_slices`, or the whole `vision` graph.
+    `open_session(path, sliced)` opens one graph."""
+    cfg_slices = manifest.vision_slices
+    if not cfg_slices:
+        return [VisionSlice(open_session(folder / manifest.graphs["vision"], False), "whole")]
+    out = [VisionSlice(open_session(folder / cfg_slices["embed"], True), "embed")]
+    for g in cfg_slices["blocks"]:
+        out.append(VisionSlice(open_session(folder / g["graph"], True), "blocks", tuple(g["blocks"]),
+                               tuple(g["deepstack"])))
+    out.append(VisionSlice(open_session(folder / cfg_slices["merger"], True), "merger"))
+    return out
+
+
+# ---- costs in decoder-token equivalents -------------------------------------------------------
+def decoder_token_flops(config: ModelConfig) -> float:
+    """One token through the text model's layers: 2 FLOPs per non-embedding weight (attention over
+    the past is left out: it is small next to the weights at the lengths a step carries)."""
+    t = config.text
+    per_layer = (t.hidden_size * t.num_heads * t.head_dim * 2  # q, o
+                 + t.hidden_size * t.num_kv_heads * t.head_dim * 2  # k, v
+                 + 3 * t.hidden_size * t.intermediate_size)  # gate, up, down
+    return 2.0 * per_layer * t.num_layers
+
+
+def slice_flops(config: ModelConfig, s: VisionSlice, rows: int, rows_per_group: int) -> float:
+    """FLOPs of one run of a slice over `rows` patches in groups of `rows_per_group` (attention is
+    within a group: its score and weighted-sum products grow with the group's size)."""
+    v = config.vision
+    vh, ff = v.hidden_size, v.intermediate_size
+    merged = vh * v.spatial_merge_size**2
+    tokens = rows / v.spatial_merge_size**2
+    merger = 2.0 * tokens * (merged * merged + merged * v.out_hidden_size)
+    embed = 2.0 * rows * v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh
+    block = 2.0 * rows * (4 * vh * vh + 2 * vh * ff) + 4.0 * rows * rows_per_group * vh
+    if s.kind == "embed":
+        return embed
+    if s.kind == "merger":
+        return merger
+    if s.kind == "blocks":
+        return block * (s.blocks[1] - s.blocks[0]) + merger * len(s.deepstack)
+    return embed + block * v.depth + merger * (1 + len(v.deepstack_visual_indexes))
+
+
+class VisionJob:
+    """The tower over one image or clip, resumable between slices. A clip's frame groups run in
+    batches of at most `max_run_rows` patches (attention within each group), each batch through
+    every slice before the next starts; graphs exported before batches run one group at a time."""
+
+    def __init__(self, config: ModelConfig, slices: list[VisionSlice], patches: ImagePatches | VideoPatches,
+                 groups_together: bool, max_run_rows: int):
+        v = config.vision
+        self.slices = slices
+        self.patches = patches
+        groups = patches.groups()
+        per_group = groups[0].pixel_values.shape[0]
+        per_run = max(1, max_run_rows // per_group) if groups_together else 1
+        # one group's rotary rows (the graph repeats them); position taps for every patch
+        self._cos, self._sin = pos.vision_cos_sin(groups[0].grid_thw, v.hidden_size // v.num_heads, v.rope_theta,
+                                                  v.spatial_merge_size)
+        self._idx, self._wts = pos.vision_pos_interpolation(patches.grid_thw, v.num_position_embeddings,
+                                                            v.spatial_merge_size)
+        self._runs = [slice(first * per_group, min(len(groups), first + per_run) * per_group)
+                      for first in range(0, len(groups), per_run)]
+        self._steps = [(r, k) for r in range(len(self._runs)) for k in range(len(slices))]
+        scale = decoder_token_flops(config)
+        self.costs = [slice_flops(config, slices[k], self._runs[r].stop - self._runs[r].start, per_group) / scale
+                      for r, k in self._steps]
+        self._next = 0
+        self._hidden: np.ndarray | None = None
+        self._deep: dict[int, np.ndarray] = {}  # DeepStack outputs of the current batch, by index
+        self._embeds: list[np.ndarray] = []
+        self._deeps: list[np.ndarray] = []
+        self.seconds = 0.0  # wall time of the slices run so far
+        self.slices_run = 0
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._steps)
+
+    @property
+    def next_cost(self) -> float:
+        """The next slice's cost in decoder-token equivalents (0 when done)."""
+        return self.costs[self._next] if not self.done else 0.0
+
+    def run(self, budget: float | None = None) -> bool:
+        """Runs the next slices while their costs fit in `budget` decoder-token equivalents, at least
+        one (so a job always moves on); `None`: to the end. → whether the job is done."""
+        spent = 0.0
+        while not self.done:
+            cost = self.costs[self._next]
+            if budget is not None and spent > 0 and spent + cost > budget:
+                break
+            self.step()
+            spent += cost
+        return self.done
+
+    def step(self) -> None:
+        """Runs the next slice."""
+        r, k = self._steps[self._next]
+        s, rows = self.slices[k], self._runs[r]
+        t0 = time.perf_counter()
+        try:
+            if s.kind in ("embed", "whole"):
+                feeds = {"pixel_values": self.patches.pixel_values[rows], "pos_idx": self._idx[rows],
+                         "pos_weights": self._wts[rows]}
+                if s.kind == "whole":
+                    outs = s.session.run(None, {**feeds, "cos": self._cos, "sin": self._sin})
+                    self._embeds.append(outs[0])
+                    self._deeps.append(outs[1] if len(outs) > 1 else np.zeros((0, *outs[0].shape), np.float32))
+                else:
+                    self._hidden = s.session.run(["hidden"], feeds)[0]
+            elif s.kind == "blocks":
+                names = ["hidden", *(f"deepstack.{j}" for j in s.deepstack)]
+                outs = s.session.run(names, {"hidden_in": self._hidden, "cos": self._cos, "sin": self._sin})
+                self._hidden = outs[0]
+                self._deep.update(zip(s.deepstack, outs[1:]))
+            else:  # the merger ends this batch of frame groups
+                embeds = s.session.run(["image_embeds"], {"hidden_in": self._hidden})[0]
+                self._embeds.append(embeds)
+                self._deeps.append(np.stack([self._deep[j] for j in sorted(self._deep)]) if self._deep
+                                   else np.zeros((0, *embeds.shape), np.float32))
+                self._hidden, self._deep = None, {}
+        except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
+            raise EngineError(f"vision encoder failed: {e}") from e
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self._next += 1
+        self.slices_run += 1
+
+    @property
+    def features(self) -> ImageFeatures:
+        """The image's (or clip's) features, rows in time order; only once done."""
+        if not self.done:
+            raise RuntimeError("the vision job has slices left to run")
+        if len(self._embeds) == 1:
+            return ImageFeatures(self._embeds[0], self._deeps[0])
+        return ImageFeatures(np.concatenate(self._embeds), np.concatenate(self._deeps, axis=1))

@@ -1,0 +1,240 @@
+"""The vision tower in slices (export/vision.py, runtime/vision_job.py) and on the batch loop.
+
+The slices must give the whole tower's numbers (the whole graph is still what exports before slices
+run), a budgeted job the numbers of one run to the end, and the loop must interleave slices with
+decoding, count them, and drop a cancelled request's half-encoded picture at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgevl.export import MANIFEST, export_model
+from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
+from edgevl.runtime.engine import OrtEngine
+from edgevl.runtime.vision_job import decoder_token_flops
+from edgevl.types import (
+    EngineOptions,
+    FinishEvent,
+    GenerationRequest,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+)
+from tests.clips import mp4
+from tests.conftest import make_image
+
+
+def _export(checkpoint: Path, folder: Path, precision: str, per_slice: int) -> Path:
+    if not (folder / MANIFEST).is_file():
+        export_model(checkpoint, folder, precision, vision_blocks_per_slice=per_slice)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """(precision, blocks per slice) → an engine on that export of the tiny checkpoint; 0: one whole graph."""
+    root = tmp_path_factory.mktemp("vision_slices")
+    engines: dict[tuple[str, int], OrtEngine] = {}
+
+    def get(precision: str, per_slice: int) -> OrtEngine:
+        key = (precision, per_slice)
+        if key not in engines:
+            folder = _export(tiny_checkpoint, root / f"{precision}-{per_slice}", precision, per_slice)
+            engines[key] = OrtEngine(folder, EngineOptions(prefix_cache=False, vision_cache_entries=0))
+        return engines[key]
+
+    yield get
+    for e in engines.values():
+        e.close()
+
+
+def _image_and_clip(engine: OrtEngine):
+    prompt = engine.prompts.build(GenerationRequest([Message("user", [
+        ImagePart(make_image(200, 150, seed=3)),
+        decode_video(mp4(n=30, w=160, h=96), VideoConfig(), VideoLimits()), TextPart("x")])]))
+    return prompt.patches
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("per_slice", [1, 3])
+def test_slices_give_the_whole_towers_features(exports, precision, per_slice):
+    """An image and a clip (frame groups batched) through the slices: the whole graph's numbers.
+    3 blocks per slice puts DeepStack outputs inside and at the end of a group."""
+    sliced, whole = exports(precision, per_slice), exports(precision, 0)
+    m = sliced.manifest
+    assert "vision" not in m["graphs"] and "vision_slices" in m and "vision_slices" not in whole.manifest
+    assert m["vision_precision"] == precision
+    depth = sliced.config.vision.depth
+    assert [g["blocks"] for g in m["vision_slices"]["blocks"]] == [
+        [i, min(depth, i + per_slice)] for i in range(0, depth, per_slice)]
+    assert len(sliced.model.vision_slices) == 2 + -(-depth // per_slice)
+    for patches in _image_and_clip(sliced):
+        a, b = sliced.model.encode_image(patches), whole.model.encode_image(patches)
+        assert a.embeds.shape == b.embeds.shape and a.deepstack.shape == b.deepstack.shape
+        assert a.deepstack.shape[0] == len(sliced.config.vision.deepstack_visual_indexes)
+        tol = 1e-5 if precision == "fp32" else 1e-4  # int8: activations quantized per tensor, the same tensors
+        assert _rel(a.embeds, b.embeds) <= tol and _rel(a.deepstack, b.deepstack) <= tol
+
+
+def test_exports_before_slices_still_serve(exports):
+    """A manifest without `vision_slices` runs its whole `vision.onnx`: the same answer as the slices."""
+    req = GenerationRequest([Message("user", [ImagePart(make_image(120, 90, seed=9)), TextPart("Describe.")])],
+                            SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    answers = []
+    for per_slice in (0, 1):
+        e = exports("fp32", per_slice)
+        fin = list(e.generate(req))[-1]
+        answers.append(fin.text)
+        assert fin.timings.vision_ms > 0
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 40, 150])
+def test_a_budgeted_job_gives_the_features_of_one_run(exports, budget):
+    e = exports("fp32", 1)
+    for patches in _image_and_clip(e):
+        full = e.model.encode_image(patches)
+        job = e.model.vision_job(patches)
+        calls = 0
+        while True:
+            before, first = job.slices_run, job.next_cost
+            done = job.run(budget)
+            ran = job.slices_run - before
+            calls += 1
+            assert ran >= 1  # always moves on
+            assert ran == 1 or sum(job.costs[before:job.slices_run]) <= budget  # within the budget unless one slice
+            assert first > 0
+            if done:
+                break
+        assert job.slices_run == len(job.costs) and calls <= len(job.costs)
+        if budget <= 1:
+            assert calls == len(job.costs)  # every slice costs more than a token
+        f = job.features
+        np.testing.assert_array_equal(f.embeds, full.embeds)
+        np.testing.assert_array_equal(f.deepstack, full.deepstack)
+        assert job.seconds > 0
+
+
+def test_slice_costs_follow_the_shapes(exports):
+    """Costs in decoder-token equivalents: blocks grow with patches, and more than linearly (attention)."""
+    e = exports("fp32", 1)
+    cfg = e.config
+
+    def costs(w: int, h: int) -> tuple[int, list[float]]:
+        prompt = e.prompts.build(GenerationRequest([Message("user", [ImagePart(make_image(w, h)), TextPart("x")])]))
+        return prompt.patches[0].pixel_values.shape[0], e.model.vision_job(prompt.patches[0]).costs
+
+    (n_small, small), (n_big, big) = costs(128, 128), costs(512, 512)
+    assert len(small) == len(big) == cfg.vision.depth + 2
+    assert all(b > 0 for b in small)
+    assert big[1] / small[1] > n_big / n_small >= 4  # the first block: attention grows with patches squared
+    assert big[0] / small[0] == pytest.approx(n_big / n_small)  # the patch embedding: linear
+    t = cfg.text
+    assert decoder_token_flops(cfg) == 2 * t.num_layers * (
+        2 * t.hidden_size * t.num_heads * t.head_dim + 2 * t.hidden_size * t.num_kv_heads * t.head_dim
+        + 3 * t.hidden_size * t.intermediate_size)
+
+
+def _collect(e: OrtEngine, req: GenerationRequest, out: list) -> threading.Thread:
+    t = threading.Thread(target=lambda: out.extend(e.generate(req)))
+    t.start()
+    return t
+
+
+def _wait(cond, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.0005)
+
+
+def _long_answer() -> GenerationRequest:
+    return GenerationRequest([Message("user", [TextPart("Count for me.")])],
+                             SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True))
+
+
+def _tokens(events: list) -> int:
+    return sum(1 for ev in events if not isinstance(ev, FinishEvent))
+
+
+def test_a_newcomers_picture_is_sliced_between_decode_steps(tiny_onnx):
+    """While a stream decodes, the newcomer's picture goes through the tower a slice per step (a
+    budget of one token: every slice is over it), counted; both answers are those they get alone."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefix_cache=False, vision_cache_entries=0, step_tokens=1))
+    try:
+        pic = GenerationRequest([Message("user", [ImagePart(make_image(256, 192, seed=21)), TextPart("What?")])],
+                                SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))
+        alone = list(e.generate(pic))
+        slices = e.stats["vision_slices"]
+        assert slices == len(e.model.vision_job(e.prompts.build(pic).patches[0]).costs) > 3
+        long_alone = [ev.token_id for ev in e.generate(_long_answer()) if not isinstance(ev, FinishEvent)]
+
+        streaming: list = []
+        t = _collect(e, _long_answer(), streaming)
+        _wait(lambda: _tokens(streaming) >= 3, "the stream")
+        runs = sum(e.loop.batch_sizes.values())  # decoder runs the loop made (read as it writes them)
+        newcomer = list(e.generate(pic))
+        during = sum(e.loop.batch_sizes.values()) - runs
+        t.join(60)
+        assert e.stats["vision_slices"] == 2 * slices
+        # one slice per step, each step also decodes the stream: it kept going while the picture was encoded
+        assert during >= slices
+        assert newcomer[-1].text == alone[-1].text
+        assert [ev.token_id for ev in streaming if not isinstance(ev, FinishEvent)] == long_alone
+        assert e.request_states() == {"waiting": 0, "encoding": 0, "prefilling": 0, "decoding": 0}
+    finally:
+        e.close()
+
+
+def test_cancel_mid_encode_frees_the_request_at_once(tiny_onnx):
+    """A request cancelled while its pictures are half way through the tower (others decoding) ends
+    at the next step boundary with nothing read; the stream goes on and the next picture is served."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=3, prefix_cache=False, vision_cache_entries=8, step_tokens=1))
+    try:
+        streaming: list = []
+        t = _collect(e, _long_answer(), streaming)
+        _wait(lambda: _tokens(streaming) >= 2, "the stream")
+        pics = [ImagePart(make_image(512, 512, seed=s)) for s in (31, 32, 33)]
+        req = GenerationRequest([Message("user", [*pics, TextPart("Compare.")])], SamplingParams(max_new_tokens=4))
+        per_picture = len(e.model.vision_job(e.prompts.build(req).patches[0]).costs)
+        events: list = []
+        c = _collect(e, req, events)
+        _wait(lambda: e.stats["vision_slices"] >= 1, "a first slice")
+        req.cancel.set()
+        c.join(30)
+        assert isinstance(events[-1], FinishEvent) and events[-1].finish_reason == "cancelled"
+        assert events[-1].usage.completion_tokens == 0
+        assert e.stats["vision_slices"] < 3 * per_picture  # it left mid-encode
+        assert len(e.vision_cache) < 3  # the half-encoded picture was dropped, not finished
+        assert t.is_alive()  # the stream is still running
+        ok = list(e.generate(GenerationRequest([Message("user", [ImagePart(make_image(64, 64, seed=34)),
+                                                                 TextPart("hi")])],
+                                               SamplingParams(max_new_tokens=2, ignore_eos=True))))
+        assert ok[-1].usage.completion_tokens == 2
+        t.join(120)
+        assert streaming[-1].usage.completion_tokens == 400
+    finally:
+        e.close()
+
+
+def test_manifest_records_the_slices(tiny_onnx):
+    m = json.loads((tiny_onnx / MANIFEST).read_text())
+    s = m["vision_slices"]
+    files = [s["embed"], *(g["graph"] for g in s["blocks"]), s["merger"]]
+    assert all((tiny_onnx / f).is_file() and (tiny_onnx / (f + ".data")).is_file() for f in files)
+    assert not (tiny_onnx / "vision.onnx").exists()
+    ds = [j for g in s["blocks"] for j in g["deepstack"]]
+    assert ds == list(range(len(json.loads((tiny_onnx / "config.json").read_text())["vision_config"][
+        "deepstack_visual_indexes"])))
