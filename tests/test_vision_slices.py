@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgevl.export import MANIFEST, export_model
+from edgevl.export import export_model
+from edgevl.export.manifest import MANIFEST, Manifest
 from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
 from edgevl.runtime.engine import OrtEngine
 from edgevl.runtime.vision_job import decoder_token_flops
@@ -74,10 +75,10 @@ def test_slices_give_the_whole_towers_features(exports, precision, per_slice):
     3 blocks per slice puts DeepStack outputs inside and at the end of a group."""
     sliced, whole = exports(precision, per_slice), exports(precision, 0)
     m = sliced.manifest
-    assert "vision" not in m["graphs"] and "vision_slices" in m and "vision_slices" not in whole.manifest
-    assert m["vision_precision"] == precision
+    assert "vision" not in m.graphs and m.vision_slices and whole.manifest.vision_slices is None
+    assert m.vision_precision == precision
     depth = sliced.config.vision.depth
-    assert [g["blocks"] for g in m["vision_slices"]["blocks"]] == [
+    assert [g["blocks"] for g in m.vision_slices["blocks"]] == [
         [i, min(depth, i + per_slice)] for i in range(0, depth, per_slice)]
     assert len(sliced.model.vision_slices) == 2 + -(-depth // per_slice)
     for patches in _image_and_clip(sliced):
@@ -230,8 +231,7 @@ def test_cancel_mid_encode_frees_the_request_at_once(tiny_onnx):
 
 
 def test_manifest_records_the_slices(tiny_onnx):
-    m = json.loads((tiny_onnx / MANIFEST).read_text())
-    s = m["vision_slices"]
+    s = Manifest.read(tiny_onnx).vision_slices
     files = [s["embed"], *(g["graph"] for g in s["blocks"]), s["merger"]]
     assert all((tiny_onnx / f).is_file() and (tiny_onnx / (f + ".data")).is_file() for f in files)
     assert not (tiny_onnx / "vision.onnx").exists()
