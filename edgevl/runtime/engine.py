@@ -85,7 +85,7 @@ class OrtEngine:
         decoder = open_session(self.folder / graphs["decoder"], self.options)
         bf16 = "vision" in self.manifest.bf16_weight_graphs
         vision = open_vision(self.folder, self.manifest,
-                             lambda path, sliced: open_session(path, self.options, bf16, arena=not sliced))
+                             lambda path, sliced: open_session(path, self.options, bf16, slice_of_many=sliced))
         self.model = OnnxModel(self.config, vision, open_session(self.folder / graphs["embed"], self.options), decoder,
                                groups_together=self.manifest.vision_runs_frame_groups_together,
                                max_run_rows=self.options.max_pixels // self.config.vision.patch_size**2)
