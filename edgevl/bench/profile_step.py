@@ -31,9 +31,11 @@ from edgevl.checkpoint import ModelConfig
 class DecoderStep:
     """A decoder session and the buffers for steps of `batch` rows with `past` tokens cached."""
 
-    def __init__(self, folder: Path, threads: int, profile: bool = False):
+    def __init__(self, folder: Path, threads: int, profile: bool = False, spin: bool = True):
         self.folder = Path(folder)
         so = ort.SessionOptions()
+        if not spin:  # idle pool threads sleep: the process's CPU time is then the work done
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -124,39 +126,47 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds over every export and batch")
     ap.add_argument("--steps", type=int, default=5, help="steps per round (the round's median is kept)")
     ap.add_argument("--profile", action="store_true", help="also a per-operator profile of a few steps")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="pool threads sleep when idle, so CPU ms per step (also reported) counts work, not "
+                         "spinning: steadier than wall time on a loaded machine")
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
-    steps = {str(f): DecoderStep(f, args.threads) for f in args.exports}
+    steps = {str(f): DecoderStep(f, args.threads, spin=not args.no_spin) for f in args.exports}
     for s in steps.values():  # warm-up: prepacking, first-touch of mapped weights, arena growth
         for bs in batches:
             s.step(bs, args.past)
             s.step(bs, args.past)
     times: dict[tuple[str, int], list[float]] = defaultdict(list)
+    cpu: dict[tuple[str, int], list[float]] = defaultdict(list)
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
         for name, s in order:
             for bs in batches:
-                one = []
+                one, one_cpu = [], []
                 for _ in range(args.steps):
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     s.step(bs, args.past)
                     one.append(time.perf_counter() - t0)
+                    one_cpu.append(time.process_time() - c0)
                 times[(name, bs)].append(statistics.median(one) * 1000)
+                cpu[(name, bs)].append(statistics.median(one_cpu) * 1000)
         load.append(os.getloadavg()[0])
     result: dict = {"past": args.past, "threads": args.threads, "load_1min": [round(x, 2) for x in load],
-                    "ms_per_step": {}}
+                    "ms_per_step": {}, "cpu_ms_per_step": {}}
     print(f"load average (1 min) during timing: {min(load):.2f}–{max(load):.2f}")
     print(f"{'export':60s} " + " ".join(f"b={bs:<3d} ms (min–max)    " for bs in batches)
-          + (f"b{batches[-1]}/b{batches[0]}" if len(batches) > 1 else ""))
+          + (f"b{batches[-1]}/b{batches[0]}  " if len(batches) > 1 else "") + "CPU ms (median)")
     for name in steps:
         meds = {bs: statistics.median(times[(name, bs)]) for bs in batches}
         cells = [f"{meds[bs]:7.1f} ({min(times[(name, bs)]):.0f}–{max(times[(name, bs)]):.0f})".ljust(25)
                  for bs in batches]
         ratio = f"{meds[batches[-1]] / meds[batches[0]]:.2f}" if len(batches) > 1 else ""
-        print(f"{name:60s} " + " ".join(cells) + ratio)
+        cpu_cells = " ".join(f"b={bs}: {statistics.median(cpu[(name, bs)]):.1f}" for bs in batches)
+        print(f"{name:60s} " + " ".join(cells) + ratio.ljust(7) + cpu_cells)
         result["ms_per_step"][name] = {str(bs): times[(name, bs)] for bs in batches}
+        result["cpu_ms_per_step"][name] = {str(bs): cpu[(name, bs)] for bs in batches}
     if args.profile:
         del steps
         for f in args.exports:
