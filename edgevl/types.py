@@ -237,7 +237,7 @@ class EngineOptions:
     # work one step does while sequences decode, in decoder tokens: a token each, and a newcomer's prompt
     # slice with the rest in the same run, or else a slice of its picture through the vision tower
     # (runtime/vision_job.py) (0: a prompt chunk runs separately, prefill_chunk long)
-    step_tokens: int = 32
+    step_tokens: int = 8  # measured on the 2B int8 (docs/benchmarks.md): 3 rows + 5 tokens ≈ 1.9× a solo step
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each

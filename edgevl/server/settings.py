@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per decoder run while no answer streams")
-    step_tokens: int = Field(32, ge=0, le=65536,
+    step_tokens: int = Field(8, ge=0, le=65536,
                              description="work one loop step does while answers stream, in decoder tokens: their "
                              "next tokens and a newcomer's prompt slice in one decoder run, or a slice of its "
                              "picture through the vision tower (0: the newcomer's prompt chunk runs on its own)")
