@@ -81,6 +81,20 @@ class DecoderStep:
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         embeds = np.stack([g.standard_normal((1, self.hidden), dtype=np.float32) for g in rows])
         ang = np.stack([g.uniform(0, 6.28, hd).astype(np.float32) for g in rows])
+        names = {i.name for i in self.session.get_inputs()}
+        if "mixed" in names:  # a graph with mixed runs: tokens packed in one row, group B unused
+            embeds = embeds.reshape(1, batch, self.hidden)
+            spare = np.zeros((1, kv[0].shape[1], 1, hd), np.float32)
+            for i in range(self.n_layers):
+                for kind in ("key", "value"):
+                    ov = ort.OrtValue.ortvalue_from_numpy(spare)
+                    b.bind_ortvalue_input(f"b_key_values.{i}.{kind}", ov)
+                    b.bind_ortvalue_output(f"b_present.{i}.{kind}", ov)
+            b.bind_cpu_input("mixed", np.asarray(False))
+            b.bind_cpu_input("a_shape", np.asarray([batch, 1], np.int64))
+            b.bind_cpu_input("b_seqlens_k", np.zeros(1, np.int32))
+            b.bind_cpu_input("b_total_sequence_length", np.asarray(1, np.int32))
+            b.bind_cpu_input("logit_idx", np.arange(batch, dtype=np.int64))
         b.bind_cpu_input("inputs_embeds", embeds)
         b.bind_cpu_input("cos", np.cos(ang))
         b.bind_cpu_input("sin", np.sin(ang))
@@ -91,7 +105,8 @@ class DecoderStep:
         b.bind_cpu_input("image_embeds", np.zeros((0, self.hidden), np.float32))
         if self.n_deep:
             b.bind_cpu_input("deepstack_embeds", np.zeros((self.n_deep, 0, self.hidden), np.float32))
-        b.bind_cpu_input("num_logits", np.asarray([1], np.int64))
+        if "num_logits" in names:
+            b.bind_cpu_input("num_logits", np.asarray([1], np.int64))
         self.session.run_with_iobinding(b)
         return logits
 
