@@ -404,7 +404,7 @@ class BatchLoop:
 
     def _ready_newcomer(self) -> Work | None:
         """The oldest newcomer whose images are all encoded (its state: prefilling), or None; images
-        go to the vision thread one at a time meanwhile (their newcomers: encoding)."""
+        become vision jobs one at a time meanwhile (their newcomers: encoding; see _vision_step)."""
         self._collect_vision()
         for w in self.active:
             if w.state not in (State.ENCODING, State.PREFILLING) or w.seq.cancelled:
