@@ -152,24 +152,14 @@ class OnnxModel:
                     bind.bind_ortvalue_output(f"{present}.{i}.{kind}", ov)
         logits = np.empty((len(logit_idx), self.config.text.vocab_size), np.float32)
         bind.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
         ids = a.ids.reshape(-1) if b is None else np.concatenate([a.ids.reshape(-1), b.ids.reshape(-1)])
         b_lengths = b.lengths if b is not None else np.ones(1, np.int64)
         try:
-            embeds = self.embed.run(None, {"input_ids": np.ascontiguousarray(ids[None, :], dtype=np.int64)})[0]
-            bind.bind_cpu_input("inputs_embeds", embeds)
-            bind.bind_cpu_input("cos", np.ascontiguousarray(cos, dtype=np.float32))
-            bind.bind_cpu_input("sin", np.ascontiguousarray(sin, dtype=np.float32))
+            self._bind_shared(bind, ids[None, :], cos, sin, a.lengths, visual)
             bind.bind_cpu_input("mixed", np.asarray(b is not None))
             bind.bind_cpu_input("a_shape", np.asarray(a.ids.shape, np.int64))
-            bind.bind_cpu_input("seqlens_k", np.ascontiguousarray(a.lengths - 1, dtype=np.int32))
-            bind.bind_cpu_input("total_sequence_length", np.asarray(int(a.lengths.max()), np.int32))
             bind.bind_cpu_input("b_seqlens_k", np.ascontiguousarray(b_lengths - 1, dtype=np.int32))
             bind.bind_cpu_input("b_total_sequence_length", np.asarray(int(b_lengths.max()), np.int32))
-            bind.bind_cpu_input("visual_idx", vis_idx)
-            bind.bind_cpu_input("image_embeds", vis_emb)
-            if self.has_deepstack:
-                bind.bind_cpu_input("deepstack_embeds", vis_deep)
             bind.bind_cpu_input("logit_idx", np.ascontiguousarray(logit_idx, dtype=np.int64))
             self.decoder.run_with_iobinding(bind)
         except Exception as e:
@@ -188,21 +178,27 @@ class OnnxModel:
                 b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
         logits = np.empty((ids.shape[0] * n_logits, self.config.text.vocab_size), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
-        vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
         try:
-            embeds = self.embed.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)})[0]
-            b.bind_cpu_input("inputs_embeds", embeds)
-            b.bind_cpu_input("cos", np.ascontiguousarray(cos, dtype=np.float32))
-            b.bind_cpu_input("sin", np.ascontiguousarray(sin, dtype=np.float32))
-            b.bind_cpu_input("seqlens_k", np.ascontiguousarray(lengths - 1, dtype=np.int32))
-            b.bind_cpu_input("total_sequence_length", np.asarray(int(lengths.max()), np.int32))
-            b.bind_cpu_input("visual_idx", vis_idx)
-            b.bind_cpu_input("image_embeds", vis_emb)
-            if self.has_deepstack:
-                b.bind_cpu_input("deepstack_embeds", vis_deep)
+            self._bind_shared(b, ids, cos, sin, lengths, visual)
             if self.has_num_logits:
                 b.bind_cpu_input("num_logits", np.asarray([n_logits], np.int64))
             self.decoder.run_with_iobinding(b)
         except Exception as e:
             raise EngineError(f"decoder failed: {e}") from e
         return logits
+
+    def _bind_shared(self, bind: ort.IOBinding, ids: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                     lengths: np.ndarray, visual: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+        """The inputs both decoder layouts take: the tokens' embeddings, their angles, group A's
+        lengths, and the image features scattered in."""
+        vis_idx, vis_emb, vis_deep = visual if visual is not None else self.no_visual()
+        bind.bind_cpu_input("inputs_embeds",
+                            self.embed.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)})[0])
+        bind.bind_cpu_input("cos", np.ascontiguousarray(cos, dtype=np.float32))
+        bind.bind_cpu_input("sin", np.ascontiguousarray(sin, dtype=np.float32))
+        bind.bind_cpu_input("seqlens_k", np.ascontiguousarray(lengths - 1, dtype=np.int32))
+        bind.bind_cpu_input("total_sequence_length", np.asarray(int(lengths.max()), np.int32))
+        bind.bind_cpu_input("visual_idx", vis_idx)
+        bind.bind_cpu_input("image_embeds", vis_emb)
+        if self.has_deepstack:
+            bind.bind_cpu_input("deepstack_embeds", vis_deep)
