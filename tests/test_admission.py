@@ -124,10 +124,6 @@ def test_a_closed_engine_refuses(tiny_onnx):
         e.submit(prepared, Inbox())
 
 
-@pytest.mark.xfail(reason="regression found at the end of the 2026-12-02 session, after the merges: the running "
-                   "3000-token request ends with 'length' before its cancel lands (the cancelled waiting "
-                   "request's end seems to come only after it); passed on the scheduler branch alone",
-                   strict=False)
 def test_the_reference_engine_queues_behind_the_same_interface(tiny_checkpoint):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

@@ -230,6 +230,34 @@ def test_cancel_mid_encode_frees_the_request_at_once(tiny_onnx):
         e.close()
 
 
+def test_a_full_queue_does_not_stall_the_picture_being_encoded(tiny_onnx):
+    """Regression (CI, 2026-12-02: eight clients with pictures at once all timed out): with every place
+    taken by requests still encoding and others queued behind them, the tower gave up its turn to a
+    queue that could not be admitted, and nothing moved. Each picture must go on through the tower."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=1, queue_size=3, prefix_cache=False, vision_cache_entries=0))
+    try:
+        reqs = [GenerationRequest([Message("user", [ImagePart(make_image(512, 512, seed=50 + i)), TextPart("What?")])],
+                                  SamplingParams(max_new_tokens=2, ignore_eos=True)) for i in range(3)]
+        prepared = [e.prepare(r) for r in reqs]
+        inboxes: list[list] = [[] for _ in reqs]
+        done = [threading.Event() for _ in reqs]
+
+        def sink(i: int):
+            def put(item) -> None:
+                inboxes[i].append(item)
+                if isinstance(item, FinishEvent | BaseException):
+                    done[i].set()
+            return put
+
+        for i, p in enumerate(prepared):  # back to back: the second and third queue behind the first
+            e.submit(p, sink(i))
+        for d in done:
+            assert d.wait(60), "a request never ended"
+        assert all(isinstance(b[-1], FinishEvent) and b[-1].usage.completion_tokens == 2 for b in inboxes)
+    finally:
+        e.close()
+
+
 def test_manifest_records_the_slices(tiny_onnx):
     s = Manifest.read(tiny_onnx).vision_slices
     files = [s["embed"], *(g["graph"] for g in s["blocks"]), s["merger"]]

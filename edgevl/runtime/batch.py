@@ -181,6 +181,10 @@ class BatchLoop:
         """Admitted requests, as of the last published change (other threads never read `active`)."""
         return sum(n for state, n in self._states.items() if state != State.WAITING.value)
 
+    def _admissible(self) -> bool:
+        """Whether the head of the queue has a place to take now (a peek from the loop's thread)."""
+        return bool(self.admission.waiting) and len(self.active) < self.admission.allowed
+
     def _idle(self) -> bool:
         """Whether the loop has nothing to do until someone calls in (held under the lock)."""
         a = self.admission
@@ -438,10 +442,11 @@ class BatchLoop:
 
     def _vision_step(self, budget_spent: bool) -> None:
         """The picture in the vision tower moves on: to the end when no sequence is decoding (a lone
-        request waits no longer than for one whole-tower run; between slices a cancel or a newcomer
-        to admit is still seen), else by one step's budget, `step_tokens` decoder-token equivalents
-        less the decoding rows, at least one slice, so streams keep their pace — in a step whose
-        budget a prompt slice did not take (`budget_spent`; then the picture goes first next step)."""
+        request waits no longer than for one whole-tower run; between slices a cancel, or a queued
+        request that has a place to take, is still seen), else by one step's budget, `step_tokens`
+        decoder-token equivalents less the decoding rows, at least one slice, so streams keep their
+        pace — in a step whose budget a prompt slice did not take (`budget_spent`; then the picture
+        goes first next step)."""
         if self._vision is None:
             return
         w, _, job = self._vision
@@ -457,8 +462,9 @@ class BatchLoop:
         try:
             if decoding:
                 job.run(max(0, self.step_tokens - decoding))
-            else:
-                while not job.done and not w.seq.cancelled and not self.admission.waiting:
+            else:  # a slice at least: a queue that cannot be admitted yet must not hold the tower
+                job.step()
+                while not job.done and not w.seq.cancelled and not self._admissible():
                     job.step()
         except EngineError as err:
             self._vision = None

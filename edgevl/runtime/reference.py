@@ -238,15 +238,20 @@ class TransformersEngine:
                         job.sink(EngineError("the engine is shutting down"))
                     a.waiting.clear()
                     return None
-                for job in [j for j in a.waiting if j.cancelled]:
-                    a.waiting.remove(job)
-                    self._count("cancelled_waiting")
-                    for ev in self._sequence(job.prepared).cancel():
-                        job.sink(ev)
+                self._drop_cancelled()
                 if a.waiting and a.allowed > 0:
                     self._running = 1
                     return a.waiting.popleft()
                 self._cv.wait(timeout=1.0)
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled waiting jobs leave the queue with their end (called with the lock held)."""
+        a = self._admission
+        for job in [j for j in a.waiting if j.cancelled]:
+            a.waiting.remove(job)
+            self._count("cancelled_waiting")
+            for ev in self._sequence(job.prepared).cancel():
+                job.sink(ev)
 
     def _serve(self) -> None:
         while (job := self._next()) is not None:
@@ -254,6 +259,8 @@ class TransformersEngine:
             try:
                 for ev in self._run(job.prepared):
                     job.sink(ev)
+                    with self._cv:  # a waiting request cancelled now ends now, not after this answer
+                        self._drop_cancelled()
             except Exception as e:  # one request fails; the thread serves on
                 self._count("errors")
                 job.sink(e)
