@@ -1,98 +1,23 @@
-"""Checkpoint folder → ONNX graphs + manifest, ready for the runtime engine (no torch needed)."""
+"""Checkpoint folder → ONNX graphs + manifest, ready for the runtime engine (no torch needed).
+
+The exporter (exporter.py) builds graphs with the `onnx` package, whose import takes over a second
+(its ml_dtypes extension); a server on an exported folder reads only manifest.py. So `export_model`
+and the precision tables load on first use, and starting a server never pays for the exporter.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edgevl.checkpoint import load_checkpoint
-from edgevl.export.builder import GraphBuilder, QuantSpec
-from edgevl.export.decoder import build_decoder, build_embedding, embedding_precision
-from edgevl.export.manifest import Manifest
-from edgevl.export.quantize import int8_gemm_saturates
-from edgevl.export.vision import build_vision, build_vision_slices
+if TYPE_CHECKING:
+    from edgevl.export.exporter import DEFAULT_VISION_PRECISION, PRECISIONS, export_model
 
-PRECISIONS: dict[str, QuantSpec | None] = {
-    "fp32": None,
-    # per-channel int8 + integer GEMM: 3x faster prompts than MatMulNBits-8 on VNNI CPUs (docs/quantization.md)
-    "int8": QuantSpec(method="dynamic", bits=8),
-    "int4": QuantSpec(method="nbits", bits=4, block_size=128),  # block 128: 1.5x faster decode than 32
-    "int8-nbits": QuantSpec(method="nbits", bits=8, block_size=32),  # kept to measure int8 against
-}
-# the vision tower is compute-bound: integer GEMM helps it, 4-bit weights do not
-DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8"}
-_COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-           "tokenizer.json",
-           "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
-           "edgevl_random_weights.json")
+__all__ = ["DEFAULT_VISION_PRECISION", "PRECISIONS", "export_model"]
 
 
-def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32",
-                 vision_precision: str | None = None, lm_head_precision: str | None = None,
-                 vision_blocks_per_slice: int = 1) -> Path:
-    """Write the vision tower's slices, embed.onnx and decoder.onnx (each with its .data), the
-    tokenizer/processor files and a manifest.
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from edgevl.export import exporter
 
-    The vision tower is written in slices (export/vision.py: `vision_embed`, `vision_blocks.<i>` of
-    `vision_blocks_per_slice` blocks each, `vision_merger`) that the batch loop runs between decoder
-    steps; `vision_blocks_per_slice=0` writes the whole tower as one `vision.onnx` instead (as
-    exports before slices did).
-
-    `vision_precision` defaults to DEFAULT_VISION_PRECISION[precision] (int8 for the 4-bit exports:
-    the vision tower is compute-bound and small; fp32 may be asked for while the bandwidth-bound
-    decoder is quantized). `lm_head_precision` defaults to `precision`, but int8 under int4: the
-    last layer decides every token.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-    vision_precision = vision_precision or DEFAULT_VISION_PRECISION[precision]
-    # the last layer decides every token: keep it int8 when the body is 4-bit
-    lm_head_precision = lm_head_precision or {"int4": "int8"}.get(precision, precision)
-    unsigned = int8_gemm_saturates()
-
-    def spec(name: str) -> QuantSpec | None:
-        q = PRECISIONS[name]
-        return dataclasses.replace(q, unsigned_weights=unsigned) if q is not None and q.method == "dynamic" else q
-
-    ckpt = load_checkpoint(checkpoint)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    weights = ckpt.weights()
-    try:
-        # fp32 vision keeps the checkpoint's bf16 weights as they are: 0.75 GB less for the 2B
-        def vision_builder(name: str) -> GraphBuilder:
-            return GraphBuilder(name, out, spec(vision_precision), bf16_weights=vision_precision == "fp32")
-
-        slices = None
-        if vision_blocks_per_slice > 0:
-            slices = build_vision_slices(out, ckpt.config, weights, vision_builder, vision_blocks_per_slice)
-            vision_widened = bool(slices.pop("bf16_weight_graphs"))
-        else:
-            vb = vision_builder("vision")
-            build_vision(vb, ckpt.config, weights)
-            vb.save("Qwen3-VL vision tower: one image, or a clip's frame groups as a batch, per run")
-            vision_widened = bool(vb.widened)
-        db = GraphBuilder("decoder", out, spec(precision))
-        build_decoder(db, ckpt.config, weights, lm_head=spec(lm_head_precision))
-        db.save("Qwen3-VL language model with GroupQueryAttention KV cache and DeepStack")
-        embed_precision = embedding_precision(ckpt.config, weights, PRECISIONS[lm_head_precision])
-        eb = GraphBuilder("embed", out)
-        build_embedding(eb, ckpt.config, weights, embed_precision)
-        eb.save(f"Qwen3-VL token embedding ({embed_precision})")
-    finally:
-        weights.close()
-    for name in _COPIED:
-        if (ckpt.folder / name).is_file():
-            shutil.copy2(ckpt.folder / name, out / name)
-    graphs = {"embed": "embed.onnx", "decoder": "decoder.onnx", **({} if slices else {"vision": "vision.onnx"})}
-    Manifest(model_name=ckpt.name, source=str(ckpt.folder.resolve()), precision=precision,
-             vision_precision=vision_precision, lm_head_precision=lm_head_precision,
-             random_weights=ckpt.random_weights, embedding_precision=embed_precision,
-             int8_unsigned_weights=unsigned, graphs=graphs, bf16_weight_graphs=["vision"] if vision_widened else [],
-             vision_runs_frame_groups_together=True, vision_slices=slices,
-             export_seconds=round(time.perf_counter() - t0, 2)).write(out)
-    return out
-
+        return getattr(exporter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

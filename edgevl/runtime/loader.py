@@ -6,7 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-from edgevl.export import export_model
 from edgevl.export.manifest import is_exported
 from edgevl.export.quantize import int8_gemm_saturates
 from edgevl.runtime.engine import OrtEngine
@@ -37,6 +36,8 @@ def ensure_exported(model_path: str | Path, options: EngineOptions) -> Path:
         return path
     target = exported_dir_for(path, options.precision)
     if not is_exported(target):
+        from edgevl.export import export_model  # the exporter (and onnx) only when there is work for it
+
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         export_model(path, tmp, options.precision)
         tmp.rename(target)
