@@ -7,7 +7,11 @@ checkpoint is bf16, as Qwen's are, so its fp32 vision tower runs on bf16-stored 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +20,7 @@ from onnx import TensorProto
 
 from edgevl.export import export_model
 from edgevl.export.builder import FLOAT, GraphBuilder
-from edgevl.export.manifest import MANIFEST, Manifest
+from edgevl.export.manifest import MANIFEST, Manifest, is_exported
 from edgevl.runtime.model import OnnxModel, open_session, session_options
 from edgevl.types import EngineOptions, GenerationRequest, ImagePart, Message, TextPart
 from tests.conftest import make_image
@@ -154,3 +158,18 @@ def test_the_manifest_reads_as_it_was_written_and_an_older_one_with_defaults(tin
     old = Manifest.read(tmp_path)
     assert old.precision == "int8" and old.model_name == tmp_path.name
     assert not old.vision_runs_frame_groups_together and not old.int8_unsigned_weights and old.bf16_weight_graphs == []
+
+
+def test_two_processes_exporting_the_same_checkpoint_at_once_both_load_it(tiny_checkpoint, tmp_path):
+    """Two servers (or two test workers) started together on a checkpoint: one export wins the
+    rename, the other uses it; nothing half-written is left behind."""
+    code = ("import sys; from edgevl.runtime.loader import ensure_exported; from edgevl.types import EngineOptions; "
+            "print(ensure_exported(sys.argv[1], EngineOptions()))")
+    env = {**os.environ, "EDGEVL_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_checkpoint)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+    folders = {out.strip() for out, _ in outs}
+    assert len(folders) == 1 and is_exported(Path(folders.pop()))
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [Path(outs[0][0].strip()).name]

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         tps = lambda rs: sorted(r["decode_tokens_per_s"] for r in rs)[1]  # noqa: E731  (median of 3)
         emit({"event": "constraint", "backend": args.backend, "free_tokens_per_s": tps(free),
               "constrained_tokens_per_s": tps(bound), "constrained_output_tokens": [r["output_tokens"] for r in bound],
+              "constrained_forced_tokens": [r["forced_tokens"] for r in bound],
               "overhead": 1 - tps(bound) / tps(free)})
     emit({"event": "done", "backend": args.backend, "peak_rss_mb": peak_rss_mb()})
     return 0

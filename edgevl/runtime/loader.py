@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from edgevl.export.manifest import is_exported
@@ -40,7 +41,12 @@ def ensure_exported(model_path: str | Path, options: EngineOptions) -> Path:
 
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         export_model(path, tmp, options.precision)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process (a second server, a test worker) exported it first
+            if not is_exported(target):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
