@@ -97,7 +97,7 @@ def test_flood_gets_documented_refusals_and_nothing_is_lost(cluster):
     lock = threading.Lock()
 
     def ask(i: int) -> None:
-        r = httpx.post(url + "/api/predict", json={"prompt": f"flood {i}", "max_tokens": 400}, timeout=300)
+        r = httpx.post(url + "/api/predict", json={"prompt": f"flood {i}", "max_tokens": 120}, timeout=300)
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "queue_full"
         with lock:
