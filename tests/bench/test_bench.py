@@ -126,7 +126,7 @@ def test_load_mode_reports_a_peer_server_that_fails_to_start_and_goes_on(tmp_pat
 def test_structured_tasks_compare_jump_forward_on_and_off_in_one_run(tmp_path, tiny_checkpoint):
     out = tmp_path / "bench"
     r = subprocess.run([sys.executable, "-m", "edgevl.cli", "bench", "--model", str(tiny_checkpoint), "--runs", "2",
-                        "--max-tokens", "48", "--tasks", "receipt,detect", "--pixel-sweep", "96",
+                        "--max-tokens", "48", "--tasks", "receipt,detect", "--size", "96",
                         "--backends", "edgevl-fp32,edgevl-fp32:no-jump-forward", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -137,6 +137,9 @@ def test_structured_tasks_compare_jump_forward_on_and_off_in_one_run(tmp_path, t
         assert j["same_output"] and j["backend"] == "edgevl-fp32" and j["total_ms_without"] > 0
     assert sum(j["forced_tokens"] for j in jump.values()) > 0
     assert "| without jump-forward |" in (out / "bench.md").read_text()
+    # the JSON-schema table: with drafts (forced tokens counted) and the mask alone (none forced)
+    forced = {c["backend"]: sum(c["constrained_forced_tokens"]) for c in report["constraint_overhead"]}
+    assert forced["edgevl-fp32:no-jump-forward"] == 0 and forced["edgevl-fp32"] > 0
 
 
 def test_load_mode_reports_power_from_an_energy_counter(tmp_path, tiny_checkpoint):

@@ -16,8 +16,11 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
+    """Per module, not per session: Playwright's sync API keeps an event loop running on the main
+    thread while it is open, and any later test that calls asyncio.run (the agent SDKs' run_sync)
+    would fail — as the client tests did when run after these in one process."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
     sync_api = pytest.importorskip("playwright.sync_api")
