@@ -98,4 +98,3 @@ def test_which_cpus_store_int8_weights_unsigned():
     assert not int8_gemm_saturates({"avx", "avx2", "avx512f", "avx512_vnni"})
     assert not int8_gemm_saturates({"avx", "avx2", "avx_vnni"})
     assert not int8_gemm_saturates({"asimd", "asimddp"})  # ARM: not this kernel
-

@@ -31,6 +31,7 @@ from edgevl.types import (
 )
 from tests.clips import mp4
 from tests.conftest import make_image
+from tests.test_admission import Inbox
 
 
 def _export(checkpoint: Path, folder: Path, precision: str, per_slice: int) -> Path:
@@ -238,22 +239,11 @@ def test_a_full_queue_does_not_stall_the_picture_being_encoded(tiny_onnx):
     try:
         reqs = [GenerationRequest([Message("user", [ImagePart(make_image(512, 512, seed=50 + i)), TextPart("What?")])],
                                   SamplingParams(max_new_tokens=2, ignore_eos=True)) for i in range(3)]
-        prepared = [e.prepare(r) for r in reqs]
-        inboxes: list[list] = [[] for _ in reqs]
-        done = [threading.Event() for _ in reqs]
-
-        def sink(i: int):
-            def put(item) -> None:
-                inboxes[i].append(item)
-                if isinstance(item, FinishEvent | BaseException):
-                    done[i].set()
-            return put
-
-        for i, p in enumerate(prepared):  # back to back: the second and third queue behind the first
-            e.submit(p, sink(i))
-        for d in done:
-            assert d.wait(60), "a request never ended"
-        assert all(isinstance(b[-1], FinishEvent) and b[-1].usage.completion_tokens == 2 for b in inboxes)
+        inboxes = [Inbox() for _ in reqs]
+        for r, inbox in zip(reqs, inboxes):  # back to back: the second and third queue behind the first
+            e.submit(e.prepare(r), inbox)
+        ends = [inbox.end(timeout=60) for inbox in inboxes]  # queue.Empty: a request never ended
+        assert all(isinstance(f, FinishEvent) and f.usage.completion_tokens == 2 for f in ends)
     finally:
         e.close()
 

@@ -96,4 +96,3 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
              vision_runs_frame_groups_together=True, vision_slices=slices,
              export_seconds=round(time.perf_counter() - t0, 2)).write(out)
     return out
-

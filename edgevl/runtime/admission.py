@@ -51,6 +51,15 @@ class Admission(Generic[T]):
             raise QueueFull(f"{running} running, {waiting} waiting (queue size {self.queue_size})",
                             self.retry_after_s(waiting), running, waiting, self.queue_size)
 
+    def drop_cancelled(self) -> list[T]:
+        """Takes the cancelled out of the queue (the loop's thread only) and counts them; the caller
+        delivers their ends."""
+        dropped = [w for w in self.waiting if self._cancelled(w)]
+        for w in dropped:
+            self.waiting.remove(w)
+            self._count("cancelled_waiting")
+        return dropped
+
     def add(self, work: T, running: int) -> None:
         self.check(running)
         self.waiting.append(work)

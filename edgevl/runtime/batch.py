@@ -219,9 +219,7 @@ class BatchLoop:
         """First come, first served, while fewer than the allowed number run: the head of the queue waits
         until its KV fits, and so do those behind it. Called holding the lock."""
         waiting = self.admission.waiting
-        for w in [w for w in waiting if w.seq.cancelled]:
-            waiting.remove(w)
-            self._count("cancelled_waiting")
+        for w in self.admission.drop_cancelled():
             events = w.seq.cancel()
             self._set(w, State.CANCELLED)
             for ev in events:

@@ -246,10 +246,7 @@ class TransformersEngine:
 
     def _drop_cancelled(self) -> None:
         """Cancelled waiting jobs leave the queue with their end (called with the lock held)."""
-        a = self._admission
-        for job in [j for j in a.waiting if j.cancelled]:
-            a.waiting.remove(job)
-            self._count("cancelled_waiting")
+        for job in self._admission.drop_cancelled():
             for ev in self._sequence(job.prepared).cancel():
                 job.sink(ev)
 
