@@ -76,7 +76,7 @@ def test_both_replicas_answer(cluster):
         if len(seen) == 2:
             break
     assert len(seen) == 2, seen
-    assert httpx.get(url + "/api/health").json()["replica"]
+    assert httpx.get(url + "/api/health", timeout=60).json()["replica"]
 
 
 def test_streaming_through_ray(cluster):
