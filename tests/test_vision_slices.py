@@ -34,22 +34,24 @@ from tests.conftest import make_image
 from tests.test_admission import Inbox
 
 
-def _export(checkpoint: Path, folder: Path, precision: str, per_slice: int) -> Path:
+def _export(checkpoint: Path, folder: Path, precision: str, per_slice: int, chunk_rows: int) -> Path:
     if not (folder / MANIFEST).is_file():
-        export_model(checkpoint, folder, precision, vision_blocks_per_slice=per_slice)
+        export_model(checkpoint, folder, precision, vision_blocks_per_slice=per_slice, vision_chunk_rows=chunk_rows)
     return folder
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_checkpoint, tmp_path_factory):
-    """(precision, blocks per slice) → an engine on that export of the tiny checkpoint; 0: one whole graph."""
+    """(precision, blocks per slice, chunk rows) → an engine on that export of the tiny checkpoint;
+    0 blocks per slice: one whole graph; 0 chunk rows: blocks not split."""
     root = tmp_path_factory.mktemp("vision_slices")
-    engines: dict[tuple[str, int], OrtEngine] = {}
+    engines: dict[tuple[str, int, int], OrtEngine] = {}
 
-    def get(precision: str, per_slice: int) -> OrtEngine:
-        key = (precision, per_slice)
+    def get(precision: str, per_slice: int, chunk_rows: int = 0) -> OrtEngine:
+        key = (precision, per_slice, chunk_rows)
         if key not in engines:
-            folder = _export(tiny_checkpoint, root / f"{precision}-{per_slice}", precision, per_slice)
+            folder = _export(tiny_checkpoint, root / f"{precision}-{per_slice}-{chunk_rows}", precision, per_slice,
+                             chunk_rows)
             engines[key] = OrtEngine(folder, EngineOptions(prefix_cache=False, vision_cache_entries=0))
         return engines[key]
 
@@ -69,23 +71,40 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-@pytest.mark.parametrize("per_slice", [1, 3])
-def test_slices_give_the_whole_towers_features(exports, precision, per_slice):
+@pytest.mark.parametrize(("per_slice", "chunk_rows"), [(1, 0), (3, 0), (1, 16), (1, 1024)])
+def test_slices_give_the_whole_towers_features(exports, precision, per_slice, chunk_rows):
     """An image and a clip (frame groups batched) through the slices: the whole graph's numbers.
-    3 blocks per slice puts DeepStack outputs inside and at the end of a group."""
-    sliced, whole = exports(precision, per_slice), exports(precision, 0)
+    3 blocks per slice puts DeepStack outputs inside and at the end of a group. Blocks split over
+    chunks of 16 patches (the image: 18 chunks; a clip's batch is never split) give the same numbers at
+    fp32; at int8 each chunk quantizes its own activations, which is as close to fp32 as the whole."""
+    sliced, whole = exports(precision, per_slice, chunk_rows), exports(precision, 0)
     m = sliced.manifest
     assert "vision" not in m.graphs and m.vision_slices and whole.manifest.vision_slices is None
-    assert m.vision_precision == precision
+    assert m.vision_precision == precision and m.vision_slices["chunk_rows"] == chunk_rows
     depth = sliced.config.vision.depth
     assert [g["blocks"] for g in m.vision_slices["blocks"]] == [
         [i, min(depth, i + per_slice)] for i in range(0, depth, per_slice)]
+    assert all(("qkv" in g) == (chunk_rows > 0) for g in m.vision_slices["blocks"])
     assert len(sliced.model.vision_slices) == 2 + -(-depth // per_slice)
-    for patches in _image_and_clip(sliced):
+    image, clip = _image_and_clip(sliced)
+    chunks = -(-image.pixel_values.shape[0] // chunk_rows) if chunk_rows else 0
+    pieces = 2 * depth * chunks if chunk_rows else len(m.vision_slices["blocks"])
+    assert len(sliced.model.vision_job(image).costs) == 2 + pieces
+    for patches in (image, clip):
         a, b = sliced.model.encode_image(patches), whole.model.encode_image(patches)
         assert a.embeds.shape == b.embeds.shape and a.deepstack.shape == b.deepstack.shape
         assert a.deepstack.shape[0] == len(sliced.config.vision.deepstack_visual_indexes)
+        if precision == "int8" and patches is image and chunks > 1:
+            ref = exports("fp32", 0).model.encode_image(patches)
+            assert _rel(a.embeds, b.embeds) > 0  # the chunks' own activation scales
+            assert _cos(a.embeds, ref.embeds) >= _cos(b.embeds, ref.embeds) - 1e-4
+            assert _cos(a.deepstack, ref.deepstack) >= _cos(b.deepstack, ref.deepstack) - 1e-4
+            continue
         tol = 1e-5 if precision == "fp32" else 1e-4  # int8: activations quantized per tensor, the same tensors
         assert _rel(a.embeds, b.embeds) <= tol and _rel(a.deepstack, b.deepstack) <= tol
 
@@ -103,9 +122,10 @@ def test_exports_before_slices_still_serve(exports):
     assert answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("chunk_rows", [0, 16])
 @pytest.mark.parametrize("budget", [0, 1, 40, 150])
-def test_a_budgeted_job_gives_the_features_of_one_run(exports, budget):
-    e = exports("fp32", 1)
+def test_a_budgeted_job_gives_the_features_of_one_run(exports, budget, chunk_rows):
+    e = exports("int8", 1, chunk_rows)
     for patches in _image_and_clip(e):
         full = e.model.encode_image(patches)
         job = e.model.vision_job(patches)
@@ -121,8 +141,8 @@ def test_a_budgeted_job_gives_the_features_of_one_run(exports, budget):
             if done:
                 break
         assert job.slices_run == len(job.costs) and calls <= len(job.costs)
-        if budget <= 1:
-            assert calls == len(job.costs)  # every slice costs more than a token
+        if budget < min(job.costs):
+            assert calls == len(job.costs)  # every slice is over the budget: one per call
         f = job.features
         np.testing.assert_array_equal(f.embeds, full.embeds)
         np.testing.assert_array_equal(f.deepstack, full.deepstack)
@@ -147,6 +167,26 @@ def test_slice_costs_follow_the_shapes(exports):
     assert decoder_token_flops(cfg) == 2 * t.num_layers * (
         2 * t.hidden_size * t.num_heads * t.head_dim + 2 * t.hidden_size * t.num_kv_heads * t.head_dim
         + 3 * t.hidden_size * t.intermediate_size)
+
+
+def test_split_blocks_spread_a_large_picture_over_pieces_of_bounded_cost(exports):
+    """Chunks of 16 patches: a block's pieces together cost what the whole block does, and a larger
+    picture has more pieces, each dearer only by its attention over more keys: linearly, where a
+    whole block grows with the square of the patches."""
+    whole, split = exports("fp32", 1), exports("fp32", 1, 16)
+
+    def costs(e: OrtEngine, side: int) -> tuple[int, list[float]]:
+        req = GenerationRequest([Message("user", [ImagePart(make_image(side, side)), TextPart("x")])])
+        patches = e.prompts.build(req).patches[0]
+        return patches.pixel_values.shape[0], e.model.vision_job(patches).costs
+
+    for side in (128, 512):
+        (_, a), (_, b) = costs(whole, side), costs(split, side)
+        assert sum(b) == pytest.approx(sum(a))
+        assert max(b[1:-1]) < max(a[1:-1]) / 4
+    (n_small, small), (n_big, big) = costs(split, 128), costs(split, 512)
+    assert len(big) > 3 * len(small)
+    assert max(big[1:-1]) / max(small[1:-1]) <= n_big / n_small
 
 
 def _collect(e: OrtEngine, req: GenerationRequest, out: list) -> threading.Thread:

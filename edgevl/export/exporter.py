@@ -30,16 +30,22 @@ _COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", 
            "edgevl_random_weights.json")
 
 
+# patches per vision chunk: a 448² picture (784 patches) stays one chunk; a 1024² page (4,096) runs
+# each block in four, each costing about a 448² picture's block
+VISION_CHUNK_ROWS = 1024
+
+
 def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32",
                  vision_precision: str | None = None, lm_head_precision: str | None = None,
-                 vision_blocks_per_slice: int = 1) -> Path:
+                 vision_blocks_per_slice: int = 1, vision_chunk_rows: int = VISION_CHUNK_ROWS) -> Path:
     """Write the vision tower's slices, embed.onnx and decoder.onnx (each with its .data), the
     tokenizer/processor files and a manifest.
 
     The vision tower is written in slices (export/vision.py: `vision_embed`, `vision_blocks.<i>` of
     `vision_blocks_per_slice` blocks each, `vision_merger`) that the batch loop runs between decoder
     steps; `vision_blocks_per_slice=0` writes the whole tower as one `vision.onnx` instead (as
-    exports before slices did).
+    exports before slices did). `vision_chunk_rows` > 0 splits every block so that it runs over
+    chunks of at most that many patches (export/vision.py); 0 runs each block over a picture at once.
 
     `vision_precision` defaults to DEFAULT_VISION_PRECISION[precision] (int8 for the 4-bit exports:
     the vision tower is compute-bound and small; fp32 may be asked for while the bandwidth-bound
@@ -69,7 +75,8 @@ def export_model(checkpoint: str | Path, out: str | Path, precision: str = "fp32
 
         slices = None
         if vision_blocks_per_slice > 0:
-            slices = build_vision_slices(out, ckpt.config, weights, vision_builder, vision_blocks_per_slice)
+            slices = build_vision_slices(out, ckpt.config, weights, vision_builder, vision_blocks_per_slice,
+                                         vision_chunk_rows)
             vision_widened = bool(slices.pop("bf16_weight_graphs"))
         else:
             vb = vision_builder("vision")

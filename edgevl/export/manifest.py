@@ -37,7 +37,8 @@ class Manifest:
     # exports run one group at a time
     vision_runs_frame_groups_together: bool = False
     # the vision tower in slices, in run order (None: the whole tower is graphs["vision"]):
-    # {"embed": file, "blocks": [{"graph": file, "blocks": [first, end), "deepstack": [j, ...]}], "merger": file}
+    # {"embed": file, "blocks": [{"graph": file, "blocks": [first, end), "deepstack": [j, ...]}], "merger": file,
+    #  "chunk_rows": n}; with chunk_rows > 0 each block entry also names its "qkv" graph (export/vision.py)
     vision_slices: dict | None = None
     export_seconds: float = 0.0
 

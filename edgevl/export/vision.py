@@ -4,7 +4,14 @@ New exports write the tower in slices, so the batch loop can run it a few blocks
 decoder steps (runtime/vision_job.py): `vision_embed` (patch embedding + learnt position taps),
 one graph per group of consecutive blocks (`vision_blocks.<first>`; a group holding a DeepStack
 index also outputs that DeepStack merger's result) and `vision_merger`. Each graph keeps its own
-weights, so the tower is stored once. `build_vision` still makes the whole tower as one graph
+weights, so the tower is stored once.
+
+A block over a large picture costs seconds (attention over 4,096 patches at 1024²), too much for one
+step beside running streams, so `chunk_rows` splits each block in two graphs that run over chunks
+of the patches: `vision_blocks.<i>.qkv` (norm, q/k/v projections and rotary, row by row) and
+`vision_blocks.<i>` (a chunk's queries against every patch's keys and values, the projection and the
+MLP). The chunks are fixed by the picture's size alone, never by load, so a picture's features do
+not depend on who else is being served. `build_vision` still makes the whole tower as one graph
 (exports before slices; tests compare the two).
 
 One image per run, or all frame groups of one clip as a batch: attention is full within an image
@@ -44,10 +51,18 @@ def build_vision(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> None:
 
 
 def build_vision_slices(out: Path, cfg: ModelConfig, w: Weights,
-                        builder: Callable[[str], GraphBuilder], blocks_per_slice: int = 1) -> dict:
+                        builder: Callable[[str], GraphBuilder], blocks_per_slice: int = 1,
+                        chunk_rows: int = 0) -> dict:
     """The tower as slices, each a graph of its own made by `builder(name)`. → the manifest's
     `vision_slices` entry: the graphs in run order, which blocks each holds, which DeepStack
-    outputs each gives, and which graphs store bf16 weights."""
+    outputs each gives, and which graphs store bf16 weights. `chunk_rows` > 0: one block per slice,
+    each split into a q/k/v graph and a rest-of-block graph run over chunks of that many patches
+    (a multiple of the 2x2 merge, so a chunk's DeepStack rows are whole tokens)."""
+    if chunk_rows:
+        unit = cfg.vision.spatial_merge_size**2
+        if chunk_rows % unit:
+            raise ValueError(f"chunk_rows must be a multiple of {unit}")
+        blocks_per_slice = 1
     v = cfg.vision
     hidden = ["num_patches", v.hidden_size]
     widened: list[str] = []
@@ -64,25 +79,38 @@ def build_vision_slices(out: Path, cfg: ModelConfig, w: Weights,
     blocks = []
     for first in range(0, v.depth, blocks_per_slice):
         last = min(v.depth, first + blocks_per_slice)
+        entry: dict = {}
+        if chunk_rows:
+            b = builder(f"vision_blocks.{first}.qkv")
+            x = b.input("hidden_in", FLOAT, hidden)
+            rope, grouped = _rope(b, cfg, x)
+            for name, t in zip(("q", "k", "v"), _attn_inputs(b, cfg, w, first, x, rope, grouped)):
+                b.output(t, name, FLOAT, ["groups", "rows_per_group", v.hidden_size])
+            entry["qkv"] = save(b, f"Qwen3-VL vision tower: block {first}'s q, k and v for a chunk of patches")
         b = builder(f"vision_blocks.{first}")
         x = b.input("hidden_in", FLOAT, hidden)
-        rope, grouped = _rope(b, cfg, x)
+        if chunk_rows:
+            qkv = [b.input(name, FLOAT, ["groups", rows, v.hidden_size])
+                   for name, rows in (("q", "chunk_rows"), ("k", "rows_per_group"), ("v", "rows_per_group"))]
+        else:
+            rope, grouped = _rope(b, cfg, x)
         deepstack = []
         for i in range(first, last):
-            x = _block(b, cfg, w, i, x, rope, grouped)
+            x = _attn_rest(b, cfg, w, i, x, *qkv) if chunk_rows else _block(b, cfg, w, i, x, rope, grouped)
             if i in v.deepstack_visual_indexes:
                 j = v.deepstack_visual_indexes.index(i)
                 b.output(_deepstack(b, cfg, w, i, x), f"deepstack.{j}", FLOAT, ["num_tokens", v.out_hidden_size])
                 deepstack.append(j)
         b.output(x, "hidden", FLOAT, hidden)
         blocks.append({"graph": save(b, f"Qwen3-VL vision tower: blocks {first}..{last - 1}"),
-                       "blocks": [first, last], "deepstack": deepstack})
+                       "blocks": [first, last], "deepstack": deepstack, **entry})
     b = builder("vision_merger")
     x = b.input("hidden_in", FLOAT, hidden)
     b.output(_merger(b, cfg, w, f"{P}.merger", x, postshuffle=False, name="/visual/merger"),
              "image_embeds", FLOAT, ["num_tokens", v.out_hidden_size])
     merger = save(b, "Qwen3-VL vision tower, last slice: the 2x2 merger")
-    return {"embed": embed, "blocks": blocks, "merger": merger, "bf16_weight_graphs": widened}
+    return {"embed": embed, "blocks": blocks, "merger": merger, "bf16_weight_graphs": widened,
+            "chunk_rows": chunk_rows}
 
 
 def _embed(b: GraphBuilder, cfg: ModelConfig, w: Weights) -> str:
@@ -125,6 +153,13 @@ def _rope(b: GraphBuilder, cfg: ModelConfig, x: str) -> tuple[tuple[str, str, st
 
 def _block(b: GraphBuilder, cfg: ModelConfig, w: Weights, i: int, x: str, rope: tuple[str, str, str],
            grouped: str) -> str:
+    q, k, val = _attn_inputs(b, cfg, w, i, x, rope, grouped)
+    return _attn_rest(b, cfg, w, i, x, q, k, val)
+
+
+def _attn_inputs(b: GraphBuilder, cfg: ModelConfig, w: Weights, i: int, x: str, rope: tuple[str, str, str],
+                 grouped: str) -> tuple[str, str, str]:
+    """norm1, the q/k/v projection and rotary → q, k, v as (groups, rows per group, hidden)."""
     v = cfg.vision
     vh, heads = v.hidden_size, v.num_heads
     hd = vh // heads
@@ -137,10 +172,17 @@ def _block(b: GraphBuilder, cfg: ModelConfig, w: Weights, i: int, x: str, rope: 
     q, k, val = b.op("Split", [qkv], f"{n}/attn/Split", n_out=3, axis=1, num_outputs=3)
     q3, k3, v3 = (b.reshape_to(t, grouped, f"{n}/attn/{nm}/Batch")
                   for t, nm in ((q, "q"), (k, "k"), (val, "v")))
-    q3 = b.rope(q3, rope, heads, f"{n}/attn/q")
-    k3 = b.rope(k3, rope, heads, f"{n}/attn/k")
-    a = b.op("MultiHeadAttention", [q3, k3, v3], f"{n}/attn/MultiHeadAttention", domain=MS,
-             num_heads=heads, scale=hd**-0.5)
+    return b.rope(q3, rope, heads, f"{n}/attn/q"), b.rope(k3, rope, heads, f"{n}/attn/k"), v3
+
+
+def _attn_rest(b: GraphBuilder, cfg: ModelConfig, w: Weights, i: int, x: str, q: str, k: str, val: str) -> str:
+    """Attention of the rows of `x` (queries `q`) over keys `k` and values `val`, the projection, the
+    residual, norm2 and the MLP → the block's output for the rows of `x`."""
+    v = cfg.vision
+    vh, heads = v.hidden_size, v.num_heads
+    bp, n = f"{P}.blocks.{i}", f"/visual/blocks.{i}"
+    a = b.op("MultiHeadAttention", [q, k, val], f"{n}/attn/MultiHeadAttention", domain=MS,
+             num_heads=heads, scale=(vh // heads)**-0.5)
     a = b.linear(b.reshape(a, [-1, vh], f"{n}/attn/Unbatch"), w.get(f"{bp}.attn.proj.weight"),
                  w.get(f"{bp}.attn.proj.bias"), f"{n}/attn/proj")
     # residual add fused with the second norm

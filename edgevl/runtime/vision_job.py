@@ -7,6 +7,10 @@ decoder for the cores. Each slice has a cost in decoder-token equivalents, worke
 shapes (its FLOPs ÷ the FLOPs of one token through the text model's layers), which `run(budget)`
 compares with the loop's per-step token budget. Cancelling is dropping the job.
 
+A block exported in two graphs (export/vision.py's `chunk_rows`) runs as pieces: its q/k/v graph
+over each chunk of a picture's patches, then the rest of the block over each chunk's queries against
+all keys and values, so no piece of a 1024² page costs much more than a 448² picture's block.
+
 Exports made before slices have one graph for the whole tower: it is a job of one slice per run.
 """
 
@@ -32,12 +36,15 @@ from edgevl.types import EngineError
 class VisionSlice:
     """One graph of the tower. kind: "embed" (patches → hidden), "blocks" (hidden → hidden, after
     blocks [first, end), plus the DeepStack outputs `deepstack` of blocks in it), "merger" (hidden →
-    image embeddings) or "whole" (patches → embeddings and every DeepStack output)."""
+    image embeddings) or "whole" (patches → embeddings and every DeepStack output). A "blocks" slice
+    with a `qkv` graph is one block split in two, run over chunks of at most `chunk_rows` patches."""
 
     session: ort.InferenceSession
     kind: str
     blocks: tuple[int, int] = (0, 0)
     deepstack: tuple[int, ...] = ()
+    qkv: ort.InferenceSession | None = None
+    chunk_rows: int = 0
 
 
 def open_vision(folder: Path, manifest: Manifest, open_session) -> list[VisionSlice]:
@@ -47,9 +54,11 @@ def open_vision(folder: Path, manifest: Manifest, open_session) -> list[VisionSl
     if not cfg_slices:
         return [VisionSlice(open_session(folder / manifest.graphs["vision"], False), "whole")]
     out = [VisionSlice(open_session(folder / cfg_slices["embed"], True), "embed")]
+    chunk_rows = cfg_slices.get("chunk_rows", 0)
     for g in cfg_slices["blocks"]:
+        qkv = open_session(folder / g["qkv"], True) if "qkv" in g else None
         out.append(VisionSlice(open_session(folder / g["graph"], True), "blocks", tuple(g["blocks"]),
-                               tuple(g["deepstack"])))
+                               tuple(g["deepstack"]), qkv, chunk_rows if qkv else 0))
     out.append(VisionSlice(open_session(folder / cfg_slices["merger"], True), "merger"))
     return out
 
@@ -65,23 +74,41 @@ def decoder_token_flops(config: ModelConfig) -> float:
     return 2.0 * per_layer * t.num_layers
 
 
-def slice_flops(config: ModelConfig, s: VisionSlice, rows: int, rows_per_group: int) -> float:
-    """FLOPs of one run of a slice over `rows` patches in groups of `rows_per_group` (attention is
-    within a group: its score and weighted-sum products grow with the group's size)."""
+def slice_flops(config: ModelConfig, s: VisionSlice, rows: int, rows_per_group: int, part: str = "") -> float:
+    """FLOPs of one run of a slice over `rows` patches (queries) attending to `rows_per_group` keys
+    each (attention is within a group: its score and weighted-sum products grow with the group's
+    size). `part` of a split block: "qkv" or "rest"; "": all of the slice."""
     v = config.vision
     vh, ff = v.hidden_size, v.intermediate_size
     merged = vh * v.spatial_merge_size**2
     tokens = rows / v.spatial_merge_size**2
     merger = 2.0 * tokens * (merged * merged + merged * v.out_hidden_size)
     embed = 2.0 * rows * v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh
-    block = 2.0 * rows * (4 * vh * vh + 2 * vh * ff) + 4.0 * rows * rows_per_group * vh
+    qkv = 2.0 * rows * 3 * vh * vh
+    rest = 2.0 * rows * (vh * vh + 2 * vh * ff) + 4.0 * rows * rows_per_group * vh
     if s.kind == "embed":
         return embed
     if s.kind == "merger":
         return merger
+    if part == "qkv":
+        return qkv
+    if part == "rest":
+        return rest + merger * len(s.deepstack)
     if s.kind == "blocks":
-        return block * (s.blocks[1] - s.blocks[0]) + merger * len(s.deepstack)
-    return embed + block * v.depth + merger * (1 + len(v.deepstack_visual_indexes))
+        return (qkv + rest) * (s.blocks[1] - s.blocks[0]) + merger * len(s.deepstack)
+    return embed + (qkv + rest) * v.depth + merger * (1 + len(v.deepstack_visual_indexes))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One graph run of a job: batch of frame groups `run`, slice `k`, and for a split block its
+    `part` ("qkv" or "rest") over patch rows [start, stop) of the batch."""
+
+    run: int
+    k: int
+    part: str = ""
+    start: int = 0
+    stop: int = 0
 
 
 class VisionJob:
@@ -104,17 +131,34 @@ class VisionJob:
                                                             v.spatial_merge_size)
         self._runs = [slice(first * per_group, min(len(groups), first + per_run) * per_group)
                       for first in range(0, len(groups), per_run)]
-        self._steps = [(r, k) for r in range(len(self._runs)) for k in range(len(slices))]
+        self._chunked = len(groups) == 1  # an image: its one group may be split into chunks of patches
+        self._steps = [p for r in range(len(self._runs)) for k in range(len(slices)) for p in self._pieces(r, k)]
         scale = decoder_token_flops(config)
-        self.costs = [slice_flops(config, slices[k], self._runs[r].stop - self._runs[r].start, per_group) / scale
-                      for r, k in self._steps]
+        self.costs = [slice_flops(config, slices[p.k], self._rows(p), per_group, p.part) / scale for p in self._steps]
         self._next = 0
         self._hidden: np.ndarray | None = None
         self._deep: dict[int, np.ndarray] = {}  # DeepStack outputs of the current batch, by index
+        # a split block between its pieces: queries and keys/values by chunk, all keys and values
+        # (once every chunk is projected), outputs (hidden, DeepStack) by chunk
+        self._q: list[np.ndarray] = []
+        self._kv_chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._kv: tuple[np.ndarray, np.ndarray] | None = None
+        self._out: list[list[np.ndarray]] = []
         self._embeds: list[np.ndarray] = []
         self._deeps: list[np.ndarray] = []
         self.seconds = 0.0  # wall time of the slices run so far
         self.slices_run = 0
+
+    def _pieces(self, r: int, k: int) -> list[_Piece]:
+        s = self.slices[k]
+        if s.qkv is None:
+            return [_Piece(r, k)]
+        n = self._runs[r].stop - self._runs[r].start
+        step = s.chunk_rows if self._chunked and s.chunk_rows else n
+        return [_Piece(r, k, part, a, min(n, a + step)) for part in ("qkv", "rest") for a in range(0, n, step)]
+
+    def _rows(self, p: _Piece) -> int:
+        return p.stop - p.start if p.part else self._runs[p.run].stop - self._runs[p.run].start
 
     @property
     def done(self) -> bool:
@@ -139,8 +183,8 @@ class VisionJob:
 
     def step(self) -> None:
         """Runs the next slice."""
-        r, k = self._steps[self._next]
-        s, rows = self.slices[k], self._runs[r]
+        p = self._steps[self._next]
+        s, rows = self.slices[p.k], self._runs[p.run]
         t0 = time.perf_counter()
         try:
             if s.kind in ("embed", "whole"):
@@ -152,6 +196,8 @@ class VisionJob:
                     self._deeps.append(outs[1] if len(outs) > 1 else np.zeros((0, *outs[0].shape), np.float32))
                 else:
                     self._hidden = s.session.run(["hidden"], feeds)[0]
+            elif p.part:
+                self._run_split_block(s, p.part, slice(p.start, p.stop))
             elif s.kind == "blocks":
                 names = ["hidden", *(f"deepstack.{j}" for j in s.deepstack)]
                 outs = s.session.run(names, {"hidden_in": self._hidden, "cos": self._cos, "sin": self._sin})
@@ -169,6 +215,28 @@ class VisionJob:
             self.seconds += time.perf_counter() - t0
         self._next += 1
         self.slices_run += 1
+
+    def _run_split_block(self, s: VisionSlice, part: str, rows: slice) -> None:
+        assert self._hidden is not None and s.qkv is not None
+        # an image's chunk takes its own rows' rotary tables; a clip's batch, one group's (all of them)
+        cos, sin = (self._cos[rows], self._sin[rows]) if self._chunked else (self._cos, self._sin)
+        if part == "qkv":
+            q, k, v = s.qkv.run(["q", "k", "v"], {"hidden_in": self._hidden[rows], "cos": cos, "sin": sin})
+            self._q.append(q)
+            self._kv_chunks.append((k, v))
+            return
+        if self._kv is None:  # every chunk's keys and values, once all are projected
+            self._kv = (np.concatenate([c[0] for c in self._kv_chunks], axis=1),
+                        np.concatenate([c[1] for c in self._kv_chunks], axis=1))
+            self._kv_chunks = []
+        names = ["hidden", *(f"deepstack.{j}" for j in s.deepstack)]
+        self._out.append(s.session.run(names, {"hidden_in": self._hidden[rows], "q": self._q[len(self._out)],
+                                               "k": self._kv[0], "v": self._kv[1]}))
+        if len(self._out) == len(self._q):  # the block's last chunk
+            parts = [np.concatenate(c) for c in zip(*self._out)]
+            self._hidden = parts[0]
+            self._deep.update(zip(s.deepstack, parts[1:]))
+            self._q, self._kv, self._out = [], None, []
 
     @property
     def features(self) -> ImageFeatures:
