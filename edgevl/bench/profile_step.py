@@ -1,14 +1,16 @@
 """One decode step of an exported decoder, timed and profiled: where the milliseconds go.
 
     python -m edgevl.bench.profile_step EXPORT [EXPORT ...] [--batch 1,4] [--past 256] [--threads 2]
-        [--rounds 7] [--steps 5] [--profile]
+        [--rounds 7] [--steps 5] [--slices 4,8,32 [--slice-rows 3]] [--profile]
 
 Every step runs the decoder graph alone on synthetic inputs (random embeddings, a KV cache of
 `--past` tokens per row, bound in place as the engine binds it), so it measures the graph, not the
 scheduler. Timing interleaves the exports and batch sizes (A, B, A, B, …, `--rounds` times) and
 reports medians: on a shared machine, load drifts, and interleaving spreads the drift over all
-of them. `--profile` adds ONNX Runtime's per-node profile of one step, summed by operator type
-(the lm_head's nodes are a row of their own).
+of them. `--slices` also times mixed runs (decoding rows and a newcomer's prompt slice in one
+run, as the batch loop makes them): what `--step-tokens` costs on this CPU. `--profile` adds
+ONNX Runtime's per-node profile of one step, summed by operator type (the lm_head's nodes are a
+row of their own).
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ class DecoderStep:
                                          for r in range(batch)]) for j in range(2 * self.n_layers)]
         return self._bufs[key]
 
-    def step(self, batch: int, past: int, max_len: int | None = None) -> np.ndarray:
-        """One token for each of `batch` rows after `past` cached tokens → logits (batch, vocab)."""
+    def step(self, batch: int, past: int, max_len: int | None = None, slice_tokens: int = 0) -> np.ndarray:
+        """One token for each of `batch` rows after `past` cached tokens → logits (batch, vocab). With
+        `slice_tokens`, a mixed run: the same rows and one more row taking that many prompt tokens
+        (group B, after its own `past`), as the batch loop runs a newcomer's prompt slice beside
+        decoding rows → logits (batch + 1, vocab)."""
         max_len = max_len or past + 64
         kv = self._kv(batch, max_len)
         hd = kv[0].shape[3]
@@ -77,24 +82,31 @@ class DecoderStep:
                 ov = ort.OrtValue.ortvalue_from_numpy(kv[2 * i + j])
                 b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
                 b.bind_ortvalue_output(f"present.{i}.{kind}", ov)
-        logits = np.empty((batch, self.vocab), np.float32)
+        n = slice_tokens
+        logits = np.empty((batch + (1 if n else 0), self.vocab), np.float32)
         b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         embeds = np.stack([g.standard_normal((1, self.hidden), dtype=np.float32) for g in rows])
         ang = np.stack([g.uniform(0, 6.28, hd).astype(np.float32) for g in rows])
         names = {i.name for i in self.session.get_inputs()}
-        if "mixed" in names:  # a graph with mixed runs: tokens packed in one row, group B unused
-            embeds = embeds.reshape(1, batch, self.hidden)
-            spare = np.zeros((1, kv[0].shape[1], 1, hd), np.float32)
+        if n and "mixed" not in names:
+            raise SystemExit(f"{self.folder}: the decoder takes no mixed runs (exported before them)")
+        if "mixed" in names:  # a graph with mixed runs: tokens packed in one row
+            g = np.random.default_rng(10**7)
+            embeds = np.concatenate([embeds.reshape(batch, self.hidden),
+                                     g.standard_normal((n, self.hidden), dtype=np.float32)])[None]
+            ang = np.concatenate([ang, g.uniform(0, 6.28, (n, hd)).astype(np.float32)])
+            b_kv = self._kv(1, max_len + n) if n else [np.zeros((1, kv[0].shape[1], 1, hd), np.float32)] * 2
             for i in range(self.n_layers):
-                for kind in ("key", "value"):
-                    ov = ort.OrtValue.ortvalue_from_numpy(spare)
+                for j, kind in enumerate(("key", "value")):
+                    ov = ort.OrtValue.ortvalue_from_numpy(b_kv[2 * i + j] if n else b_kv[j])
                     b.bind_ortvalue_input(f"b_key_values.{i}.{kind}", ov)
                     b.bind_ortvalue_output(f"b_present.{i}.{kind}", ov)
-            b.bind_cpu_input("mixed", np.asarray(False))
+            b.bind_cpu_input("mixed", np.asarray(bool(n)))
             b.bind_cpu_input("a_shape", np.asarray([batch, 1], np.int64))
-            b.bind_cpu_input("b_seqlens_k", np.zeros(1, np.int32))
-            b.bind_cpu_input("b_total_sequence_length", np.asarray(1, np.int32))
-            b.bind_cpu_input("logit_idx", np.arange(batch, dtype=np.int64))
+            b.bind_cpu_input("b_seqlens_k", np.full(1, past + n - 1 if n else 0, np.int32))
+            b.bind_cpu_input("b_total_sequence_length", np.asarray(past + n if n else 1, np.int32))
+            b.bind_cpu_input("logit_idx", np.arange(batch + (1 if n else 0), dtype=np.int64)
+                             + np.asarray([0] * batch + ([n - 1] if n else []), np.int64))
         b.bind_cpu_input("inputs_embeds", embeds)
         b.bind_cpu_input("cos", np.cos(ang))
         b.bind_cpu_input("sin", np.sin(ang))
@@ -140,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds over every export and batch")
     ap.add_argument("--steps", type=int, default=5, help="steps per round (the round's median is kept)")
+    ap.add_argument("--slices", default="",
+                    help="e.g. 4,8,32: also mixed runs of --slice-rows decoding rows and a prompt slice of "
+                         "this many tokens (what --step-tokens lets a step carry)")
+    ap.add_argument("--slice-rows", type=int, default=3, help="decoding rows beside a --slices prompt slice")
     ap.add_argument("--profile", action="store_true", help="also a per-operator profile of a few steps")
     ap.add_argument("--no-spin", action="store_true",
                     help="pool threads sleep when idle, so CPU ms per step (also reported) counts work, not "
@@ -147,26 +163,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
+    slices = [int(n) for n in args.slices.split(",") if n]
+    cases = [(bs, 0) for bs in batches] + [(args.slice_rows, n) for n in slices]  # (decoding rows, slice)
     steps = {str(f): DecoderStep(f, args.threads, spin=not args.no_spin) for f in args.exports}
     for s in steps.values():  # warm-up: prepacking, first-touch of mapped weights, arena growth
-        for bs in batches:
-            s.step(bs, args.past)
-            s.step(bs, args.past)
-    times: dict[tuple[str, int], list[float]] = defaultdict(list)
-    cpu: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for rows, n in cases:
+            s.step(rows, args.past, slice_tokens=n)
+            s.step(rows, args.past, slice_tokens=n)
+    times: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    cpu: dict[tuple[str, int, int], list[float]] = defaultdict(list)
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
         for name, s in order:
-            for bs in batches:
+            for rows, n in cases:
                 one, one_cpu = [], []
                 for _ in range(args.steps):
                     c0, t0 = time.process_time(), time.perf_counter()
-                    s.step(bs, args.past)
+                    s.step(rows, args.past, slice_tokens=n)
                     one.append(time.perf_counter() - t0)
                     one_cpu.append(time.process_time() - c0)
-                times[(name, bs)].append(statistics.median(one) * 1000)
-                cpu[(name, bs)].append(statistics.median(one_cpu) * 1000)
+                times[(name, rows, n)].append(statistics.median(one) * 1000)
+                cpu[(name, rows, n)].append(statistics.median(one_cpu) * 1000)
         load.append(os.getloadavg()[0])
     result: dict = {"past": args.past, "threads": args.threads, "load_1min": [round(x, 2) for x in load],
                     "ms_per_step": {}, "cpu_ms_per_step": {}}
@@ -174,14 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'export':60s} " + " ".join(f"b={bs:<3d} ms (min–max)    " for bs in batches)
           + (f"b{batches[-1]}/b{batches[0]}  " if len(batches) > 1 else "") + "CPU ms (median)")
     for name in steps:
-        meds = {bs: statistics.median(times[(name, bs)]) for bs in batches}
-        cells = [f"{meds[bs]:7.1f} ({min(times[(name, bs)]):.0f}–{max(times[(name, bs)]):.0f})".ljust(25)
+        meds = {bs: statistics.median(times[(name, bs, 0)]) for bs in batches}
+        cells = [f"{meds[bs]:7.1f} ({min(times[(name, bs, 0)]):.0f}–{max(times[(name, bs, 0)]):.0f})".ljust(25)
                  for bs in batches]
         ratio = f"{meds[batches[-1]] / meds[batches[0]]:.2f}" if len(batches) > 1 else ""
-        cpu_cells = " ".join(f"b={bs}: {statistics.median(cpu[(name, bs)]):.1f}" for bs in batches)
+        cpu_cells = " ".join(f"b={bs}: {statistics.median(cpu[(name, bs, 0)]):.1f}" for bs in batches)
         print(f"{name:60s} " + " ".join(cells) + ratio.ljust(7) + cpu_cells)
-        result["ms_per_step"][name] = {str(bs): times[(name, bs)] for bs in batches}
-        result["cpu_ms_per_step"][name] = {str(bs): cpu[(name, bs)] for bs in batches}
+        result["ms_per_step"][name] = {str(bs): times[(name, bs, 0)] for bs in batches}
+        result["cpu_ms_per_step"][name] = {str(bs): cpu[(name, bs, 0)] for bs in batches}
+        for n in slices:
+            med = statistics.median(times[(name, args.slice_rows, n)])
+            print(f"  {args.slice_rows} rows + a {n}-token prompt slice: {med:7.1f} ms, "
+                  f"{med / meds[batches[0]]:.2f}× b={batches[0]}")
+            result["ms_per_step"][name][f"{args.slice_rows}+{n}"] = times[(name, args.slice_rows, n)]
     if args.profile:
         del steps
         for f in args.exports:
