@@ -128,18 +128,21 @@ class DecoderStep:
 
 def op_table(profile: Path, skip: int) -> tuple[dict[str, float], int]:
     """ms per step by operator type, over the runs after the first `skip` (warm-up); the lm_head's
-    nodes as 'lm_head (<op>)'. → (table, runs counted)."""
+    nodes as 'lm_head (<op>)', an `If` by its own time (less its branch's nodes). → (table, runs counted)."""
     events = json.loads(profile.read_text())
     runs = sorted((ev["ts"], ev["ts"] + ev["dur"]) for ev in events if ev.get("name") == "model_run")[skip:]
     per: dict[str, float] = defaultdict(float)
-    for ev in events:
-        if ev.get("cat") != "Node" or not ev["name"].endswith("_kernel_time"):
-            continue
-        if not any(a <= ev["ts"] <= b for a, b in runs):
-            continue
+    nodes = [ev for ev in events if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time")
+             and any(a <= ev["ts"] <= b for a, b in runs)]
+    for ev in nodes:
         op = ev["args"].get("op_name", "?")
+        dur = ev["dur"]
+        if op == "If":  # its time includes its branch's nodes, which are listed on their own too
+            op = "If (own)"
+            dur -= sum(e["dur"] for e in nodes if e is not ev and e["tid"] == ev["tid"]
+                       and ev["ts"] <= e["ts"] and e["ts"] + e["dur"] <= ev["ts"] + ev["dur"])
         key = f"lm_head ({op})" if ev["name"].startswith("/lm_head/") else op
-        per[key] += ev["dur"] / 1000 / max(1, len(runs))
+        per[key] += dur / 1000 / max(1, len(runs))
     per["(whole run)"] = sum(b - a for a, b in runs) / 1000 / max(1, len(runs))
     return dict(sorted(per.items(), key=lambda kv: -kv[1])), len(runs)
 
