@@ -82,9 +82,9 @@ GGML_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c":
               "amx_int8": "GGML_AMX_INT8", "amx_bf16": "GGML_AMX_BF16"}
 
 
-# Built off even where they run: on an Intel Xeon VM whose AMX runs this probe (all eight tiles, in
-# threads too), llama.cpp 0.3.36's AMX Q8_0 kernel still died on `tilezero %tmm4` at its warm-up (a
-# tile its own configuration had not set up), so every llama.cpp row of the bench was lost.
+# Built off even where they run: on an Intel Xeon VM whose AMX runs this probe (and, tried by hand,
+# all eight tiles in several threads), llama.cpp 0.3.36's AMX Q8_0 kernel still died on `tilezero
+# %tmm4` at its warm-up (a tile its own configuration had not set up): every llama.cpp row was lost.
 _NEVER = {"amx_tile", "amx_int8", "amx_bf16"}
 
 
