@@ -47,7 +47,7 @@ def _wait_for(server, name: str, predicate, timeout_s: float = 60.0) -> float:
         time.sleep(0.1)
 
 
-BURN = _url(clips.gif_flicker(900, 1000, 1000), "image/gif")  # ~5 CPU-seconds to decode, 1.7 MB
+BURN = _url(clips.gif_flicker(900, 1000, 1000), "image/gif")  # 0.7–5 CPU-seconds to decode by CPU, 1.7 MB
 
 
 def test_many_large_frames_cost_bounded_memory(dserver):
@@ -82,7 +82,7 @@ def test_a_gif_of_thousands_of_frames_is_refused_before_decoding(dserver):
     assert dserver.metric("edgevl_decode_cpu_seconds") - cpu0 < CPU_BUDGET_S / 2
 
 
-def test_a_decode_over_the_cpu_budget_is_refused_and_a_full_pool_answers_429(dserver):
+def test_a_full_decode_pool_answers_429(dserver):
     out: dict = {}
 
     def burn() -> None:
@@ -99,11 +99,25 @@ def test_a_decode_over_the_cpu_budget_is_refused_and_a_full_pool_answers_429(dse
     assert r.status_code == 429 and r.headers["retry-after"], r.text
     assert r.json()["error"]["type"] == "rate_limit_error"
     t.join(120)
-    r = out["r"]
-    assert r.status_code == 413, r.text
-    err = r.json()["error"]
-    assert err["code"] == "video_too_costly" and "max_decode_cpu_s" in err["message"] and err["param"] == "video"
-    assert dserver.metric("edgevl_decode_over_budget") >= 1
+    # answered, or refused for its CPU time where this CPU decodes slower than the budget
+    assert out["r"].status_code in (200, 413), out["r"].text
+
+
+def test_a_decode_over_the_cpu_budget_is_refused(tmp_path_factory):
+    """A budget far below what the clip costs on any CPU (0.7 CPU-seconds on a fast Xeon, ~5 elsewhere):
+    the decode stops at the budget, the request gets a 413, and the server keeps serving."""
+    s = start_server(tmp_path_factory, "--max-decode-cpu-s", "0.1", "--default-max-tokens", "2")
+    try:
+        with s.client() as c:
+            r = c.post("/api/predict", json={"video": BURN, "prompt": "x", "max_tokens": 1})
+            assert r.status_code == 413, r.text
+            err = r.json()["error"]
+            assert err["code"] == "video_too_costly" and "max_decode_cpu_s" in err["message"]
+            assert err["param"] == "video"
+            assert s.metric("edgevl_decode_over_budget") >= 1
+            assert c.get("/api/health").status_code == 200
+    finally:
+        stop_server(s)
 
 
 def test_a_client_that_leaves_stops_its_decode(dserver):
