@@ -95,18 +95,20 @@ class DecoderStep:
             embeds = np.concatenate([embeds.reshape(batch, self.hidden),
                                      g.standard_normal((n, self.hidden), dtype=np.float32)])[None]
             ang = np.concatenate([ang, g.uniform(0, 6.28, (n, hd)).astype(np.float32)])
-            b_kv = self._kv(1, max_len + n) if n else [np.zeros((1, kv[0].shape[1], 1, hd), np.float32)] * 2
+            # group B's cache: the slice's own row, or (no slice) the one-token spare the engine binds
+            b_kv = self._kv(1, max_len + n) if n else \
+                [np.zeros((1, kv[0].shape[1], 1, hd), np.float32)] * (2 * self.n_layers)
             for i in range(self.n_layers):
                 for j, kind in enumerate(("key", "value")):
-                    ov = ort.OrtValue.ortvalue_from_numpy(b_kv[2 * i + j] if n else b_kv[j])
+                    ov = ort.OrtValue.ortvalue_from_numpy(b_kv[2 * i + j])
                     b.bind_ortvalue_input(f"b_key_values.{i}.{kind}", ov)
                     b.bind_ortvalue_output(f"b_present.{i}.{kind}", ov)
             b.bind_cpu_input("mixed", np.asarray(bool(n)))
             b.bind_cpu_input("a_shape", np.asarray([batch, 1], np.int64))
             b.bind_cpu_input("b_seqlens_k", np.full(1, past + n - 1 if n else 0, np.int32))
             b.bind_cpu_input("b_total_sequence_length", np.asarray(past + n if n else 1, np.int32))
-            b.bind_cpu_input("logit_idx", np.arange(batch + (1 if n else 0), dtype=np.int64)
-                             + np.asarray([0] * batch + ([n - 1] if n else []), np.int64))
+            # each decoding row's token, then the slice's last
+            b.bind_cpu_input("logit_idx", np.asarray([*range(batch), *([batch + n - 1] if n else [])], np.int64))
         b.bind_cpu_input("inputs_embeds", embeds)
         b.bind_cpu_input("cos", np.cos(ang))
         b.bind_cpu_input("sin", np.sin(ang))
