@@ -234,10 +234,12 @@ class EngineOptions:
     max_batch: int = 4  # sequences decoding together in one decoder run
     kv_cache_mb: int = 2048  # KV cache of all sequences, running and kept for prefix reuse
     prefill_chunk: int = 256  # prompt tokens of a chunk read on its own (no sequence decoding)
-    # work one step does while sequences decode, in decoder tokens: a token each, and a newcomer's prompt
-    # slice with the rest in the same run, or else a slice of its picture through the vision tower
-    # (runtime/vision_job.py) (0: a prompt chunk runs separately, prefill_chunk long)
-    step_tokens: int = 8  # measured on the 2B int8 (docs/benchmarks.md): 3 rows + 5 tokens ≈ 1.9× a solo step
+    # what one step carries while sequences decode (runtime/step_budget.py): their tokens and a newcomer's
+    # prompt slice in the same run, or else slices of its picture through the vision tower, as many as
+    # keep the step within step_stretch × a plain decode step's time (measured as the loop runs), and
+    # at most step_tokens decoder tokens (0: a prompt chunk runs separately, prefill_chunk long)
+    step_tokens: int = 64
+    step_stretch: float = 1.4
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each

@@ -1,7 +1,7 @@
 """The vision tower in slices (export/vision.py, runtime/vision_job.py) and on the batch loop.
 
 The slices must give the whole tower's numbers (the whole graph is still what exports before slices
-run), a budgeted job the numbers of one run to the end, and the loop must interleave slices with
+run), a job run a step budget at a time the numbers of one run to the end, and the loop must interleave slices with
 decoding, count them, and drop a cancelled request's half-encoded picture at once.
 """
 
@@ -19,6 +19,7 @@ from edgevl.export import export_model
 from edgevl.export.manifest import MANIFEST, Manifest
 from edgevl.preprocess.video import VideoConfig, VideoLimits, decode_video
 from edgevl.runtime.engine import OrtEngine
+from edgevl.runtime.step_budget import StepBudget
 from edgevl.runtime.vision_job import decoder_token_flops
 from edgevl.types import (
     EngineOptions,
@@ -132,8 +133,8 @@ def test_a_budgeted_job_gives_the_features_of_one_run(exports, budget, chunk_row
         calls = 0
         while True:
             before, first = job.slices_run, job.next_cost
-            done = job.run(budget)
-            ran = job.slices_run - before
+            StepBudget(1.4, budget).run_vision(job, rows=0)  # no step timed yet: the cap alone binds
+            done, ran = job.done, job.slices_run - before
             calls += 1
             assert ran >= 1  # always moves on
             assert ran == 1 or sum(job.costs[before:job.slices_run]) <= budget  # within the budget unless one slice

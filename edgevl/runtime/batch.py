@@ -1,4 +1,4 @@
-"""The loop that owns the CPU: continuous batching, one decoder run per step under a token budget.
+"""The loop that owns the CPU: continuous batching, one decoder run per step under a time budget.
 
     submit() ─► refused at once (runtime/admission.py: queue full, paused, shutting down), or
                 waiting (a deque, under the loop's lock) ──(a batch place, its KV row and budget free?)──► admitted
@@ -6,18 +6,19 @@
     each step:  1. one decoder run: every sequence that has a token to add (group A: its KV rows
                    lo..hi of the pool; idle rows in between run a harmless dummy token past their
                    content) and, riding in the same run, one slice (group B): the next part of the
-                   oldest ready newcomer's prompt — `step_tokens` minus the decoding rows — or else
-                   a jump-forward draft. The run reads the weights once for both, so a newcomer's
-                   prompt no longer stops the running streams for a run of its own.
+                   oldest ready newcomer's prompt — as many tokens as the step budget allows
+                   (runtime/step_budget.py: the step may take `step_stretch` × a plain decode
+                   step's time, at most `step_tokens` decoder tokens) — or else a jump-forward
+                   draft. The run reads the weights once for both, so a newcomer's prompt no
+                   longer stops the running streams for a run of its own.
                    With nothing decoding, a newcomer reads `prefill_chunk` tokens a run (full speed);
                    with `step_tokens` 0 (or a graph exported before mixed runs), its chunks run
                    between the decode runs, as they used to.
                 2. the drafts that did not ride along run on their own (see _draft_steps)
                 3. vision: the picture or clip a newcomer needs goes through the vision tower's
                    slices (runtime/vision_job.py), one picture at a time, on this thread: to the end
-                   when no sequence is decoding, else one step's budget of slices (`step_tokens`
-                   minus the decoding rows, in decoder-token equivalents; at least one slice) in a
-                   step whose run carried no prompt slice (the two take turns)
+                   when no sequence is decoding, else the slices that fit the step budget (at least
+                   one) in a step whose run carried no prompt slice (the two take turns)
                 4. sequences that finished, failed or were cancelled leave; their rows stay
                    cached for the next turn of their conversation
     events of each sequence ─► its sink, called on this thread (a server's puts them on its event
@@ -50,6 +51,7 @@ from edgevl.runtime.kv_pool import KVPool
 from edgevl.runtime.model import Group, OnnxModel
 from edgevl.runtime.prompt import PreparedPrompt, PromptBuilder
 from edgevl.runtime.sequence import Sequence
+from edgevl.runtime.step_budget import StepBudget
 from edgevl.runtime.vision_cache import ImageFeatures, VisionCache
 from edgevl.runtime.vision_job import VisionJob
 from edgevl.types import EngineError, Event, Histogram, Sink
@@ -113,15 +115,16 @@ class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
                  jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0,
-                 queue_size: int = 16):
+                 step_stretch: float = 1.4, queue_size: int = 16):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        # tokens one decoder run may carry while sequences decode: theirs, and a newcomer's prompt
-        # slice with the rest (0, or a graph exported before mixed runs: the slice runs on its own)
-        self.step_tokens = step_tokens if model.can_mix else 0
+        # what one step may carry beside decoding sequences: a step_stretch × a plain step's time, at
+        # most step_tokens decoder tokens (0, or a graph exported before mixed runs: a newcomer's
+        # prompt runs in chunks of its own)
+        self.budget = StepBudget(step_stretch, step_tokens if model.can_mix else 0)
         self.jump_forward = jump_forward and model.has_num_logits
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
@@ -255,17 +258,17 @@ class BatchLoop:
 
     def _step(self) -> bool:
         """One step: the decoding sequences' next tokens, with one slice in the same decoder run when
-        `step_tokens` allows — the oldest ready newcomer's next prompt tokens (what the decoding rows
-        leave of the budget), else a jump-forward draft. Without a budget, or with nothing decoding,
+        the step budget allows — the oldest ready newcomer's next prompt tokens (as many as fit its
+        time allowance and token cap), else a jump-forward draft. Without a budget, or with nothing decoding,
         each runs on its own (a newcomer's chunk `prefill_chunk` long). A prompt slice and a picture's
         vision slices take turns at the budget (see _vision_step).
         → whether a prompt slice rode in the decoding rows' run (the step's budget is spent)."""
         running = [w for w in self.active if w.state is State.DECODING and not w.draft]
         newcomer = self._ready_newcomer()
-        budgeted = bool(running) and self.step_tokens > 0
+        budgeted = bool(running) and self.budget.max_tokens > 0
         if budgeted:
             if newcomer is not None and not (self._vision_next and self._vision is not None):
-                self._run(running, self._prompt_slice(newcomer, max(1, self.step_tokens - len(running))))
+                self._run(running, self._prompt_slice(newcomer, self.budget.prompt_tokens(len(running))))
                 return True
             drafting = next((w for w in self.active if w.state is State.DECODING and w.draft), None)
             if drafting is not None and self._fits_beside(drafting):
@@ -354,6 +357,10 @@ class BatchLoop:
         kind = ("mixed" if running and sl is not None else "decode" if running
                 else "draft" if sl.draft is not None else "prefill")
         self._ran(kind, t_run, len(running) + n_slice)
+        if kind == "decode":
+            self.budget.observe_decode(len(running), time.perf_counter() - t_run)
+        elif kind == "mixed" and sl is not None and sl.draft is None:
+            self.budget.observe_mixed(len(running), n_slice, time.perf_counter() - t_run)
         if kind == "mixed":
             self._count("mixed_steps")
         if running:
@@ -441,10 +448,9 @@ class BatchLoop:
     def _vision_step(self, budget_spent: bool) -> None:
         """The picture in the vision tower moves on: to the end when no sequence is decoding (a lone
         request waits no longer than for one whole-tower run; between slices a cancel, or a queued
-        request that has a place to take, is still seen), else by one step's budget, `step_tokens`
-        decoder-token equivalents less the decoding rows, at least one slice, so streams keep their
-        pace — in a step whose budget a prompt slice did not take (`budget_spent`; then the picture
-        goes first next step)."""
+        request that has a place to take, is still seen), else by the slices that fit one step's
+        budget, at least one, so streams keep their pace — in a step whose budget a prompt slice did
+        not take (`budget_spent`; then the picture goes first next step)."""
         if self._vision is None:
             return
         w, _, job = self._vision
@@ -459,7 +465,7 @@ class BatchLoop:
         before = job.slices_run
         try:
             if decoding:
-                job.run(max(0, self.step_tokens - decoding))
+                self.budget.run_vision(job, decoding)
             else:  # a slice at least: a queue that cannot be admitted yet must not hold the tower
                 job.step()
                 while not job.done and not w.seq.cancelled and not self._admissible():

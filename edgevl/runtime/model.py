@@ -115,7 +115,7 @@ class OnnxModel:
         activations stay within a largest image's; graphs exported before batches run one group at
         a time. Rows in time order."""
         job = self.vision_job(patches)
-        job.run(None)
+        job.run()
         return job.features
 
     def no_visual(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

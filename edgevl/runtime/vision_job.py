@@ -4,8 +4,9 @@ An export writes the tower as slices (export/vision.py: patch embedding, groups 
 a `VisionJob` runs them in order, keeping the hidden state between calls, so the batch loop can
 interleave them with decoder steps instead of running the tower on a thread that fights the
 decoder for the cores. Each slice has a cost in decoder-token equivalents, worked out from the
-shapes (its FLOPs ÷ the FLOPs of one token through the text model's layers), which `run(budget)`
-compares with the loop's per-step token budget. Cancelling is dropping the job.
+shapes (its FLOPs ÷ the FLOPs of one token through the text model's layers), which the loop's step
+budget (runtime/step_budget.py) weighs with what each kind of slice has taken. Cancelling is dropping
+the job.
 
 A block exported in two graphs (export/vision.py's `chunk_rows`) runs as pieces: its q/k/v graph
 over each chunk of a picture's patches, then the rest of the block over each chunk's queries against
@@ -169,20 +170,20 @@ class VisionJob:
         """The next slice's cost in decoder-token equivalents (0 when done)."""
         return self.costs[self._next] if not self.done else 0.0
 
-    def run(self, budget: float | None = None) -> bool:
-        """Runs the next slices while their costs fit in `budget` decoder-token equivalents, at least
-        one (so a job always moves on); `None`: to the end. → whether the job is done."""
-        spent = 0.0
-        while not self.done:
-            cost = self.costs[self._next]
-            if budget is not None and spent > 0 and spent + cost > budget:
-                break
-            self.step()
-            spent += cost
-        return self.done
+    @property
+    def next_kind(self) -> str:
+        """What the next slice is ("embed", "qkv", "rest", "blocks", "merger", "whole"): slices of one
+        kind cost about the same time per unit of cost on a given CPU (runtime/step_budget.py)."""
+        p = self._steps[self._next]
+        return p.part or self.slices[p.k].kind
 
-    def step(self) -> None:
-        """Runs the next slice."""
+    def run(self) -> None:
+        """Runs the slices left, to the end."""
+        while not self.done:
+            self.step()
+
+    def step(self) -> float:
+        """Runs the next slice. → its wall time (seconds)."""
         p = self._steps[self._next]
         s, rows = self.slices[p.k], self._runs[p.run]
         t0 = time.perf_counter()
@@ -212,9 +213,11 @@ class VisionJob:
         except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
             raise EngineError(f"vision encoder failed: {e}") from e
         finally:
-            self.seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.seconds += took
         self._next += 1
         self.slices_run += 1
+        return took
 
     def _run_split_block(self, s: VisionSlice, part: str, rows: slice) -> None:
         assert self._hidden is not None and s.qkv is not None

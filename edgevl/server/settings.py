@@ -33,10 +33,14 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per decoder run while no answer streams")
-    step_tokens: int = Field(8, ge=0, le=65536,
-                             description="work one loop step does while answers stream, in decoder tokens: their "
-                             "next tokens and a newcomer's prompt slice in one decoder run, or a slice of its "
-                             "picture through the vision tower (0: the newcomer's prompt chunk runs on its own)")
+    step_stretch: float = Field(1.4, ge=1.0, le=100.0,
+                                description="how much longer than a plain decode step a loop step may take while "
+                                "answers stream, to carry a newcomer's prompt slice in the same decoder run or a "
+                                "slice of its picture through the vision tower (timed as the server runs: the "
+                                "same setting holds on any CPU). Smaller: steadier streams, later first tokens")
+    step_tokens: int = Field(64, ge=0, le=65536,
+                             description="most work one loop step does while answers stream, in decoder tokens "
+                             "(0: the newcomer's prompt chunk runs on its own, between steps)")
     jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
                                "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
@@ -117,7 +121,8 @@ class Settings(BaseSettings):
             max_images=self.max_images, max_video_pixels=self.max_video_pixels,
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
-            prefill_chunk=self.prefill_chunk, step_tokens=self.step_tokens, jump_forward=self.jump_forward,
+            prefill_chunk=self.prefill_chunk, step_tokens=self.step_tokens,
+            step_stretch=self.step_stretch, jump_forward=self.jump_forward,
             queue_size=self.queue_size,
             reasoning_budget=self.reasoning_budget, energy_counter=self.energy_counter)
 
