@@ -8,7 +8,7 @@ Every step runs the decoder graph alone on synthetic inputs (random embeddings, 
 scheduler. Timing interleaves the exports and batch sizes (A, B, A, B, …, `--rounds` times) and
 reports medians: on a shared machine, load drifts, and interleaving spreads the drift over all
 of them. `--slices` also times mixed runs (decoding rows and a newcomer's prompt slice in one
-run, as the batch loop makes them): what `--step-tokens` costs on this CPU. `--profile` adds
+run, as the batch loop makes them): what a prompt token adds to a step on this CPU. `--profile` adds
 ONNX Runtime's per-node profile of one step, summed by operator type (the lm_head's nodes are a
 row of their own).
 """
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="steps per round (the round's median is kept)")
     ap.add_argument("--slices", default="",
                     help="e.g. 4,8,32: also mixed runs of --slice-rows decoding rows and a prompt slice of "
-                         "this many tokens (what --step-tokens lets a step carry)")
+                         "this many tokens (what the step budget lets a step carry)")
     ap.add_argument("--slice-rows", type=int, default=3, help="decoding rows beside a --slices prompt slice")
     ap.add_argument("--profile", action="store_true", help="also a per-operator profile of a few steps")
     ap.add_argument("--no-spin", action="store_true",
