@@ -57,10 +57,11 @@ def _tokens(events: list) -> list[int]:
 @pytest.fixture(scope="module", params=[0, 24], ids=["chunks-alone", "mixed-steps"])
 def batch_engine(tiny_onnx, request):
     """step_tokens 0: a newcomer's prompt chunks run on their own; 24: slices of it ride in the decoding
-    rows' runs (mixed steps). Prefix reuse off: every run reads its whole prompt, so alone and batched
-    do the same work."""
+    rows' runs (mixed steps), 24 tokens a run: the time allowance is lifted (step_stretch), so slices
+    do not shrink when a busy machine slows the steps and the newcomers still join running streams.
+    Prefix reuse off: every run reads its whole prompt, so alone and batched do the same work."""
     e = OrtEngine(tiny_onnx, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False,
-                                           step_tokens=request.param))
+                                           step_tokens=request.param, step_stretch=1e6))
     yield e
     e.close()
 
