@@ -240,6 +240,9 @@ class EngineOptions:
     # at most step_tokens decoder tokens (0: a prompt chunk runs separately, prefill_chunk long)
     step_tokens: int = 64
     step_stretch: float = 1.4
+    # while no answer streams, newcomers admitted together are all read (full speed) before any starts
+    # its answer, instead of the first one's stream slowing the others' reading to the step budget
+    start_together: bool = True
     reasoning_budget: int = -1  # thinking models: thought tokens at most before `</think>` is forced (-1: no limit)
     energy_counter: str | None = None  # CPU energy counter file (None: the powercap package counters)
     jump_forward: bool = True  # tokens a constraint forces are checked in one decoder run, not one step each

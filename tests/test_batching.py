@@ -318,3 +318,72 @@ def test_cancel_during_a_mixed_slice_frees_the_newcomer_and_the_stream_goes_on(t
         assert not any(e.request_states().values())
     finally:
         e.close()
+
+
+
+def _arrive_together(e: OrtEngine, requests: list[GenerationRequest]) -> list[list]:
+    """Submitted while the test holds the loop's lock, so the loop admits them in one go: they arrive
+    together (one by one, the first could be read and streaming before the next is submitted)."""
+    prepared = [e.prepare(r) for r in requests]
+    out: list[list] = [[] for _ in requests]
+    ended = [threading.Event() for _ in requests]
+
+    def sink(i: int):
+        def put(item) -> None:
+            out[i].append(item)
+            if isinstance(item, (FinishEvent, BaseException)):
+                ended[i].set()
+        return put
+
+    with e.loop._cv:
+        for i, p in enumerate(prepared):
+            e.submit(p, sink(i))
+    for ev in ended:
+        assert ev.wait(120)
+    return out
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["start-together", "first-starts-at-once"])
+def test_newcomers_arriving_together_start_their_answers_together(tiny_onnx, together):
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=4, prefill_chunk=16, prefix_cache=False, step_tokens=8,
+                                           start_together=together))
+    try:
+        requests = [_request(i, max_new_tokens=12)[0] for i in (0, 1, 3)]  # two pictures, one text
+        alone = [_tokens(list(e.generate(r))) for r in requests]
+        before = dict(e.batch_histograms()["batch_size"])
+        together_out = _arrive_together(e, requests)
+        after = e.batch_histograms()["batch_size"]
+        grew = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+        if together:  # every decode step carried all three: none started before the others were read
+            assert grew == {3: 11}, grew
+        else:  # the first streamed while the others were read beside it
+            assert set(grew) & {1, 2}, grew
+        assert [_tokens(x) for x in together_out] == alone
+        assert all(x[-1].usage.completion_tokens == 12 for x in together_out)
+    finally:
+        e.close()
+
+
+def test_cancel_while_the_first_token_is_held(tiny_onnx):
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefill_chunk=16, prefix_cache=False))
+    try:
+        short = _request(1, max_new_tokens=6)[0]  # read first, then held for the long one's dozens of chunks
+        long = GenerationRequest([Message("user", [TextPart("word " * 600)])],
+                                 SamplingParams(max_new_tokens=6, ignore_eos=True))
+        long_alone = _tokens(list(e.generate(long)))
+        result: list[list] = []
+        t = threading.Thread(target=lambda: result.extend(_arrive_together(e, [short, long])))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not any(w.held is not None for w in list(e.loop.active)) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert any(w.held is not None for w in list(e.loop.active)), "the short answer was never held"
+        short.cancel.set()
+        t.join(60)
+        out_short, out_long = result
+        assert isinstance(out_short[-1], FinishEvent) and out_short[-1].finish_reason == "cancelled"
+        assert out_short[-1].usage.completion_tokens == 0 and not _tokens(out_short)
+        assert _tokens(out_long) == long_alone
+        assert not any(e.request_states().values())
+    finally:
+        e.close()

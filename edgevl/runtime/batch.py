@@ -65,7 +65,9 @@ class State(enum.Enum):
     """Where a request stands in the loop; only the loop's thread changes it.
 
     waiting ─► (a KV row) ─► encoding ⇄ prefilling ─► decoding ─► finished | cancelled | failed
-    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision tower)"""
+    (encoding: a picture or clip the next prompt chunk needs is in, or waits for, the vision tower;
+    prefilling also covers a prompt read whose first token is held, `Work.held`, until the newcomers
+    admitted with it are read too: see BatchLoop._hold_first)"""
 
     WAITING = "waiting"
     ENCODING = "encoding"
@@ -93,6 +95,7 @@ class Work:
     prefilled: int = 0  # prompt tokens whose KV is in the row
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
     draft: list[int] = field(default_factory=list)  # tokens its constraint forces next (jump-forward)
+    held: np.ndarray | None = None  # its prompt's last logits while its first token is held (_hold_first)
     state: State = State.WAITING
 
 
@@ -115,7 +118,7 @@ class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
                  jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0,
-                 step_stretch: float = 1.4, queue_size: int = 16):
+                 step_stretch: float = 1.4, queue_size: int = 16, start_together: bool = True):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences
@@ -126,6 +129,7 @@ class BatchLoop:
         # prompt runs in chunks of its own)
         self.budget = StepBudget(step_stretch, step_tokens if model.can_mix else 0)
         self.jump_forward = jump_forward and model.has_num_logits
+        self.start_together = start_together
         self.stats, self._stats_lock = stats, stats_lock
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decoder runs by sequences in them
         self.chunk_tokens: collections.Counter[int] = collections.Counter()  # prefill chunks by size bucket
@@ -211,6 +215,7 @@ class BatchLoop:
                 self._energy_pending = 0.0
             try:
                 self._drop_cancelled()
+                self._release_held()
                 rode = self._step()
                 self._draft_steps()
                 self._vision_step(rode)
@@ -390,11 +395,45 @@ class BatchLoop:
         self.pool.advance(w.row, w.prompt.keys[:sl.total])
         w.seq.timings.prefill_ms += seconds * 1000
         if sl.total == w.prompt.ids.size:
-            events = w.seq.accept(logits[-1])
-            if not w.seq.finished:
-                self._set(w, State.DECODING)
-            self._emit(w, events)
-            self._plan_draft(w)
+            if self._hold_first(w):
+                w.held = logits[-1].copy()
+            else:
+                self._start(w, logits[-1])
+
+    def _start(self, w: Work, logits: np.ndarray) -> None:
+        """A newcomer's prompt is read: its first token, and it decodes from the next step on."""
+        events = w.seq.accept(logits)
+        if not w.seq.finished:
+            self._set(w, State.DECODING)
+        self._emit(w, events)
+        self._plan_draft(w)
+
+    def _hold_first(self, w: Work) -> bool:
+        """Whether a newcomer whose prompt is read waits to start until the newcomers admitted with it
+        are read too: only while no answer streams (no stream's pace is at stake) and another newcomer
+        still reads. Otherwise its stream would start at once and the step budget would slow the others'
+        pictures and prompts to a fraction of the CPU to keep its pace — for four pictures arriving
+        together, the last first token came ~3× later than reading all four first. vLLM's scheduler
+        gives the same order (every waiting prompt in one step's budget). The wait is bounded: at most
+        `max_batch` - 1 other newcomers, and a newcomer admitted later is read before the release only
+        while no one streams."""
+        return (self.start_together and not any(x.state is State.DECODING for x in self.active)
+                and any(self._reading(x) for x in self.active if x is not w))
+
+    @staticmethod
+    def _reading(w: Work) -> bool:
+        return w.state in (State.ENCODING, State.PREFILLING) and w.held is None and not w.seq.cancelled
+
+    def _release_held(self) -> None:
+        """The held newcomers start together once no newcomer is still reading (or a stream runs)."""
+        held = [w for w in self.active if w.held is not None]
+        if not held or any(self._reading(w) for w in self.active) and not any(
+                w.state is State.DECODING for w in self.active):
+            return
+        for w in held:
+            logits, w.held = w.held, None
+            if not w.seq.cancelled:
+                self._start(w, logits)
 
     def _plan_draft(self, w: Work) -> None:
         if self.jump_forward and not w.seq.finished:
@@ -416,7 +455,7 @@ class BatchLoop:
         become vision jobs one at a time meanwhile (their newcomers: encoding; see _vision_step)."""
         self._collect_vision()
         for w in self.active:
-            if w.state not in (State.ENCODING, State.PREFILLING) or w.seq.cancelled:
+            if not self._reading(w):
                 continue
             if self._features_ready(w):
                 self._set(w, State.PREFILLING)

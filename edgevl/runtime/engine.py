@@ -101,7 +101,7 @@ class OrtEngine:
         self.loop = BatchLoop(self.model, self.pool, self.vision_cache, self.prompts, self.options.max_batch,
                               self.options.prefill_chunk, self.stats, self._stats_lock, self.options.jump_forward,
                               self.energy, self.options.step_tokens, self.options.step_stretch,
-                              self.options.queue_size)
+                              self.options.queue_size, self.options.start_together)
 
     # ---- the Engine interface ----------------------------------------------------------------
     def info(self) -> EngineInfo:

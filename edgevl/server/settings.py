@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     step_tokens: int = Field(64, ge=0, le=65536,
                              description="most work one loop step does while answers stream, in decoder tokens "
                              "(0: the newcomer's prompt chunk runs on its own, between steps)")
+    start_together: bool = Field(True, description="while no answer streams, newcomers that arrive together are "
+                                 "all read at full speed, then start answering together (one stream starting "
+                                 "first would hold the others' reading to the step budget)")
     jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
                                "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
@@ -122,7 +125,7 @@ class Settings(BaseSettings):
             vision_cache_entries=self.vision_cache, prefix_cache=self.prefix_cache,
             max_memory_mb=self.max_memory_mb, max_batch=self.max_batch, kv_cache_mb=self.kv_cache_mb,
             prefill_chunk=self.prefill_chunk, step_tokens=self.step_tokens,
-            step_stretch=self.step_stretch, jump_forward=self.jump_forward,
+            step_stretch=self.step_stretch, start_together=self.start_together, jump_forward=self.jump_forward,
             queue_size=self.queue_size,
             reasoning_budget=self.reasoning_budget, energy_counter=self.energy_counter)
 
