@@ -72,7 +72,10 @@ class KVPool:
     def acquire(self, keys: np.ndarray, needed: int) -> tuple[int, int] | None:
         """A row for a prompt whose token keys are `keys` and that may grow to `needed` tokens:
         the idle row sharing the longest prefix (its KV is reused) when that is most of what the row
-        holds, else an empty row, else the emptiest, least recently used one.
+        holds; else the row that keeps the running rows closest together, and among those an empty
+        row, else the emptiest, least recently used one. A decoder run takes the running rows as one
+        contiguous block, and every idle row inside it runs a dummy token over its whole cache: four
+        answers on rows 0, 5, 6 and 7 cost a step of eight rows.
         → (row, reused tokens), or None while the budget or the rows are taken."""
         with self._lock:
             idle = [i for i, r in enumerate(self.rows) if not r.running]
@@ -92,7 +95,12 @@ class KVPool:
                 n = shared(i)
                 return n if n * 2 >= self.rows[i].content.size or not has_empty else 0
 
-            best = max(idle, key=lambda i: (worth(i), -self.rows[i].content.size, -self.rows[i].last_used))
+            running = [i for i, r in enumerate(self.rows) if r.running]
+
+            def span(i: int) -> int:  # rows a decoder run over the running ones and this one covers
+                return max(running + [i]) - min(running + [i]) + 1
+
+            best = max(idle, key=lambda i: (worth(i), -span(i), -self.rows[i].content.size, -self.rows[i].last_used))
             reuse = min(shared(best), keys.size - 1)  # at least one token must run to produce logits
             # room: everything held except what the chosen row holds now, plus the newcomer
             others = self.used_tokens() - self._held(self.rows[best])
