@@ -321,15 +321,18 @@ def test_cancel_during_a_mixed_slice_frees_the_newcomer_and_the_stream_goes_on(t
 
 
 
-def _arrive_together(e: OrtEngine, requests: list[GenerationRequest]) -> list[list]:
+def _arrive_together(e: OrtEngine, requests: list[GenerationRequest], when: list[list] | None = None) -> list[list]:
     """Submitted while the test holds the loop's lock, so the loop admits them in one go: they arrive
-    together (one by one, the first could be read and streaming before the next is submitted)."""
+    together (one by one, the first could be read and streaming before the next is submitted).
+    `when`: one list per request, filled with each event's arrival (time.monotonic)."""
     prepared = [e.prepare(r) for r in requests]
     out: list[list] = [[] for _ in requests]
     ended = [threading.Event() for _ in requests]
 
     def sink(i: int):
         def put(item) -> None:
+            if when is not None:
+                when[i].append(time.monotonic())
             out[i].append(item)
             if isinstance(item, (FinishEvent, BaseException)):
                 ended[i].set()
@@ -367,8 +370,10 @@ def test_newcomers_arriving_together_start_their_answers_together(tiny_onnx, tog
 def test_cancel_while_the_first_token_is_held(tiny_onnx):
     e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefill_chunk=16, prefix_cache=False))
     try:
-        short = _request(1, max_new_tokens=6)[0]  # read first, then held for the long one's dozens of chunks
-        long = GenerationRequest([Message("user", [TextPart("word " * 600)])],
+        # read first (a picture and its prompt), then held: for at most max_batch × its own reading time,
+        # a small part of the long one's ~200 chunks
+        short = _request(0, max_new_tokens=6)[0]
+        long = GenerationRequest([Message("user", [TextPart("word " * 1200)])],
                                  SamplingParams(max_new_tokens=6, ignore_eos=True))
         long_alone = _tokens(list(e.generate(long)))
         result: list[list] = []
@@ -385,5 +390,22 @@ def test_cancel_while_the_first_token_is_held(tiny_onnx):
         assert out_short[-1].usage.completion_tokens == 0 and not _tokens(out_short)
         assert _tokens(out_long) == long_alone
         assert not any(e.request_states().values())
+    finally:
+        e.close()
+
+
+def test_a_short_question_is_not_held_behind_a_long_prompt(tiny_onnx):
+    """Held first tokens wait at most max_batch × their own reading time: the short answer, read first,
+    starts (and here ends) while the long prompt beside it is still being read."""
+    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=2, prefill_chunk=16, prefix_cache=False))
+    try:
+        short = _request(1, max_new_tokens=4)[0]
+        long = GenerationRequest([Message("user", [TextPart("word " * 1200)])],
+                                 SamplingParams(max_new_tokens=2, ignore_eos=True))
+        when: list[list] = [[], []]
+        out_short, out_long = _arrive_together(e, [short, long], when)
+        first_long = next(t for t, ev in zip(when[1], out_long) if isinstance(ev, TokenEvent))
+        assert isinstance(out_short[-1], FinishEvent) and out_short[-1].usage.completion_tokens == 4
+        assert when[0][-1] < first_long, "the short answer waited for the long prompt to be read"
     finally:
         e.close()

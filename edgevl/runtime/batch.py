@@ -96,6 +96,7 @@ class Work:
     feats: dict[int, ImageFeatures] = field(default_factory=dict)  # image or clip index → features
     draft: list[int] = field(default_factory=list)  # tokens its constraint forces next (jump-forward)
     held: np.ndarray | None = None  # its prompt's last logits while its first token is held (_hold_first)
+    t_read: float = 0.0  # when its prompt was read (a held first token waits from here)
     state: State = State.WAITING
 
 
@@ -395,6 +396,7 @@ class BatchLoop:
         self.pool.advance(w.row, w.prompt.keys[:sl.total])
         w.seq.timings.prefill_ms += seconds * 1000
         if sl.total == w.prompt.ids.size:
+            w.t_read = time.perf_counter()
             if self._hold_first(w):
                 w.held = logits[-1].copy()
             else:
@@ -414,9 +416,10 @@ class BatchLoop:
         still reads. Otherwise its stream would start at once and the step budget would slow the others'
         pictures and prompts to a fraction of the CPU to keep its pace — for four pictures arriving
         together, the last first token came ~3× later than reading all four first. vLLM's scheduler
-        gives the same order (every waiting prompt in one step's budget). The wait is bounded: at most
-        `max_batch` - 1 other newcomers, and a newcomer admitted later is read before the release only
-        while no one streams."""
+        gives the same order (every waiting prompt in one step's budget). The wait is bounded by the
+        newcomer's own cost: at most `max_batch` times as long as reading its prompt took (see
+        _release_held), so a short question admitted beside a 1024² page is not held for the page's
+        ten seconds, while four like pictures all start together."""
         return (self.start_together and not any(x.state is State.DECODING for x in self.active)
                 and any(self._reading(x) for x in self.active if x is not w))
 
@@ -425,10 +428,15 @@ class BatchLoop:
         return w.state in (State.ENCODING, State.PREFILLING) and w.held is None and not w.seq.cancelled
 
     def _release_held(self) -> None:
-        """The held newcomers start together once no newcomer is still reading (or a stream runs)."""
+        """The held newcomers start together once no newcomer is still reading, a stream runs, or one
+        of them has waited `max_batch` times as long as reading its own prompt took."""
         held = [w for w in self.active if w.held is not None]
-        if not held or any(self._reading(w) for w in self.active) and not any(
-                w.state is State.DECODING for w in self.active):
+        if not held:
+            return
+        now = time.perf_counter()
+        waited_enough = any(now - w.t_read > self.max_batch * (w.t_read - w.t_admit) for w in held)
+        if (any(self._reading(w) for w in self.active) and not waited_enough
+                and not any(w.state is State.DECODING for w in self.active)):
             return
         for w in held:
             logits, w.held = w.held, None

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
                              "(0: the newcomer's prompt chunk runs on its own, between steps)")
     start_together: bool = Field(True, description="while no answer streams, newcomers that arrive together are "
                                  "all read at full speed, then start answering together (one stream starting "
-                                 "first would hold the others' reading to the step budget)")
+                                 "first would hold the others' reading to the step budget); a newcomer waits at most "
+                                 "max-batch times its own reading time")
     jump_forward: bool = Field(True, description="tokens a JSON schema or tool call forces are checked in one "
                                "decoder run instead of one step each (same answer)")
     queue_size: int = Field(16, ge=0, le=10000, description="requests allowed to wait; beyond it: 429 at once")
