@@ -75,7 +75,9 @@ def test_200_requests_from_16_clients(loaded):
     assert not errors and len(statuses) == n
     assert set(counts) <= {200, 429} and counts[200] > 0
     assert loaded.metric("edgevl_scheduler_submitted") - before == counts[200]  # each answered exactly once
-    assert peak["queue"] <= 8
+    # the queue holds --queue-size (8) beyond the free batch places (admission.check): a place freed by a
+    # finished answer is taken at the loop's next turn, so up to max_batch (4) more may wait meanwhile
+    assert peak["queue"] <= 8 + 4
     assert httpx.get(loaded.url + "/api/health").json()["status"] == "ok"
 
 
