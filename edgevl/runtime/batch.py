@@ -362,11 +362,12 @@ class BatchLoop:
         n_slice = sl.ids.shape[1] if sl is not None else 0
         kind = ("mixed" if running and sl is not None else "decode" if running
                 else "draft" if sl.draft is not None else "prefill")
-        self._ran(kind, t_run, len(running) + n_slice)
+        seconds = time.perf_counter() - t_run
+        self._ran(kind, seconds, len(running) + n_slice)
         if kind == "decode":
-            self.budget.observe_decode(len(running), time.perf_counter() - t_run)
+            self.budget.observe_decode(len(running), seconds)
         elif kind == "mixed" and sl is not None and sl.draft is None:
-            self.budget.observe_mixed(len(running), n_slice, time.perf_counter() - t_run)
+            self.budget.observe_mixed(len(running), n_slice, seconds)
         if kind == "mixed":
             self._count("mixed_steps")
         if running:
@@ -420,8 +421,11 @@ class BatchLoop:
         newcomer's own cost: at most `max_batch` times as long as reading its prompt took (see
         _release_held), so a short question admitted beside a 1024² page is not held for the page's
         ten seconds, while four like pictures all start together."""
-        return (self.start_together and not any(x.state is State.DECODING for x in self.active)
+        return (self.start_together and not self._decoding()
                 and any(self._reading(x) for x in self.active if x is not w))
+
+    def _decoding(self) -> int:
+        return sum(x.state is State.DECODING for x in self.active)
 
     @staticmethod
     def _reading(w: Work) -> bool:
@@ -435,8 +439,7 @@ class BatchLoop:
             return
         now = time.perf_counter()
         waited_enough = any(now - w.t_read > self.max_batch * (w.t_read - w.t_admit) for w in held)
-        if (any(self._reading(w) for w in self.active) and not waited_enough
-                and not any(w.state is State.DECODING for w in self.active)):
+        if any(self._reading(w) for w in self.active) and not waited_enough and not self._decoding():
             return
         for w in held:
             logits, w.held = w.held, None
@@ -504,7 +507,7 @@ class BatchLoop:
         if w not in self.active or w.seq.cancelled:
             self._vision = None
             return
-        decoding = sum(x.state is State.DECODING for x in self.active)
+        decoding = self._decoding()
         if decoding and budget_spent:
             self._vision_next = True
             return
@@ -560,8 +563,8 @@ class BatchLoop:
         return (np.stack([np.zeros_like(rows), rows], axis=1), np.concatenate(emb).astype(np.float32),
                 np.concatenate(deep, axis=1).astype(np.float32))
 
-    def _ran(self, kind: str, t0: float, tokens: int) -> None:
-        self.step_seconds[kind].observe(time.perf_counter() - t0)
+    def _ran(self, kind: str, seconds: float, tokens: int) -> None:
+        self.step_seconds[kind].observe(seconds)
         self.run_tokens.observe(tokens)
 
     def clear_histograms(self) -> None:
