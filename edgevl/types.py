@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 Role = Literal["system", "user", "assistant", "tool"]
-# weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it
-Precision = Literal["fp32", "int8", "int4", "int8-nbits"]
+# weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it;
+# int8-rowwise quantizes each activation row on its own (batch-invariant answers, docs/quantization.md)
+Precision = Literal["fp32", "int8", "int4", "int8-nbits", "int8-rowwise"]
 # what ends an answer in the engine; a timeout or a failure is an exception instead (a 504, an error frame)
 FinishReason = Literal["stop", "length", "cancelled"]
 

@@ -1,5 +1,6 @@
 """Jump-forward: tokens a constraint forces run as one draft, checked position by position, and the
-answer is the one the step-by-step loop gives — for JSON schemas, forced tool calls and boxes."""
+answer is the one the step-by-step loop gives — for JSON schemas, forced tool calls and boxes, at fp32
+and at int8 with per-row activation scales."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from edgevl.grounding import BOXES_SCHEMA
 from edgevl.runtime.engine import OrtEngine
+from edgevl.runtime.loader import exported_dir_for, load_engine
 from edgevl.server.tools import call_schema
 from edgevl.types import EngineOptions, FinishEvent, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
@@ -25,10 +27,17 @@ TOOLS = [{"type": "function", "function": {"name": "file_receipt", "parameters":
     "properties": {"vendor": {"type": "string", "maxLength": 16}, "amount": {"type": "integer"}}}}}]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_onnx):
-    on = OrtEngine(tiny_onnx, EngineOptions(prefix_cache=False, jump_forward=True))
-    off = OrtEngine(tiny_onnx, EngineOptions(prefix_cache=False, jump_forward=False))
+@pytest.fixture(scope="module", params=["fp32", "int8-rowwise"])
+def engines(request, tiny_checkpoint, tiny_onnx):
+    """fp32, and int8 with a scale per activation row: a draft's rows and the rows beside it are
+    quantized each on its own, so int8 answers too are the step-by-step loop's (plain int8 quantizes
+    a whole run with one scale, and its answers may differ: docs/quantization.md)."""
+    folder = tiny_onnx
+    if request.param != "fp32":
+        load_engine(tiny_checkpoint, EngineOptions(precision=request.param), warmup=False).close()  # exports
+        folder = exported_dir_for(tiny_checkpoint, request.param)
+    on = OrtEngine(folder, EngineOptions(prefix_cache=False, jump_forward=True))
+    off = OrtEngine(folder, EngineOptions(prefix_cache=False, jump_forward=False))
     yield on, off
     on.close()
     off.close()

@@ -1,4 +1,4 @@
-"""int8 / int4 / int8-nbits exports: the graphs use the integer kernels, stay close to fp32, and
+"""int8 / int4 / int8-nbits / int8-rowwise exports: the graphs use the integer kernels, stay close to fp32, and
 every precision the exporter has is a choice on the command line."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.conftest import make_image
 from tests.test_parity import _prefill_logits
 
 
-@pytest.fixture(scope="module", params=["int8", "int4", "int8-nbits"])
+@pytest.fixture(scope="module", params=["int8", "int4", "int8-nbits", "int8-rowwise"])
 def quantized(request, tiny_checkpoint):
     opts = EngineOptions(precision=request.param, prefix_cache=False)
     return request.param, load_engine(tiny_checkpoint, opts, warmup=False)
@@ -28,9 +28,12 @@ def test_graphs_use_integer_kernels(quantized, tiny_checkpoint, tiny_onnx):  # t
     folder = exported_dir_for(tiny_checkpoint, precision)
     dec = _ops(folder / "decoder.onnx")
     vis = set().union(*(_ops(f) for f in folder.glob("vision*.onnx")))  # every slice of the tower
-    assert "DynamicQuantizeMatMul" in vis and "MatMul" not in vis
+    row_wise = precision == "int8-rowwise"  # its vision tower too: one scale per activation row
+    assert ("MatMulIntegerToFloat" if row_wise else "DynamicQuantizeMatMul") in vis and "MatMul" not in vis
     if precision == "int8":
         assert "DynamicQuantizeMatMul" in dec and "MatMulNBits" not in dec
+    elif row_wise:
+        assert "MatMulIntegerToFloat" in dec and "QuantizeLinear" in dec and "DynamicQuantizeMatMul" not in dec
     else:
         assert "MatMulNBits" in dec
     assert "MatMul" not in dec and "Gemm" not in dec  # no fp32 weight matmul left
@@ -66,14 +69,40 @@ def test_every_export_precision_is_a_command_line_choice():
             assert parser.parse_args(argv).precision == precision
 
 
-def _int8_projection(tmp_path, x: np.ndarray, w: np.ndarray, unsigned: bool) -> np.ndarray:
+def _int8_projection(tmp_path, x: np.ndarray, w: np.ndarray, unsigned: bool, per_row: bool = False,
+                     bias: np.ndarray | None = None) -> np.ndarray:
     import onnxruntime as ort
 
     from edgevl.export.builder import FLOAT, GraphBuilder, QuantSpec
 
-    b = GraphBuilder(f"dq_{unsigned}", tmp_path, quant=QuantSpec("dynamic", unsigned_weights=unsigned))
-    b.output(b.linear(b.input("x", FLOAT, list(x.shape)), w, None, "/proj"), "y", FLOAT, [x.shape[0], w.shape[0]])
+    name = f"dq_{unsigned}_{per_row}_{bias is not None}_{x.shape[0]}"
+    b = GraphBuilder(name, tmp_path, quant=QuantSpec("dynamic", unsigned_weights=unsigned, per_row=per_row))
+    b.output(b.linear(b.input("x", FLOAT, ["rows", x.shape[1]]), w, bias, "/proj"), "y", FLOAT,
+             ["rows", w.shape[0]])
     return ort.InferenceSession(str(b.save()), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_rowwise_int8_rows_do_not_depend_on_the_rows_beside_them(tmp_path, unsigned):
+    """int8-rowwise: each row quantized with its own absmax / 127 gives the exact integer products
+    (bias added after), and a row's output alone is bit for bit its output beside other rows. Plain
+    int8 quantizes the run with one scale: the same row comes out differently next to a large one."""
+    from edgevl.export.quantize import quantize_per_channel_int8
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    bias = rng.standard_normal(48).astype(np.float32)
+    x = (rng.standard_normal((3, 64)) * np.array([[100.0], [1.0], [0.01]])).astype(np.float32)
+    q, scale = quantize_per_channel_int8(w)
+    xs = np.abs(x).max(axis=1, keepdims=True) / 127
+    exact = (np.rint(x / xs) @ q.astype(np.float64)) * xs * scale + bias
+    got = _int8_projection(tmp_path, x, w, unsigned, per_row=True, bias=bias)
+    assert np.all(np.abs(got - exact).max(axis=1) <= 1e-5 * np.abs(exact).max(axis=1))  # each row to its own size
+    for r in range(3):
+        np.testing.assert_array_equal(_int8_projection(tmp_path, x[r:r + 1], w, unsigned, per_row=True, bias=bias),
+                                      got[r:r + 1])
+    plain = _int8_projection(tmp_path, x, w, unsigned, bias=bias)
+    assert not np.array_equal(_int8_projection(tmp_path, x[1:2], w, unsigned, bias=bias), plain[1:2])
 
 
 def test_int8_weights_stored_unsigned_give_exact_integer_products(tmp_path):

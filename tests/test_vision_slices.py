@@ -76,13 +76,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-rowwise"])
 @pytest.mark.parametrize(("per_slice", "chunk_rows"), [(1, 0), (3, 0), (1, 16), (1, 1024)])
 def test_slices_give_the_whole_towers_features(exports, precision, per_slice, chunk_rows):
     """An image and a clip (frame groups batched) through the slices: the whole graph's numbers.
     3 blocks per slice puts DeepStack outputs inside and at the end of a group. Blocks split over
     chunks of 16 patches (the image: 18 chunks; a clip's batch is never split) give the same numbers at
-    fp32; at int8 each chunk quantizes its own activations, which is as close to fp32 as the whole."""
+    fp32 and at int8 with per-row activation scales; at plain int8 each chunk quantizes its own
+    activations with one scale, which is as close to fp32 as the whole."""
     sliced, whole = exports(precision, per_slice, chunk_rows), exports(precision, 0)
     m = sliced.manifest
     assert "vision" not in m.graphs and m.vision_slices and whole.manifest.vision_slices is None

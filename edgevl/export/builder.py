@@ -27,6 +27,9 @@ class QuantSpec:
     "dynamic": int8 per-output-channel weights, activations quantized on the fly
     (DynamicQuantizeMatMul → integer GEMM with VNNI); the fastest int8 path for prompts and the
     vision tower on CPUs with VNNI. "nbits": block-wise weight-only (MatMulNBits), 4 or 8 bits.
+    `per_row` (dynamic): each activation row gets its own scale instead of one per call, so a row's
+    numbers do not depend on the rows run beside it (batch invariance), at some cost (quantization in
+    separate nodes; docs/quantization.md).
     """
 
     method: str  # "dynamic" or "nbits"
@@ -34,6 +37,7 @@ class QuantSpec:
     block_size: int = 128
     accuracy_level: int = 4  # nbits: int8 activations inside the kernel, uses VNNI/AMX when present
     unsigned_weights: bool = False  # dynamic: int8 values stored as uint8 + 128 (CPUs whose s8 GEMM saturates)
+    per_row: bool = False  # dynamic: one activation scale per row, not per call
 
 
 class GraphBuilder:
@@ -55,6 +59,7 @@ class GraphBuilder:
         self._data = open(out_dir / self.data_name, "wb")
         self._offset = 0
         self._consts: dict[tuple, str] = {}
+        self._row_quantized: dict[str, tuple[str, str]] = {}  # activation → (uint8 values, row scales)
 
     # ---- values -------------------------------------------------------------------------
     def input(self, name: str, elem: int, shape: list) -> str:
@@ -117,8 +122,17 @@ class GraphBuilder:
                 q, zeros = (q.astype(np.int16) + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
             else:
                 zeros = np.zeros_like(scale, dtype=np.int8)
-            ins = [x, self.init(f"{name}.qweight", q), self.init(f"{name}.scales", scale),
-                   self.init(f"{name}.qzeros", zeros)]
+            weights = [self.init(f"{name}.qweight", q), self.init(f"{name}.scales", scale)]
+            if spec.per_row:
+                xq, x_scale = self.quantize_rows(x, w.shape[1], name)
+                ins = [xq, weights[0], x_scale, weights[1], self.const(128, np.uint8)]
+                if spec.unsigned_weights:
+                    ins.append(self.init(f"{name}.qzeros", zeros))
+                y = self.op("MatMulIntegerToFloat", ins, f"{name}/MatMulIntegerToFloat", domain=MS)
+                # its own bias input is wrong with per-row scales (ONNX Runtime 1.32: rows scaled away)
+                return y if b is None else self.op("Add", [y, self.init(f"{name}.bias", b.astype(np.float32))],
+                                                   f"{name}/Add")
+            ins = [x, *weights, self.init(f"{name}.qzeros", zeros)]
             if b is not None:
                 ins.append(self.init(f"{name}.bias", b.astype(np.float32)))
             return self.op("DynamicQuantizeMatMul", ins, f"{name}/DynamicQuantizeMatMul", domain=MS)
@@ -130,6 +144,22 @@ class GraphBuilder:
             ins += ["", self.init(f"{name}.bias", b.astype(np.float32))]  # g_idx unused
         return self.op("MatMulNBits", ins, f"{name}/MatMulNBits", domain=MS, K=k, N=n,
                        bits=spec.bits, block_size=spec.block_size, accuracy_level=spec.accuracy_level)
+
+    def quantize_rows(self, x: str, k: int, name: str) -> tuple[str, str]:
+        """x (..., k) → uint8 values (zero point 128) and one scale per row (..., 1), absmax / 127: a
+        row quantized alone, whatever else the run holds. Once per activation, however many
+        projections read it (the lm_head's vocabulary slices)."""
+        if x not in self._row_quantized:
+            amax = self.op("ReduceMax", [self.op("Abs", [x], f"{name}/RowAbs"), self.const([-1])],
+                           f"{name}/RowMax", keepdims=1)
+            scale = self.op("Mul", [self.op("Max", [amax, self.const(1e-12, np.float32)], f"{name}/RowMaxFloor"),
+                                    self.const(1 / 127, np.float32)], f"{name}/RowScale")
+            zero = self.op("Expand", [self.const(128, np.uint8), self.op("Shape", [scale], f"{name}/RowScaleShape")],
+                           f"{name}/RowZero")
+            # blocked quantization with one block per row: the per-row scale ONNX has
+            xq = self.op("QuantizeLinear", [x, scale, zero], f"{name}/QuantizeRows", axis=-1, block_size=k)
+            self._row_quantized[x] = (xq, scale)
+        return self._row_quantized[x]
 
     def fp32_weight(self, name: str, w: np.ndarray, x: str) -> str:
         """An fp32 (K, N) weight for `x @ w`, stored as bf16 behind a Cast when the builder keeps bf16

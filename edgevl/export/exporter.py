@@ -21,9 +21,12 @@ PRECISIONS: dict[str, QuantSpec | None] = {
     "int8": QuantSpec(method="dynamic", bits=8),
     "int4": QuantSpec(method="nbits", bits=4, block_size=128),  # block 128: 1.5x faster decode than 32
     "int8-nbits": QuantSpec(method="nbits", bits=8, block_size=32),  # kept to measure int8 against
+    # int8 with a scale per activation row: an answer does not depend on what runs beside it
+    "int8-rowwise": QuantSpec(method="dynamic", bits=8, per_row=True),
 }
 # the vision tower is compute-bound: integer GEMM helps it, 4-bit weights do not
-DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8"}
+DEFAULT_VISION_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int8", "int8-nbits": "int8",
+                            "int8-rowwise": "int8-rowwise"}
 _COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
            "tokenizer.json",
            "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
