@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgevl.runtime.vision_job import VisionJob
+from edgevl.runtime.vision_job import MIN_CUT_ROWS, VisionJob
 
 _SMOOTHING = 0.3  # weight of the newest observation: a few steps to settle, not thrown by one outlier
 _FIRST_GUESS = 1 / 8  # of a decode step, per prompt token or vision unit not yet measured
@@ -77,13 +77,23 @@ class StepBudget:
 
     def run_vision(self, job: VisionJob, rows: int) -> None:
         """A picture's slices beside `rows` decoding rows: while the next one's expected time fits what
-        the allowance has left and its cost the token cap's rest, at least one (a picture moves on)."""
+        the allowance has left and its cost the token cap's rest. A piece over a picture's patches
+        that does not fit is cut to what does (runtime/vision_job.py); at least one piece runs, cut
+        to its shortest if need be (a picture moves on)."""
         units, seconds = self.max_tokens - rows, self.allowance(rows)
         first = True
         while not job.done:
             kind, cost = job.next_kind, job.next_cost
-            if not first and (cost > units or self.vision_seconds(rows, kind, cost) > seconds):
-                return
+            expected = self.vision_seconds(rows, kind, cost)
+            if cost > units or expected > seconds:
+                if job.next_rows:
+                    fits = job.next_rows * min(units / cost, seconds / expected if expected > 0 else 1.0)
+                    if fits < MIN_CUT_ROWS and not first:
+                        return
+                    job.cut(int(fits))
+                    cost = job.next_cost
+                elif not first:
+                    return
             took = job.step()
             self.observe_vision(kind, cost, took)
             units, seconds, first = units - cost, seconds - took, False

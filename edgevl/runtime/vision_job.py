@@ -10,13 +10,17 @@ the job.
 
 A block exported in two graphs (export/vision.py's `chunk_rows`) runs as pieces: its q/k/v graph
 over each chunk of a picture's patches, then the rest of the block over each chunk's queries against
-all keys and values, so no piece of a 1024² page costs much more than a 448² picture's block.
+all keys and values, so no piece of a 1024² page costs much more than a 448² picture's block. The
+loop may cut a piece shorter still (`cut`) when a step's budget has less room than a chunk: rows are
+independent in both graphs, so where each row is quantized on its own (fp32, int8-rowwise) a cut
+changes no number; plain int8 quantizes a run's rows together, as it does a batch's.
 
 Exports made before slices have one graph for the whole tower: it is a job of one slice per run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,9 @@ def slice_flops(config: ModelConfig, s: VisionSlice, rows: int, rows_per_group: 
     return embed + (qkv + rest) * v.depth + merger * (1 + len(v.deepstack_visual_indexes))
 
 
+MIN_CUT_ROWS = 128  # patches: a shorter piece would spend more on re-reading all keys and values than on its rows
+
+
 @dataclass(frozen=True)
 class _Piece:
     """One graph run of a job: batch of frame groups `run`, slice `k`, and for a split block its
@@ -133,18 +140,19 @@ class VisionJob:
         self._runs = [slice(first * per_group, min(len(groups), first + per_run) * per_group)
                       for first in range(0, len(groups), per_run)]
         self._chunked = len(groups) == 1  # an image: its one group may be split into chunks of patches
+        self._config, self._per_group = config, per_group
+        self._unit = v.spatial_merge_size**2  # a piece's rows are whole merged tokens (its DeepStack rows)
         self._steps = [p for r in range(len(self._runs)) for k in range(len(slices)) for p in self._pieces(r, k)]
-        scale = decoder_token_flops(config)
-        self.costs = [slice_flops(config, slices[p.k], self._rows(p), per_group, p.part) / scale for p in self._steps]
+        self.costs = [self._cost(p) for p in self._steps]
         self._next = 0
         self._hidden: np.ndarray | None = None
         self._deep: dict[int, np.ndarray] = {}  # DeepStack outputs of the current batch, by index
-        # a split block between its pieces: queries and keys/values by chunk, all keys and values
-        # (once every chunk is projected), outputs (hidden, DeepStack) by chunk
-        self._q: list[np.ndarray] = []
-        self._kv_chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        self._kv: tuple[np.ndarray, np.ndarray] | None = None
+        # a split block between its pieces: q/k/v by piece, then all of them (once every row is
+        # projected), outputs (hidden, DeepStack) by piece, and the rows those cover
+        self._qkv_pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._qkv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._out: list[list[np.ndarray]] = []
+        self._rows_out = 0
         self._embeds: list[np.ndarray] = []
         self._deeps: list[np.ndarray] = []
         self.seconds = 0.0  # wall time of the slices run so far
@@ -160,6 +168,31 @@ class VisionJob:
 
     def _rows(self, p: _Piece) -> int:
         return p.stop - p.start if p.part else self._runs[p.run].stop - self._runs[p.run].start
+
+    def _cost(self, p: _Piece) -> float:
+        return (slice_flops(self._config, self.slices[p.k], self._rows(p), self._per_group, p.part)
+                / decoder_token_flops(self._config))
+
+    @property
+    def next_rows(self) -> int:
+        """Patches in the next piece when `cut` may shorten it (a split block's piece of a picture), else 0."""
+        if self.done:
+            return 0
+        p = self._steps[self._next]
+        return p.stop - p.start if p.part and self._chunked and p.stop - p.start > MIN_CUT_ROWS else 0
+
+    def cut(self, rows: int) -> None:
+        """Shortens the next piece to its first `rows` patches (whole merged tokens, at least
+        MIN_CUT_ROWS); the rest becomes the piece after it."""
+        if not self.next_rows:
+            raise RuntimeError("the next slice cannot be cut")
+        p = self._steps[self._next]
+        mid = p.start + max(MIN_CUT_ROWS, rows - rows % self._unit)
+        if mid >= p.stop:
+            return
+        head, tail = dataclasses.replace(p, stop=mid), dataclasses.replace(p, start=mid)
+        self._steps[self._next:self._next + 1] = [head, tail]
+        self.costs[self._next:self._next + 1] = [self._cost(head), self._cost(tail)]
 
     @property
     def done(self) -> bool:
@@ -221,25 +254,26 @@ class VisionJob:
 
     def _run_split_block(self, s: VisionSlice, part: str, rows: slice) -> None:
         assert self._hidden is not None and s.qkv is not None
-        # an image's chunk takes its own rows' rotary tables; a clip's batch, one group's (all of them)
+        # an image's piece takes its own rows' rotary tables and queries; a clip's batch (one piece),
+        # one group's tables (the graph repeats them) and all its queries
         cos, sin = (self._cos[rows], self._sin[rows]) if self._chunked else (self._cos, self._sin)
         if part == "qkv":
-            q, k, v = s.qkv.run(["q", "k", "v"], {"hidden_in": self._hidden[rows], "cos": cos, "sin": sin})
-            self._q.append(q)
-            self._kv_chunks.append((k, v))
+            self._qkv_pieces.append(tuple(s.qkv.run(["q", "k", "v"], {"hidden_in": self._hidden[rows],
+                                                                     "cos": cos, "sin": sin})))
             return
-        if self._kv is None:  # every chunk's keys and values, once all are projected
-            self._kv = (np.concatenate([c[0] for c in self._kv_chunks], axis=1),
-                        np.concatenate([c[1] for c in self._kv_chunks], axis=1))
-            self._kv_chunks = []
+        if self._qkv is None:  # every row's q, k and v, once all are projected
+            q, k, v = (np.concatenate(t, axis=1) for t in zip(*self._qkv_pieces))
+            self._qkv, self._qkv_pieces = (q, k, v), []
+        q, k, v = self._qkv
         names = ["hidden", *(f"deepstack.{j}" for j in s.deepstack)]
-        self._out.append(s.session.run(names, {"hidden_in": self._hidden[rows], "q": self._q[len(self._out)],
-                                               "k": self._kv[0], "v": self._kv[1]}))
-        if len(self._out) == len(self._q):  # the block's last chunk
+        self._out.append(s.session.run(names, {"hidden_in": self._hidden[rows], "q": q[:, rows] if self._chunked else q,
+                                               "k": k, "v": v}))
+        self._rows_out += rows.stop - rows.start
+        if self._rows_out == self._hidden.shape[0]:  # the block's last piece
             parts = [np.concatenate(c) for c in zip(*self._out)]
             self._hidden = parts[0]
             self._deep.update(zip(s.deepstack, parts[1:]))
-            self._q, self._kv, self._out = [], None, []
+            self._qkv, self._out, self._rows_out = None, [], 0
 
     @property
     def features(self) -> ImageFeatures:
