@@ -110,7 +110,8 @@ MIN_CUT_ROWS = 128  # patches: a shorter piece would spend more on re-reading al
 @dataclass(frozen=True)
 class _Piece:
     """One graph run of a job: batch of frame groups `run`, slice `k`, and for a split block its
-    `part` ("qkv" or "rest") over patch rows [start, stop) of the batch."""
+    `part` ("qkv" or "rest") over patch rows [start, stop) of the batch; a picture's merger also
+    runs over rows [start, stop) (stop 0: the whole batch)."""
 
     run: int
     k: int
@@ -153,6 +154,7 @@ class VisionJob:
         self._qkv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._out: list[list[np.ndarray]] = []
         self._rows_out = 0
+        self._merged: list[np.ndarray] = []  # the merger's pieces of the current batch
         self._embeds: list[np.ndarray] = []
         self._deeps: list[np.ndarray] = []
         self.seconds = 0.0  # wall time of the slices run so far
@@ -160,14 +162,16 @@ class VisionJob:
 
     def _pieces(self, r: int, k: int) -> list[_Piece]:
         s = self.slices[k]
+        n = self._runs[r].stop - self._runs[r].start
+        if s.kind == "merger" and self._chunked:
+            return [_Piece(r, k, "", 0, n)]
         if s.qkv is None:
             return [_Piece(r, k)]
-        n = self._runs[r].stop - self._runs[r].start
         step = s.chunk_rows if self._chunked and s.chunk_rows else n
         return [_Piece(r, k, part, a, min(n, a + step)) for part in ("qkv", "rest") for a in range(0, n, step)]
 
     def _rows(self, p: _Piece) -> int:
-        return p.stop - p.start if p.part else self._runs[p.run].stop - self._runs[p.run].start
+        return p.stop - p.start if p.stop else self._runs[p.run].stop - self._runs[p.run].start
 
     def _cost(self, p: _Piece) -> float:
         return (slice_flops(self._config, self.slices[p.k], self._rows(p), self._per_group, p.part)
@@ -175,11 +179,12 @@ class VisionJob:
 
     @property
     def next_rows(self) -> int:
-        """Patches in the next piece when `cut` may shorten it (a split block's piece of a picture), else 0."""
+        """Patches in the next piece when `cut` may shorten it (a split block's piece of a picture, or
+        its merger), else 0."""
         if self.done:
             return 0
         p = self._steps[self._next]
-        return p.stop - p.start if p.part and self._chunked and p.stop - p.start > MIN_CUT_ROWS else 0
+        return p.stop - p.start if p.stop and self._chunked and p.stop - p.start > MIN_CUT_ROWS else 0
 
     def cut(self, rows: int) -> None:
         """Shortens the next piece to its first `rows` patches (whole merged tokens, at least
@@ -237,12 +242,15 @@ class VisionJob:
                 outs = s.session.run(names, {"hidden_in": self._hidden, "cos": self._cos, "sin": self._sin})
                 self._hidden = outs[0]
                 self._deep.update(zip(s.deepstack, outs[1:]))
-            else:  # the merger ends this batch of frame groups
-                embeds = s.session.run(["image_embeds"], {"hidden_in": self._hidden})[0]
-                self._embeds.append(embeds)
-                self._deeps.append(np.stack([self._deep[j] for j in sorted(self._deep)]) if self._deep
-                                   else np.zeros((0, *embeds.shape), np.float32))
-                self._hidden, self._deep = None, {}
+            else:  # the merger, over the batch or a piece of a picture's rows; its last piece ends the batch
+                part = slice(p.start, p.stop) if p.stop else slice(None)
+                self._merged.append(s.session.run(["image_embeds"], {"hidden_in": self._hidden[part]})[0])
+                if not p.stop or p.stop == self._hidden.shape[0]:
+                    embeds = self._merged[0] if len(self._merged) == 1 else np.concatenate(self._merged)
+                    self._embeds.append(embeds)
+                    self._deeps.append(np.stack([self._deep[j] for j in sorted(self._deep)]) if self._deep
+                                       else np.zeros((0, *embeds.shape), np.float32))
+                    self._hidden, self._deep, self._merged = None, {}, []
         except Exception as e:  # onnxruntime raises its own types; one request fails, not the engine
             raise EngineError(f"vision encoder failed: {e}") from e
         finally:
