@@ -11,9 +11,10 @@ the job.
 A block exported in two graphs (export/vision.py's `chunk_rows`) runs as pieces: its q/k/v graph
 over each chunk of a picture's patches, then the rest of the block over each chunk's queries against
 all keys and values, so no piece of a 1024² page costs much more than a 448² picture's block. The
-loop may cut a piece shorter still (`cut`) when a step's budget has less room than a chunk: rows are
-independent in both graphs, so where each row is quantized on its own (fp32, int8-rowwise) a cut
-changes no number; plain int8 quantizes a run's rows together, as it does a batch's.
+loop may cut a piece (or a picture's merger) shorter still (`cut`) when a step's budget has less
+room than that: rows are independent in these graphs, so where each row is quantized on its own
+(fp32, int8-rowwise) a cut changes no number; plain int8 quantizes a run's rows together, as it
+does a batch's.
 
 Exports made before slices have one graph for the whole tower: it is a job of one slice per run.
 """
