@@ -23,8 +23,10 @@ def _export(args: argparse.Namespace) -> int:
     from edgevl.export import export_model
 
     t0 = time.perf_counter()
-    out = export_model(args.checkpoint, args.out, args.precision, args.vision_precision, args.lm_head_precision)
-    print(f"exported {args.checkpoint} ({args.precision}) to {out} in {time.perf_counter() - t0:.1f} s")
+    out = export_model(args.checkpoint, args.out, args.precision, args.vision_precision, args.lm_head_precision,
+                       kv_cache=args.kv_cache)
+    print(f"exported {args.checkpoint} ({args.precision}, {args.kv_cache} KV cache) to {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -110,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgevl.types import Precision
+    from edgevl.types import KVCache, Precision
 
     precisions = typing.get_args(Precision)
     p = argparse.ArgumentParser(prog="edgevl", description="CPU-first Qwen3-VL inference on ONNX Runtime")
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the vision tower (default: fp32 for fp32, else int8)")
     e.add_argument("--lm-head-precision", choices=precisions, default=None,
                    help="precision of the last layer and the tied embedding (default: fp32 for fp32, else int8)")
+    e.add_argument("--kv-cache", choices=typing.get_args(KVCache), default="fp32",
+                   help="KV cache elements: int8 with fixed scales measured on calibration text "
+                   "(a quarter of the memory per token)")
     e.set_defaults(func=_export)
 
     r = sub.add_parser("predict", help="answer one question about an image and/or a clip, streaming")

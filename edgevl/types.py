@@ -20,6 +20,8 @@ Role = Literal["system", "user", "assistant", "tool"]
 # weights of an export; int8-nbits (MatMulNBits, 8 bits) is there to measure int8 against it;
 # int8-rowwise quantizes each activation row on its own (batch-invariant answers, docs/quantization.md)
 Precision = Literal["fp32", "int8", "int4", "int8-nbits", "int8-rowwise"]
+# the KV cache's elements: float32, or int8 with a fixed scale per head and channel (export/kv_scales.py)
+KVCache = Literal["fp32", "int8"]
 # what ends an answer in the engine; a timeout or a failure is an exception instead (a 504, an error frame)
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -224,6 +226,7 @@ class EngineOptions:
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     precision: Precision = "fp32"  # used when a checkpoint must be exported
+    kv_cache: KVCache = "fp32"  # likewise; an exported folder's own cache type is what runs
     max_context: int = 4096  # prompt + answer tokens of one conversation
     max_pixels: int = 1024 * 1024  # default per-image budget; a request may ask for less
     max_images: int = 8  # per request
@@ -261,6 +264,7 @@ class EngineInfo:
     max_context: int
     vision_cache_entries: int = 0
     thinking: bool = False  # the chat template opens every answer with a thought (Qwen3-VL-*-Thinking)
+    kv_cache: str = "fp32"  # a KVCache
 
 
 class Engine(Protocol):

@@ -39,6 +39,16 @@ def tiny_onnx(tiny_checkpoint: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_kv8(tiny_checkpoint: Path) -> Path:
+    """The tiny model exported with an int8 KV cache (export/kv_scales.py)."""
+    from edgevl.runtime.loader import exported_dir_for, load_engine
+    from edgevl.types import EngineOptions
+
+    load_engine(tiny_checkpoint, EngineOptions(kv_cache="int8"), warmup=False).close()
+    return exported_dir_for(tiny_checkpoint, "fp32", "int8")
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_onnx: Path):
     from edgevl.runtime.engine import OrtEngine
 

@@ -54,14 +54,18 @@ def _tokens(events: list) -> list[int]:
     return [e.token_id for e in events if isinstance(e, TokenEvent) and e.token_id >= 0]
 
 
-@pytest.fixture(scope="module", params=[0, 24], ids=["chunks-alone", "mixed-steps"])
-def batch_engine(tiny_onnx, request):
+@pytest.fixture(scope="module", params=[(0, "fp32"), (24, "fp32"), (24, "int8")],
+                ids=["chunks-alone", "mixed-steps", "mixed-steps-int8-kv"])
+def batch_engine(request):
     """step_tokens 0: a newcomer's prompt chunks run on their own; 24: slices of it ride in the decoding
     rows' runs (mixed steps), 24 tokens a run: the time allowance is lifted (step_stretch), so slices
     do not shrink when a busy machine slows the steps and the newcomers still join running streams.
-    Prefix reuse off: every run reads its whole prompt, so alone and batched do the same work."""
-    e = OrtEngine(tiny_onnx, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False,
-                                           step_tokens=request.param, step_stretch=1e6))
+    Prefix reuse off: every run reads its whole prompt, so alone and batched do the same work.
+    An int8 KV cache has fixed scales, so a row's cache does not depend on its neighbours either."""
+    step_tokens, kv = request.param
+    folder = request.getfixturevalue("tiny_onnx" if kv == "fp32" else "tiny_onnx_kv8")
+    e = OrtEngine(folder, EngineOptions(max_batch=5, prefill_chunk=32, prefix_cache=False,
+                                        step_tokens=step_tokens, step_stretch=1e6))
     yield e
     e.close()
 

@@ -55,6 +55,8 @@ class DecoderStep:
         self.vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
         self.n_deep = names["deepstack_embeds"].shape[0] if "deepstack_embeds" in names else 0
         self._bufs: dict[tuple[int, int], list[np.ndarray]] = {}
+        past = names["past_key_values.0.key"]
+        self.kv_dtype = np.dtype(np.int8 if past.type == "tensor(int8)" else np.float32)
 
     def _kv(self, batch: int, max_len: int) -> list[np.ndarray]:
         key = (batch, max_len)
@@ -62,9 +64,11 @@ class DecoderStep:
             past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
             heads, hd = past.shape[1], past.shape[3]
             # row r's cache is the same whatever the batch, so batches can be compared row by row
-            self._bufs[key] = [np.stack([np.random.default_rng((j, r)).standard_normal((heads, max_len, hd),
-                                                                                       dtype=np.float32)
-                                         for r in range(batch)]) for j in range(2 * self.n_layers)]
+            bufs = [np.stack([np.random.default_rng((j, r)).standard_normal((heads, max_len, hd), dtype=np.float32)
+                              for r in range(batch)]) for j in range(2 * self.n_layers)]
+            if self.kv_dtype == np.int8:  # an int8 cache holds values at about a fortieth of a unit
+                bufs = [np.clip(np.rint(x * 40), -127, 127).astype(np.int8) for x in bufs]
+            self._bufs[key] = bufs
         return self._bufs[key]
 
     def step(self, batch: int, past: int, max_len: int | None = None, slice_tokens: int = 0) -> np.ndarray:
@@ -97,7 +101,7 @@ class DecoderStep:
             ang = np.concatenate([ang, g.uniform(0, 6.28, (n, hd)).astype(np.float32)])
             # group B's cache: the slice's own row, or (no slice) the one-token spare the engine binds
             b_kv = self._kv(1, max_len + n) if n else \
-                [np.zeros((1, kv[0].shape[1], 1, hd), np.float32)] * (2 * self.n_layers)
+                [np.zeros((1, kv[0].shape[1], 1, hd), self.kv_dtype)] * (2 * self.n_layers)
             for i in range(self.n_layers):
                 for j, kind in enumerate(("key", "value")):
                     ov = ort.OrtValue.ortvalue_from_numpy(b_kv[2 * i + j])

@@ -3,8 +3,9 @@
 The fp32 engine answers greedily; each quantized engine is then teacher-forced along the same
 tokens (a Constraint that records the logits and forces the next token), so every step compares
 like with like. Free-running greedy agreement (the first diverging token) is reported too.
+A precision with "+kv8" (int8+kv8, fp32+kv8) is exported with an int8 KV cache.
 
-    python -m edgevl.bench.quant_error CHECKPOINT [--tokens 64] [--precisions int8,int4]
+    python -m edgevl.bench.quant_error CHECKPOINT [--tokens 64] [--precisions int8,int4,int8+kv8]
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def compare(checkpoint: str, precisions: list[str], n_tokens: int = 64) -> dict:
     del ref_engine
     out: dict = {"checkpoint": checkpoint, "tokens": n_tokens, "precisions": {}}
     for p in precisions:
-        eng = load_engine(checkpoint, EngineOptions(precision=p, **opts), warmup=False)
+        precision, kv = p.split("+kv8")[0], "int8" if p.endswith("+kv8") else "fp32"
+        eng = load_engine(checkpoint, EngineOptions(precision=precision, kv_cache=kv, **opts), warmup=False)
         forced = Recorder(tokens=ref_tokens)
         list(eng.generate(GenerationRequest(msgs, params, constraint=forced)))
         q = np.stack(forced.logits)[: len(ref_logits)]

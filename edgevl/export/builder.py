@@ -228,4 +228,5 @@ def bf16_bits(w: np.ndarray) -> np.ndarray | None:
     return None if np.any(bits & 0xFFFF) else (bits >> 16).astype(np.uint16)
 
 
-FLOAT, INT64, INT32, BFLOAT16 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BFLOAT16
+FLOAT, INT64, INT32, INT8, BFLOAT16 = (TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.INT8,
+                                       TensorProto.BFLOAT16)

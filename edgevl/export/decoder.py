@@ -27,7 +27,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from edgevl.checkpoint import ModelConfig, Weights
-from edgevl.export.builder import BFLOAT16, FLOAT, INT32, INT64, MS, GraphBuilder, QuantSpec, bf16_bits
+from edgevl.export.builder import BFLOAT16, FLOAT, INT8, INT32, INT64, MS, GraphBuilder, QuantSpec, bf16_bits
+from edgevl.export.kv_scales import KVScales
 from edgevl.export.quantize import quantize_per_channel_int8
 
 # ONNX Runtime prepacks a weight while its memory-mapped original is still resident, so for a
@@ -74,9 +75,10 @@ def build_embedding(b: GraphBuilder, cfg: ModelConfig, w: Weights, precision: st
     b.output(x, "inputs_embeds", FLOAT, ["batch", "seq", h])
 
 
-def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantSpec | None | str = "default"
-                  ) -> None:
-    """`lm_head`: the precision of the output projection."""
+def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantSpec | None | str = "default",
+                  kv_scales: list[KVScales] | None = None) -> None:
+    """`lm_head`: the precision of the output projection. `kv_scales`: one per layer for an int8 KV
+    cache (export/kv_scales.py); None keeps it float32."""
     t = cfg.text
     h, hd, nq, nkv = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads
     eps = t.rms_norm_eps
@@ -121,7 +123,7 @@ def build_decoder(b: GraphBuilder, cfg: ModelConfig, w: Weights, lm_head: QuantS
                        axis=-1)
         q = _head_norm_rope(b, q, nq, hd, norm_w(f"{p}.self_attn.q_norm.weight"), eps, rope, f"{n}/attn/q")
         k = _head_norm_rope(b, k, nkv, hd, norm_w(f"{p}.self_attn.k_norm.weight"), eps, rope, f"{n}/attn/k")
-        a = _attention(b, q, k, v, i, groups, nq, nkv, hd, n)
+        a = _attention(b, q, k, v, i, groups, nq, nkv, hd, n, kv_scales[i] if kv_scales else None)
         o = b.linear(a, w.get(f"{p}.self_attn.o_proj.weight"), None, f"{n}/attn/o_proj")
         hn, _, _, x = b.op("SkipSimplifiedLayerNormalization",
                            [x, o, norm_w(f"{p}.post_attention_layernorm.weight")],
@@ -184,7 +186,7 @@ class Groups:
 
 
 def _attention(b: GraphBuilder, q: str, k: str, v: str, i: int, g: Groups, nq: int, nkv: int, hd: int,
-               n: str) -> str:
+               n: str, scales: KVScales | None) -> str:
     """Attention over the KV pool for packed (1, T, ·) q/k/v.
 
     GroupQueryAttention takes one new-token count for all its rows, so a run that carries decoding
@@ -193,18 +195,27 @@ def _attention(b: GraphBuilder, q: str, k: str, v: str, i: int, g: Groups, nq: i
     once, which is what makes the mixed run cheap: the weights are read once for both.
     Group A's KV comes in as past_key_values.{i}.*, B's as b_key_values.{i}.*; the engine binds each
     present output to its past buffer, so GroupQueryAttention writes the new tokens in place (an
-    unmixed run binds a one-token spare to B, which the else branch passes through)."""
+    unmixed run binds a one-token spare to B, which the else branch passes through).
+    With `scales`, the pool holds int8: GroupQueryAttention stores round(x / scale) per channel,
+    saturated, and attends over the dequantized values, for a prompt's own tokens as for the past."""
     shape = [nkv, "max_len", hd]
-    past = [b.input(f"past_key_values.{i}.{x}", FLOAT, ["batch", *shape]) for x in ("key", "value")]
-    b_past = [b.input(f"b_key_values.{i}.{x}", FLOAT, [1, *shape]) for x in ("key", "value")]
+    kv_type = INT8 if scales is not None else FLOAT
+    past = [b.input(f"past_key_values.{i}.{x}", kv_type, ["batch", *shape]) for x in ("key", "value")]
+    b_past = [b.input(f"b_key_values.{i}.{x}", kv_type, [1, *shape]) for x in ("key", "value")]
     outs = [f"{n}/attn/output", f"present.{i}.key", f"present.{i}.value", f"b_present.{i}.key",
             f"b_present.{i}.value"]
-    b.outputs += [_vi(f"present.{i}.key", ["batch", *shape]), _vi(f"present.{i}.value", ["batch", *shape]),
-                  _vi(f"b_present.{i}.key", [1, *shape]), _vi(f"b_present.{i}.value", [1, *shape])]
+    b.outputs += [_vi(f"{o}.{i}.{x}", [rows, *shape], kv_type)
+                  for o, rows in (("present", "batch"), ("b_present", 1)) for x in ("key", "value")]
     attrs = dict(domain=MS, num_heads=nq, kv_num_heads=nkv, scale=float(hd**-0.5))
+    quant: list[str] = []
+    if scales is not None:
+        attrs.update(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+        # inputs 7-11 (rotary caches, position ids, attention bias, head sink) unused
+        quant = ["", "", "", "", "", b.init(f"/model/layers.{i}/attn/k_scale", scales.key),
+                 b.init(f"/model/layers.{i}/attn/v_scale", scales.value)]
 
     def gqa(qkv: list[str], kv: list[str], lens: list[str], name: str) -> list[str]:
-        return b.op("GroupQueryAttention", [*qkv, *kv, *lens], name, n_out=3, **attrs)
+        return b.op("GroupQueryAttention", [*qkv, *kv, *lens, *quant], name, n_out=3, **attrs)
 
     def as_rows(x: str, width: int, name: str) -> str:  # packed (1, T_A, w) → (rows, tokens, w)
         return b.reshape_to(x, b.op("Concat", [g.a_shape, b.const([width])], f"{name}/Shape", axis=0), name)
@@ -213,6 +224,11 @@ def _attention(b: GraphBuilder, q: str, k: str, v: str, i: int, g: Groups, nq: i
         return b.reshape(x, [1, -1, nq * hd], name)
 
     widths = (nq * hd, nkv * hd, nkv * hd)
+    kv_outs = {o: kv_type for o in outs[1:]}
+
+    def out_info(names: list[str]) -> list:
+        return [_vi(name, None, kv_outs.get(o, FLOAT)) for name, o in zip(names, outs)]
+
     with _branch(b) as mixed_nodes:
         end = g.a_tokens
         a_part = [as_rows(b.op("Slice", [t, b.const([0]), end, b.const([1])], f"{n}/attn/mixed/A{j}"), w,
@@ -229,8 +245,8 @@ def _attention(b: GraphBuilder, q: str, k: str, v: str, i: int, g: Groups, nq: i
         plain_out = [packed(oa, f"{n}/attn/plain/Packed"), pka, pva,
                      *(b.op("Identity", [p], f"{n}/attn/plain/b_pass{j}") for j, p in enumerate(b_past))]
     b.op("If", [g.mixed], f"{n}/attn/If", out_names=outs,
-         then_branch=helper.make_graph(mixed_nodes, f"{n}/attn/mixed", [], [_vi(o) for o in mixed_out]),
-         else_branch=helper.make_graph(plain_nodes, f"{n}/attn/plain", [], [_vi(o) for o in plain_out]))
+         then_branch=helper.make_graph(mixed_nodes, f"{n}/attn/mixed", [], out_info(mixed_out)),
+         else_branch=helper.make_graph(plain_nodes, f"{n}/attn/plain", [], out_info(plain_out)))
     return outs[0]
 
 
@@ -244,5 +260,5 @@ def _branch(b: GraphBuilder) -> Iterator[list]:
         b.nodes = outer
 
 
-def _vi(name: str, shape: list | None = None):
-    return helper.make_tensor_value_info(name, FLOAT, shape)
+def _vi(name: str, shape: list | None = None, elem: int = FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)

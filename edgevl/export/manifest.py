@@ -40,6 +40,7 @@ class Manifest:
     # {"embed": file, "blocks": [{"graph": file, "blocks": [first, end), "deepstack": [j, ...]}], "merger": file,
     #  "chunk_rows": n}; with chunk_rows > 0 each block entry also names its "qkv" graph (export/vision.py)
     vision_slices: dict | None = None
+    kv_cache: str = "fp32"  # the KV cache's element type: fp32, or int8 with fixed scales (export/kv_scales.py)
     export_seconds: float = 0.0
 
     def write(self, folder: str | Path) -> None:

@@ -92,7 +92,7 @@ class OrtEngine:
         t = self.config.text
         self.pool = KVPool(t.num_layers, t.num_kv_heads, t.head_dim, rows=2 * self.options.max_batch,
                            max_len=self.options.max_context, budget_bytes=self.options.kv_cache_mb * 2**20,
-                           prefix_cache=self.options.prefix_cache)
+                           prefix_cache=self.options.prefix_cache, dtype=self.model.kv_dtype)
         self.vision_cache = VisionCache(self.options.vision_cache_entries)
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
         self._stats_lock = threading.Lock()
@@ -115,6 +115,7 @@ class OrtEngine:
             max_context=self.options.max_context,
             vision_cache_entries=len(self.vision_cache),
             thinking=self.thinking,
+            kv_cache=self.manifest.kv_cache,
         )
 
     def json_constraint(self, schema: dict | None, budget: int = 0) -> Constraint:

@@ -1,6 +1,7 @@
 """The KV cache of every sequence: rows of one batched buffer per layer, under a memory budget.
 
-    keys[layer], values[layer]: (rows, kv_heads, max_len, head_dim) float32
+    keys[layer], values[layer]: (rows, kv_heads, max_len, head_dim) float32, or int8 for an export
+    whose cache is int8 (export/kv_scales.py)
     row r ── running (a sequence decodes into it) │ cached (a finished turn, kept for prefix reuse)
                                                   │ empty
 
@@ -34,17 +35,19 @@ class Row:
 
 class KVPool:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, rows: int, max_len: int,
-                 budget_bytes: int, prefix_cache: bool = True):
-        unit = max(1, _PAGE // (head_dim * 4))  # whole pages per head, so a row's tail can be released
+                 budget_bytes: int, prefix_cache: bool = True, dtype: type = np.float32):
+        self.dtype = np.dtype(dtype)
+        self._item = self.dtype.itemsize
+        unit = max(1, _PAGE // (head_dim * self._item))  # whole pages per head, so a row's tail can be released
         max_len = -(-max_len // unit) * unit
         self.shape = (rows, n_kv_heads, max_len, head_dim)
         self.max_len = max_len
-        self.bytes_per_token = n_layers * 2 * n_kv_heads * head_dim * 4
+        self.bytes_per_token = n_layers * 2 * n_kv_heads * head_dim * self._item
         self.budget_tokens = budget_bytes // self.bytes_per_token
         self.prefix_cache = prefix_cache
-        size = int(np.prod(self.shape)) * 4
+        size = int(np.prod(self.shape)) * self._item
         self._maps = [mmap.mmap(-1, size) for _ in range(2 * n_layers)]
-        arrays = [np.frombuffer(m, np.float32).reshape(self.shape) for m in self._maps]
+        arrays = [np.frombuffer(m, self.dtype).reshape(self.shape) for m in self._maps]
         self.keys, self.values = arrays[:n_layers], arrays[n_layers:]
         self.rows = [Row() for _ in range(rows)]
         self._lock = threading.Lock()
@@ -142,8 +145,8 @@ class KVPool:
         r = self.rows[row]
         r.content = r.content[:keep].copy()
         _, heads, max_len, hd = self.shape
-        head_bytes = max_len * hd * 4
-        start = -(-keep * hd * 4 // _PAGE) * _PAGE
+        head_bytes = max_len * hd * self._item
+        start = -(-keep * hd * self._item // _PAGE) * _PAGE
         if start >= head_bytes:
             return
         for m in self._maps:

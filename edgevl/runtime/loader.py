@@ -17,15 +17,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGEVL_CACHE", Path.home() / ".cache" / "edgevl"))
 
 
-def exported_dir_for(checkpoint: Path, precision: str) -> Path:
+def exported_dir_for(checkpoint: Path, precision: str, kv_cache: str = "fp32") -> Path:
     """Where the export of a checkpoint is cached: keyed by its path, its weights' size and mtime,
-    the precision and the exporter's own source (a changed graph builder never reuses old graphs)."""
+    the precision, the KV cache's type and the exporter's own source (a changed graph builder never
+    reuses old graphs)."""
     st = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(checkpoint.glob("*.safetensors"))]
     h = hashlib.blake2b(f"{checkpoint.resolve()}{st}".encode(), digest_size=6)
     for src in sorted((Path(__file__).parent.parent / "export").glob("*.py")):
         h.update(src.read_bytes())
     h.update(str(int8_gemm_saturates()).encode())  # an export for another CPU's int8 GEMM is not reused
-    return cache_root() / "onnx" / f"{checkpoint.name}-{precision}-{h.hexdigest()}"
+    kv = "" if kv_cache == "fp32" else f"-kv{kv_cache}"
+    return cache_root() / "onnx" / f"{checkpoint.name}-{precision}{kv}-{h.hexdigest()}"
 
 
 def ensure_exported(model_path: str | Path, options: EngineOptions) -> Path:
@@ -35,12 +37,12 @@ def ensure_exported(model_path: str | Path, options: EngineOptions) -> Path:
         raise FileNotFoundError(f"model folder {path} does not exist")
     if is_exported(path):
         return path
-    target = exported_dir_for(path, options.precision)
+    target = exported_dir_for(path, options.precision, options.kv_cache)
     if not is_exported(target):
         from edgevl.export import export_model  # the exporter (and onnx) only when there is work for it
 
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        export_model(path, tmp, options.precision)
+        export_model(path, tmp, options.precision, kv_cache=options.kv_cache)
         try:
             tmp.rename(target)
         except OSError:  # another process (a second server, a test worker) exported it first

@@ -102,8 +102,10 @@ class OnnxModel:
         self.can_mix = "mixed" in names
         self.has_num_logits = self.can_mix or "num_logits" in names
         t = config.text
+        past = next(i for i in decoder.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv_dtype = np.dtype(np.int8 if past.type == "tensor(int8)" else np.float32)  # the KV pool's elements
         # group B's KV when a run has no group B: one token's room, passed through untouched
-        self._spare = [np.zeros((1, t.num_kv_heads, 1, t.head_dim), np.float32) for _ in range(t.num_layers)]
+        self._spare = [np.zeros((1, t.num_kv_heads, 1, t.head_dim), self.kv_dtype) for _ in range(t.num_layers)]
 
     def vision_job(self, patches: ImagePatches | VideoPatches) -> VisionJob:
         """The tower over an image or a clip, to be run a few slices at a time (runtime/vision_job.py)."""

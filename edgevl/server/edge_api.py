@@ -152,6 +152,7 @@ async def health(http: Request) -> JSONResponse:
         info, s, requests = state.info, state.settings, state.requests()
         body.update({
             "model": info.model_name, "backend": info.backend, "precision": info.precision,
+            "kv_cache": info.kv_cache,
             "random_weights": info.random_weights, "thinking": info.thinking,
             "reasoning_budget": s.reasoning_budget, "threads": info.intra_op_threads,
             "max_batch": s.max_batch, "queue_size": s.queue_size, "queue_depth": requests["waiting"],
