@@ -82,3 +82,10 @@ def test_calibrated_scales_use_the_int8_range_without_saturating(tiny_onnx_kv8):
 def test_an_unknown_kv_cache_type_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="kv_cache"):
         export_model(tiny_checkpoint, tmp_path / "x", kv_cache="int4")
+
+
+def test_the_memory_estimate_counts_the_int8_cache(tiny_onnx, tiny_onnx_kv8):
+    from edgevl.ops.memory import estimate_bytes
+
+    opts = EngineOptions(max_context=1024, max_batch=2)  # below --kv-cache-mb: rows × context counts
+    assert estimate_bytes(tiny_onnx_kv8, opts)["kv_cache"] * 4 == estimate_bytes(tiny_onnx, opts)["kv_cache"]

@@ -3,7 +3,7 @@ OOM-killed an hour later.
 
 Resident set ≈ weights that stay resident (vision + decoder; the embedding table is memory-mapped
 and only touched rows count) + the KV pool's ceiling (--kv-cache-mb, or every batch row at full
-context if that is less) + the vision tower's
+context in the export's cache type if that is less) + the vision tower's
 activations for the largest image allowed (CPU attention materialises heads × N × N scores)
 + a fixed runtime overhead. Measured on the 2B model (docs/benchmarks.md), the estimate is within
 about 10% and errs high.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgevl.checkpoint import ModelConfig
+from edgevl.export.manifest import Manifest
 from edgevl.types import EngineOptions
 
 RUNTIME_OVERHEAD = 400 * 2**20  # interpreter, onnxruntime, tokenizer, arenas
@@ -29,7 +30,7 @@ def estimate_bytes(folder: Path, options: EngineOptions) -> dict[str, int]:
     weights = sum(f.stat().st_size for f in [*folder.glob("vision*.onnx.data"), folder / "decoder.onnx.data"]
                   if f.exists())
     t, v = cfg.text, cfg.vision
-    per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 4
+    per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * (1 if Manifest.read(folder).kv_cache == "int8" else 4)
     kv = min(options.kv_cache_mb * 2**20, per_token * options.max_context * options.max_batch)
     patches = options.max_pixels // (v.patch_size**2)
     vision = v.num_heads * patches * patches * 4 + 8 * patches * v.intermediate_size * 4
