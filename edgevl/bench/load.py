@@ -95,26 +95,30 @@ async def scenario(base: str, model: str, name: str, clients: int, rounds: int, 
 
     url = f"{base}/v1/chat/completions"
     prompt = "Describe this picture in detail."
+    # every picture is drawn and encoded before the clock starts: clients run on this machine's cores
+    # too, and a 1024² PNG encoded while others stream would steal the server's CPU at the moment measured
+    if name == "short":
+        images = {(r, c): data_url(picture(seed0 + 100 * r + c, size)) for r in range(rounds) for c in range(clients)}
+    else:  # big: the last client is a 1024² newcomer arriving while the others stream
+        images = {(0, c): data_url(picture(seed0 + c, 1024 if name == "big" and c == clients - 1 else size))
+                  for c in range(clients)}
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
         if name == "long":  # cache each client's image and prompt first
-            images = [data_url(picture(seed0 + c, size)) for c in range(clients)]
-            await asyncio.gather(*(chat(client, url, model, im, prompt, 1) for im in images))
+            await asyncio.gather(*(chat(client, url, model, images[0, c], prompt, 1) for c in range(clients)))
         t0 = time.perf_counter()
 
         async def one_client(c: int) -> list[Stream]:
             out = []
             if name == "short":
                 for r in range(rounds):
-                    out.append(await chat(client, url, model, data_url(picture(seed0 + 100 * r + c, size)),
-                                          prompt, 64))
+                    out.append(await chat(client, url, model, images[r, c], prompt, 64))
             elif name == "long":
-                out.append(await chat(client, url, model, images[c], prompt, 256))
-            else:  # big: the last client is a 1024² newcomer arriving while the others stream
-                if c == clients - 1:
-                    await asyncio.sleep(3.0)
-                    out.append(await chat(client, url, model, data_url(picture(seed0 + c, 1024)), prompt, 16))
-                else:
-                    out.append(await chat(client, url, model, data_url(picture(seed0 + c, size)), prompt, 256))
+                out.append(await chat(client, url, model, images[0, c], prompt, 256))
+            elif c == clients - 1:
+                await asyncio.sleep(3.0)
+                out.append(await chat(client, url, model, images[0, c], prompt, 16))
+            else:
+                out.append(await chat(client, url, model, images[0, c], prompt, 256))
             return out
 
         streams = [s for group in await asyncio.gather(*(one_client(c) for c in range(clients))) for s in group]
