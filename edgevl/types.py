@@ -243,7 +243,7 @@ class EngineOptions:
     # keep the step within step_stretch × a plain decode step's time (measured as the loop runs), and
     # at most step_tokens decoder tokens (0: a prompt chunk runs separately, prefill_chunk long)
     step_tokens: int = 64
-    step_stretch: float = 1.4
+    step_stretch: float = 1.2
     # while no answer streams, newcomers admitted together are all read (full speed) before any starts
     # its answer, instead of the first one's stream slowing the others' reading to the step budget
     start_together: bool = True

@@ -119,7 +119,7 @@ class BatchLoop:
     def __init__(self, model: OnnxModel, pool: KVPool, vision_cache: VisionCache, prompts: PromptBuilder,
                  max_batch: int, prefill_chunk: int, stats: dict[str, int], stats_lock: threading.Lock,
                  jump_forward: bool = True, energy: EnergyCounter | None = None, step_tokens: int = 0,
-                 step_stretch: float = 1.4, queue_size: int = 16, start_together: bool = True):
+                 step_stretch: float = 1.2, queue_size: int = 16, start_together: bool = True):
         self.model, self.pool, self.vision_cache, self.prompts = model, pool, vision_cache, prompts
         self.energy = energy if energy is not None and energy.available else None
         self._energy_pending = 0.0  # joules not yet charged to a run's sequences

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(2048, ge=1, description="KV cache of all sequences (MB); a request waits for its share")
     prefill_chunk: int = Field(256, ge=16, le=65536,
                                description="prompt tokens read per decoder run while no answer streams")
-    step_stretch: float = Field(1.4, ge=1.0, le=100.0,
+    step_stretch: float = Field(1.2, ge=1.0, le=100.0,
                                 description="how much longer than a plain decode step a loop step may take while "
                                 "answers stream, to carry a newcomer's prompt slice in the same decoder run or a "
                                 "slice of its picture through the vision tower (timed as the server runs: the "
