@@ -31,21 +31,19 @@ def thinking_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path) -> Path:
-    from edgevl.runtime.loader import exported_dir_for, load_engine
+    from edgevl.runtime.loader import ensure_exported
     from edgevl.types import EngineOptions
 
-    load_engine(tiny_checkpoint, EngineOptions(), warmup=False)  # exports once, cached
-    return exported_dir_for(tiny_checkpoint, "fp32")
+    return ensure_exported(tiny_checkpoint, EngineOptions())  # exports once, cached
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_kv8(tiny_checkpoint: Path) -> Path:
     """The tiny model exported with an int8 KV cache (export/kv_scales.py)."""
-    from edgevl.runtime.loader import exported_dir_for, load_engine
+    from edgevl.runtime.loader import ensure_exported
     from edgevl.types import EngineOptions
 
-    load_engine(tiny_checkpoint, EngineOptions(kv_cache="int8"), warmup=False).close()
-    return exported_dir_for(tiny_checkpoint, "fp32", "int8")
+    return ensure_exported(tiny_checkpoint, EngineOptions(kv_cache="int8"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 
 from edgevl.grounding import BOXES_SCHEMA
 from edgevl.runtime.engine import OrtEngine
-from edgevl.runtime.loader import exported_dir_for, load_engine
+from edgevl.runtime.loader import ensure_exported
 from edgevl.server.tools import call_schema
 from edgevl.types import EngineOptions, FinishEvent, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.conftest import make_image
@@ -32,10 +32,8 @@ def engines(request, tiny_checkpoint, tiny_onnx):
     """fp32, and int8 with a scale per activation row: a draft's rows and the rows beside it are
     quantized each on its own, so int8 answers too are the step-by-step loop's (plain int8 quantizes
     a whole run with one scale, and its answers may differ: docs/quantization.md)."""
-    folder = tiny_onnx
-    if request.param != "fp32":
-        load_engine(tiny_checkpoint, EngineOptions(precision=request.param), warmup=False).close()  # exports
-        folder = exported_dir_for(tiny_checkpoint, request.param)
+    folder = tiny_onnx if request.param == "fp32" else ensure_exported(tiny_checkpoint,
+                                                                         EngineOptions(precision=request.param))
     on = OrtEngine(folder, EngineOptions(prefix_cache=False, jump_forward=True))
     off = OrtEngine(folder, EngineOptions(prefix_cache=False, jump_forward=False))
     yield on, off

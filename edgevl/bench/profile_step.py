@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgevl.checkpoint import ModelConfig
+from edgevl.runtime.model import kv_dtype
 
 
 class DecoderStep:
@@ -55,8 +56,7 @@ class DecoderStep:
         self.vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
         self.n_deep = names["deepstack_embeds"].shape[0] if "deepstack_embeds" in names else 0
         self._bufs: dict[tuple[int, int], list[np.ndarray]] = {}
-        past = names["past_key_values.0.key"]
-        self.kv_dtype = np.dtype(np.int8 if past.type == "tensor(int8)" else np.float32)
+        self.kv_dtype = kv_dtype(self.session)
 
     def _kv(self, batch: int, max_len: int) -> list[np.ndarray]:
         key = (batch, max_len)

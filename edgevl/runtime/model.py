@@ -60,6 +60,12 @@ def open_session(path: Path, options: EngineOptions, bf16_weights: bool = False,
                                 disabled_optimizers=["ConstantFolding"] if bf16_weights else None)
 
 
+def kv_dtype(decoder: ort.InferenceSession) -> np.dtype:
+    """The KV cache's element type a decoder graph takes: int8 for an export with an int8 cache."""
+    past = next(i for i in decoder.get_inputs() if i.name == "past_key_values.0.key")
+    return np.dtype(np.int8 if past.type == "tensor(int8)" else np.float32)
+
+
 _arena_registered = False
 
 
@@ -102,8 +108,7 @@ class OnnxModel:
         self.can_mix = "mixed" in names
         self.has_num_logits = self.can_mix or "num_logits" in names
         t = config.text
-        past = next(i for i in decoder.get_inputs() if i.name == "past_key_values.0.key")
-        self.kv_dtype = np.dtype(np.int8 if past.type == "tensor(int8)" else np.float32)  # the KV pool's elements
+        self.kv_dtype = kv_dtype(decoder)  # the KV pool's elements
         # group B's KV when a run has no group B: one token's room, passed through untouched
         self._spare = [np.zeros((1, t.num_kv_heads, 1, t.head_dim), self.kv_dtype) for _ in range(t.num_layers)]
 
